@@ -1,0 +1,463 @@
+"""``HiMatchDetector``: configure, ``fit`` on a folder of normal scans, ``predict`` on a volume.
+
+The three modes (``himatch``, ``knn``, ``dpmm``) share one feature extractor and one cached bank,
+so they can be compared on the same data. See ``scoring.py`` and ``docs/method.md`` for the maths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from . import __version__
+from .bank import BankSettings, NormalBank, build_or_load
+from .errors import HiMatchADError
+from .features import DEFAULT_MODEL, FeatureExtractor
+from .imageio import Image, read_image, write_text_atomic
+from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, patch_foreground, prepare_volume
+from .progress import ProgressCallback, Reporter
+from .result import DetectionResult
+from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
+
+METHODS = ("himatch", "knn", "dpmm")
+CALIBRATION_FORMAT = 1
+
+
+class HiMatchDetector:
+    """Training-free anomaly detector on frozen DINOv3 features.
+
+    Parameters (all keyword):
+        model: Hugging Face id or local folder of a DINOv3/DINOv2 ViT.
+        method: ``"himatch"`` (default), ``"knn"`` (AnomalyDINO) or ``"dpmm"`` (AnomalyDINO-DPMM).
+        k: number of normal reference slices retrieved per query slice (``himatch``).
+        modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
+        slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
+        resolution: longer side of the model input in pixels (rounded to the patch size).
+        stages: transformer layers used by ``himatch`` (default four, evenly spaced, the last after
+            the final layer norm). ``knn`` and ``dpmm`` use the last.
+        threshold: ``"auto"`` (calibrated on held-out normal slices at ``target_fpr``) or a number.
+        target_fpr: pixel false-positive rate on held-out normal foreground for ``threshold="auto"``.
+        min_component_size: components of the labelmap smaller than this many voxels are removed
+            (default: the pixel area of one model patch).
+        sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
+        position_window: slice-position prior for volumes (relative position distance), None = off.
+        clusters_per_slice: spherical k-means centroids kept per normal slice and stage.
+        dpmm_components, dpmm_max_tokens, dpmm_covariance: the mixture's settings.
+        calibration_slices: number of held-out normal slices used for calibration.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
+        cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
+        progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        method: str = "himatch",
+        k: int = 8,
+        modality: str = "auto",
+        slice_axis: str = "auto",
+        resolution: int = 448,
+        stages: Optional[Sequence[int]] = None,
+        threshold: Union[str, float] = "auto",
+        target_fpr: float = 0.01,
+        min_component_size: Optional[int] = None,
+        sigma: float = 4.0,
+        position_window: Optional[float] = 0.15,
+        candidates: int = 32,
+        alpha: float = 0.5,
+        clusters_per_slice: int = 64,
+        slice_step: int = 1,
+        dpmm_components: int = 100,
+        dpmm_max_tokens: int = 20000,
+        dpmm_covariance: str = "diag",
+        calibration_slices: int = 48,
+        device: str = "auto",
+        batch_size: int = 8,
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        seed: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        cancel_event=None,
+    ):
+        method = str(method).lower()
+        if method not in METHODS:
+            raise HiMatchADError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        if str(modality).lower() not in MODALITIES:
+            raise HiMatchADError(f"unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
+        if slice_axis not in SLICE_AXES:
+            raise HiMatchADError(f"unknown slice axis '{slice_axis}'; choose one of {', '.join(SLICE_AXES)}")
+        if isinstance(threshold, str) and threshold != "auto":
+            try:
+                threshold = float(threshold)
+            except ValueError:
+                raise HiMatchADError(f"threshold must be 'auto' or a number, not '{threshold}'") from None
+        if not (0.0 < float(target_fpr) < 1.0):
+            raise HiMatchADError(f"target false-positive rate must be between 0 and 1, not {target_fpr}")
+        if int(k) < 1:
+            raise HiMatchADError(f"k must be at least 1, not {k}")
+        if int(resolution) < 16:
+            raise HiMatchADError(f"resolution {resolution} is too small")
+        self.model = str(model)
+        self.method = method
+        self.k = int(k)
+        self.modality = str(modality).lower()
+        self.slice_axis = slice_axis
+        self.resolution = int(resolution)
+        self.stages = list(stages) if stages else None
+        self.threshold = threshold
+        self.target_fpr = float(target_fpr)
+        self.min_component_size = min_component_size
+        self.sigma = float(sigma)
+        self.position_window = position_window
+        self.candidates = int(candidates)
+        self.alpha = float(alpha)
+        self.clusters_per_slice = int(clusters_per_slice)
+        self.slice_step = int(slice_step)
+        self.dpmm_components = int(dpmm_components)
+        self.dpmm_max_tokens = int(dpmm_max_tokens)
+        self.dpmm_covariance = dpmm_covariance
+        self.calibration_slices = int(calibration_slices)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.seed = int(seed)
+        self.reporter = Reporter(progress, cancel_event)
+        self.extractor: Optional[FeatureExtractor] = None
+        self.bank: Optional[NormalBank] = None
+        self.scorer = None
+        self.calibration: Optional[dict] = None
+        self.normals_dir: Optional[Path] = None
+        self.fit_info: dict = {}
+
+    # ------------------------------------------------------------------ settings
+    def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
+        self.reporter = Reporter(progress, cancel_event)
+
+    def _bank_settings(self) -> BankSettings:
+        return BankSettings(
+            modality=self.modality,
+            slice_axis=self.slice_axis,
+            resolution=self.resolution,
+            stages=tuple(self.extractor.stages),
+            clusters_per_slice=self.clusters_per_slice,
+            slice_step=self.slice_step,
+            seed=self.seed,
+        )
+
+    def settings(self) -> dict:
+        return {
+            "version": __version__,
+            "method": self.method,
+            "model": self.model,
+            "k": self.k,
+            "modality": self.modality,
+            "slice_axis": self.slice_axis,
+            "resolution": self.resolution,
+            "stages": list(self.extractor.stages) if self.extractor else self.stages,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "sigma": self.sigma,
+            "position_window": self.position_window,
+            "candidates": self.candidates,
+            "alpha": self.alpha,
+            "clusters_per_slice": self.clusters_per_slice,
+            "slice_step": self.slice_step,
+            "dpmm_components": self.dpmm_components,
+            "dpmm_max_tokens": self.dpmm_max_tokens,
+            "dpmm_covariance": self.dpmm_covariance,
+            "calibration_slices": self.calibration_slices,
+            "device": self.extractor.device if self.extractor else self.device,
+            "seed": self.seed,
+        }
+
+    def _method_key(self) -> dict:
+        keys = ["method", "target_fpr", "sigma", "calibration_slices", "seed"]
+        if self.method == "himatch":
+            keys += ["k", "position_window", "candidates", "alpha"]
+        if self.method == "dpmm":
+            keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance"]
+        s = self.settings()
+        return {"format": CALIBRATION_FORMAT, **{k: s[k] for k in keys}}
+
+    # ------------------------------------------------------------------ fit
+    def _ensure_extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            self.reporter("Loading model", 0, 1)
+            self.extractor = FeatureExtractor(self.model, self.device, self.stages, self.resolution, self.batch_size)
+            self.reporter("Loading model", 1, 1)
+        return self.extractor
+
+    def fit(self, normals_dir: Union[str, os.PathLike], rebuild: bool = False) -> "HiMatchDetector":
+        """Build (or load from the cache) the normal bank of ``normals_dir`` and calibrate.
+
+        A second call with an unchanged folder reuses the bank and calibration already in memory.
+        """
+        t0 = time.perf_counter()
+        self._ensure_extractor()
+        folder = Path(normals_dir).expanduser()
+        bank = build_or_load(folder, self.extractor, self._bank_settings(), self.cache_dir, self.reporter, rebuild)
+        same = self.bank is not None and self.bank.root == bank.root and self.bank.manifest["content"] == bank.manifest["content"]
+        if not same:
+            self.bank = bank
+            self.scorer = None
+            self.calibration = None
+        self.normals_dir = folder
+        for s in self.bank.skipped:
+            warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
+        if self.scorer is None:
+            self._prepare_method()
+        self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), **self.bank.describe()}
+        return self
+
+    def _calibration_plan(self) -> tuple[list, list]:
+        """Held-out normal slices: (chosen bank slice ids, held-out group ids)."""
+        bank = self.bank
+        groups = np.unique(bank.slice_group)
+        rng = np.random.default_rng(self.seed)
+        n_cal_groups = len(groups) if len(groups) < 2 else max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
+        chosen_groups = sorted(rng.permutation(groups)[:n_cal_groups].tolist())
+        per_group = max(1, math.ceil(self.calibration_slices / len(chosen_groups)))
+        ids = []
+        for g in chosen_groups:
+            members = np.flatnonzero(bank.slice_group == g)
+            if members.size > per_group:  # evenly spread through the volume / subject
+                members = members[np.linspace(0, members.size - 1, per_group).round().astype(int)]
+            ids.extend(members.tolist())
+        return ids[: max(self.calibration_slices, len(chosen_groups))], chosen_groups
+
+    def _prepare_method(self) -> None:
+        bank = self.bank
+        cal_ids, cal_groups = self._calibration_plan()
+        if self.method == "knn":
+            scorer = KnnScorer(bank)
+        elif self.method == "dpmm":
+            scorer = self._fit_dpmm(cal_groups)
+        else:
+            scorer = HiMatchScorer(bank, self.k, self.candidates, self.alpha, self.position_window)
+        self.scorer = scorer
+        key = self._method_key()
+        path = bank.extra_path("calib", key, ".json")
+        cal = None
+        if path.exists():
+            try:
+                cal = json.loads(path.read_text(encoding="utf-8"))
+                if cal.get("key") != key:
+                    cal = None
+            except (OSError, ValueError):
+                cal = None
+        if cal is None:
+            cal = self._calibrate(cal_ids, cal_groups)
+            cal["key"] = key
+            write_text_atomic(path, json.dumps(cal, indent=1))
+        self.calibration = cal
+        if isinstance(scorer, HiMatchScorer):
+            scorer.calibration = cal["stages"]
+
+    def _fit_dpmm(self, cal_groups: list) -> DpmmScorer:
+        bank = self.bank
+        key = {k: v for k, v in self._method_key().items() if k.startswith("dpmm") or k == "seed"}
+        key["held_out"] = [int(g) for g in cal_groups]
+        path = bank.extra_path("dpmm", key, ".npz")
+        if path.exists():
+            try:
+                z = np.load(path, allow_pickle=False)
+                return DpmmScorer(z["means"], z["weights"])
+            except Exception as exc:
+                warnings.warn(f"cached mixture {path} unreadable ({exc}); refitting")
+        self.reporter("Fitting Dirichlet-process mixture", 0, 1)
+        held = np.isin(bank.slice_group, cal_groups) if len(np.unique(bank.slice_group)) > 1 else np.zeros(bank.n_slices, bool)
+        rows = np.concatenate([np.arange(bank.tok_offsets[i], bank.tok_offsets[i + 1]) for i in np.flatnonzero(~held)])
+        rng = np.random.default_rng(self.seed)
+        if rows.size > self.dpmm_max_tokens:
+            rows = np.sort(rng.choice(rows, self.dpmm_max_tokens, replace=False))
+        means, weights, converged, n_iter = DpmmScorer.fit(
+            np.asarray(bank.tokens[rows], dtype=np.float32), self.dpmm_components, self.dpmm_covariance, seed=self.seed
+        )
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, means=means, weights=weights, converged=np.asarray(converged), n_iter=np.asarray(n_iter), n_tokens=np.asarray(rows.size))
+        os.replace(tmp, path)
+        self.reporter("Fitting Dirichlet-process mixture", 1, 1)
+        return DpmmScorer(means, weights)
+
+    def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
+        """Score held-out normal slices (each against the bank without its own subject)."""
+        bank = self.bank
+        single = len(np.unique(bank.slice_group)) < 2
+        msg = "Calibrating on held-out normal slices"
+        self.reporter(msg, 0, len(cal_ids))
+        by_file: dict = {}
+        for i in cal_ids:
+            by_file.setdefault(int(bank.slice_file[i]), []).append(i)
+        root = Path(bank.manifest["folder"])
+        collected = []  # (SliceScores, QuerySlice, pixel fg mask)
+        done = 0
+        for fi, ids in by_file.items():
+            img = read_image(root / bank.files[fi])
+            prep = prepare_volume(img, self.modality, self.slice_axis)
+            sl = np.asarray([int(bank.slice_index[i]) for i in ids])
+            queries, masks = [], []
+            for b in range(0, len(sl), self.batch_size):
+                sel = sl[b : b + self.batch_size]
+                qs, fgs = self._queries(prep, sel)
+                for q in qs:
+                    q.group = None if single else int(bank.slice_group[ids[0]])
+                queries += qs
+                masks += fgs
+            scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
+            collected += [(s, q, m) for s, q, m in zip(scores, queries, masks)]
+            done += len(ids)
+            self.reporter(msg, done, len(cal_ids))
+        cal: dict = {"n_slices": len(collected), "held_out_groups": [bank.groups[g] for g in cal_groups], "single_subject": single}
+        if isinstance(self.scorer, HiMatchScorer):
+            a = np.concatenate([s.stage for s, _, _ in collected], axis=1)
+            med = np.median(a, axis=1)
+            sig = np.maximum(1.4826 * np.median(np.abs(a - med[:, None]), axis=1), 1e-6)
+            cal["stages"] = {"stages": list(self.scorer.stages), "median": med.tolist(), "sigma": sig.tolist()}
+            self.scorer.calibration = cal["stages"]
+            for s, _, _ in collected:
+                s.patch = self.scorer.fuse(s.stage, s.var).astype(np.float32)
+        values, slice_scores = [], []
+        for s, q, m in collected:
+            pix = self._pixel_map(s.patch, q, m.shape)
+            values.append(pix[m])
+            slice_scores.append(top_percent_mean(s.patch))
+        vals = np.concatenate(values) if values else np.zeros(1, np.float32)
+        cal["threshold"] = float(np.quantile(vals, 1.0 - self.target_fpr))
+        cal["target_fpr"] = self.target_fpr
+        cal["normal_pixel_quantiles"] = {str(p): float(np.quantile(vals, p)) for p in (0.5, 0.9, 0.95, 0.99, 0.999)}
+        ss = np.asarray(slice_scores, dtype=float)
+        cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
+        if single:
+            warnings.warn("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+        return cal
+
+    # ------------------------------------------------------------------ predict
+    def _queries(self, prep: PreparedVolume, sel: np.ndarray) -> tuple[list, list]:
+        ex = self.extractor
+        feats = ex.extract(prep.canonical[sel])
+        pfg = patch_foreground(prep.foreground[sel], feats.grid, self.bank.manifest["settings"]["patch_foreground_fraction"])
+        qs, masks = [], []
+        for n, si in enumerate(sel):
+            m = pfg[n]
+            if not m.any():
+                continue
+            qs.append(QuerySlice(int(si), [t[n][m] for t in feats.stages], feats.cls[n], m, feats.grid, float(prep.positions[si])))
+            masks.append(prep.foreground[si])
+        return qs, masks
+
+    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, out_hw: tuple) -> np.ndarray:
+        p = self.extractor.patch_size
+        pix = patch_to_pixels(patch, q.fg, q.grid, out_hw, self.sigma, (q.grid[0] * p, q.grid[1] * p))
+        if self.method == "himatch":
+            np.maximum(pix, 0.0, out=pix)
+        return pix
+
+    def _check_fitted(self) -> None:
+        if self.bank is None or self.scorer is None:
+            raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
+
+    def predict(self, image: Union[str, os.PathLike, Image]) -> DetectionResult:
+        """Detect anomalies in a 3D volume or 2D image (path or :class:`Image`)."""
+        self._check_fitted()
+        t_start = time.perf_counter()
+        timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
+        t = time.perf_counter()
+        img = image if isinstance(image, Image) else read_image(image)
+        timings["read"] = time.perf_counter() - t
+        t = time.perf_counter()
+        prep = prepare_volume(img, self.modality, self.slice_axis)
+        timings["preprocess"] = time.perf_counter() - t
+        scorer_t0 = dict(self.scorer.timings)
+        heat = np.zeros(prep.canonical.shape, np.float32)
+        n = prep.n_slices
+        slice_scores = np.full(n, np.nan, np.float32)
+        supports: list = [[] for _ in range(n)]
+        all_patch = []
+        todo = prep.slices_with_foreground()
+        msg = "Matching slices"
+        self.reporter(msg, 0, len(todo))
+        grid_px = None
+        for b in range(0, len(todo), self.batch_size):
+            sel = todo[b : b + self.batch_size]
+            t = time.perf_counter()
+            queries, _ = self._queries(prep, sel)
+            timings["features"] += time.perf_counter() - t
+            if queries:
+                scores = self.scorer.score(queries)
+                t = time.perf_counter()
+                for q, s in zip(queries, scores):
+                    pix = self._pixel_map(s.patch, q, heat.shape[1:])
+                    heat[q.index] = pix * prep.foreground[q.index]
+                    slice_scores[q.index] = top_percent_mean(s.patch)
+                    supports[q.index] = s.supports
+                    all_patch.append(s.patch)
+                    grid_px = q.grid
+                timings["maps"] += time.perf_counter() - t
+            self.reporter(msg, min(b + self.batch_size, len(todo)), len(todo))
+        for key, val in self.scorer.timings.items():
+            timings[key] = val - scorer_t0.get(key, 0.0)
+        t = time.perf_counter()
+        heat_in = prep.to_input_grid(heat)
+        fg_in = prep.to_input_grid(prep.foreground)
+        order = np.arange(n)
+        if prep.reorientation.flips[prep.slice_axis_canonical]:
+            order = order[::-1]  # slice i of the canonical stack is input index n-1-i
+        in_scores = np.full(n, np.nan, np.float32)
+        in_scores[order] = slice_scores
+        in_supports: list = [None] * n
+        for i in range(n):
+            in_supports[order[i]] = supports[i]
+        threshold = self.calibration["threshold"] if self.threshold == "auto" else float(self.threshold)
+        min_size = self.min_component_size
+        if min_size is None:
+            if grid_px is None:
+                min_size = 1
+            else:
+                h, w = heat.shape[1:]
+                min_size = max(1, int(round((h / grid_px[0]) * (w / grid_px[1]))))
+        volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
+        warn = list(prep.warnings)
+        if not all_patch:
+            warn.append("no slice had enough foreground to be scored")
+        result = DetectionResult(
+            heatmap=heat_in,
+            foreground=fg_in,
+            threshold=float(threshold),
+            geometry=img.geometry,
+            slice_axis=prep.slice_axis_input,
+            slice_scores=in_scores,
+            volume_score=volume_score,
+            supports=in_supports,
+            min_component_size=int(min_size),
+            method=self.method,
+            model=self.model,
+            name=img.name,
+            source_path=img.path,
+            settings={**self.settings(), "modality_used": prep.modality, "normals": str(self.normals_dir) if self.normals_dir else None},
+            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped],
+            threshold_info={
+                "mode": "auto" if self.threshold == "auto" else "fixed",
+                "target_fpr": self.target_fpr if self.threshold == "auto" else None,
+                "calibration_slices": self.calibration.get("n_slices"),
+                "normal_slice_score": self.calibration.get("normal_slice_score"),
+            },
+        )
+        result.image_array = img.array
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        return result
+
+    # ------------------------------------------------------------------ output
+    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike]) -> dict:
+        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``."""
+        from .output import save_result
+
+        return save_result(result, out_dir)

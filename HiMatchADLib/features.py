@@ -1,0 +1,228 @@
+"""Frozen DINOv3/DINOv2 features through Hugging Face ``transformers``.
+
+One batched forward pass per batch of slices returns, for each selected stage (transformer layer),
+the L2-normalised patch tokens (CLS and register tokens skipped) and the L2-normalised CLS token of
+the last stage as the global descriptor. Intermediate stages are the raw outputs of their layer; the
+last stage is taken after the model's final layer norm (``last_hidden_state``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import HiMatchADError
+
+DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
+_MODEL_CACHE: dict = {}
+_MODEL_LOCK = threading.Lock()
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    device = (device or "auto").lower()
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise HiMatchADError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HiMatchADError("device 'cuda' was asked for but no CUDA GPU is available to torch; use --device cpu or auto")
+    return device
+
+
+def _looks_like_path(model: str) -> bool:
+    """A Hub id is ``name`` or ``org/name``; anything else (absolute, ./, ~, deeper) is a folder."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def _load_error(model: str, exc: Exception) -> HiMatchADError:
+    return HiMatchADError(
+        f"could not load the model '{model}' ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).\n"
+        "  - Offline or no access to the Hugging Face Hub: download the model once where you have access "
+        "and pass its local folder (config.json + model.safetensors) with --model /path/to/folder.\n"
+        "  - DINOv3 weights are gated: accept the licence on the model's Hub page, then log in with "
+        "`hf auth login` (or set HF_TOKEN).\n"
+        "  - Check the model id for typos (e.g. facebook/dinov3-vits16-pretrain-lvd1689m)."
+    )
+
+
+def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu"):
+    """Load (once per process) a DINOv3/DINOv2 ViT by Hub id or local folder; returns (model, info)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    model = str(model)
+    key = (model, device)
+    with _MODEL_LOCK:
+        if key in _MODEL_CACHE:
+            return _MODEL_CACHE[key]
+        path = Path(model).expanduser()
+        local = path.exists() or _looks_like_path(model)
+        if local:
+            if not path.exists():
+                raise HiMatchADError(f"model folder not found: {path}")
+            if not path.is_dir() or not (path / "config.json").is_file():
+                raise HiMatchADError(
+                    f"{path} is not a Hugging Face model folder (expected config.json and model.safetensors); "
+                    "pass a folder saved with save_pretrained or a Hub id"
+                )
+        kwargs = {"local_files_only": True} if local or os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+        try:
+            config = AutoConfig.from_pretrained(str(path) if local else model, **kwargs)
+        except Exception as exc:  # transformers raises OSError/ValueError/HF errors
+            raise _load_error(model, exc) from exc
+        if getattr(config, "model_type", "") not in ("dinov3_vit", "dinov2", "dinov2_with_registers"):
+            raise HiMatchADError(
+                f"{model}: model type '{getattr(config, 'model_type', '?')}' is not a DINOv2/DINOv3 ViT; "
+                "pass a DINOv3 (e.g. facebook/dinov3-vits16-pretrain-lvd1689m) or DINOv2 model"
+            )
+        dtype = torch.float32 if device == "cpu" else torch.float16
+        try:
+            net = AutoModel.from_pretrained(str(path) if local else model, dtype=dtype, **kwargs)
+        except Exception as exc:
+            if local:
+                raise HiMatchADError(f"{path}: the model weights could not be loaded ({str(exc).strip().splitlines()[0][:200]})") from exc
+            raise _load_error(model, exc) from exc
+        net.eval().to(device)
+        info = {
+            "model": model,
+            "model_type": config.model_type,
+            "patch_size": int(config.patch_size),
+            "hidden_size": int(config.hidden_size),
+            "num_layers": int(config.num_hidden_layers),
+            "num_prefix_tokens": 1 + int(getattr(config, "num_register_tokens", 0) or 0),
+            "fingerprint": _model_fingerprint(model, path if local else None, config),
+        }
+        _MODEL_CACHE[key] = (net, info)
+        return net, info
+
+
+def _model_fingerprint(model: str, path: Optional[Path], config) -> str:
+    h = hashlib.sha256()
+    h.update(model.encode())
+    h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    if path is not None:
+        for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def default_stages(num_layers: int, n: int = 4) -> list[int]:
+    """``n`` layers evenly spaced through the network, ending with the last one (1-based)."""
+    n = max(1, min(n, num_layers))
+    return sorted({int(round(num_layers * (i + 1) / n)) for i in range(n)})
+
+
+@dataclass
+class Features:
+    """Output of one batch: per stage ``(B, gh*gw, D)`` float32 unit vectors; CLS ``(B, D)``."""
+
+    stages: list  # list of np.ndarray, one per stage
+    cls: np.ndarray
+    grid: tuple[int, int]
+
+
+class FeatureExtractor:
+    """Batched frozen-feature extraction at selected transformer stages."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        device: str = "auto",
+        stages: Optional[Sequence[int]] = None,
+        resolution: int = 448,
+        batch_size: int = 8,
+    ):
+        self.model_id = str(model)
+        self.device = resolve_device(device)
+        self.net, self.info = load_backbone(self.model_id, self.device)
+        L = self.info["num_layers"]
+        self.stages = list(stages) if stages else default_stages(L)
+        bad = [s for s in self.stages if not 1 <= int(s) <= L]
+        if bad:
+            raise HiMatchADError(f"stage(s) {bad} out of range: this model has layers 1..{L}")
+        self.stages = sorted(int(s) for s in self.stages)
+        if int(resolution) < self.patch_size:
+            raise HiMatchADError(f"resolution {resolution} is smaller than the patch size {self.patch_size}")
+        self.resolution = int(resolution)
+        self.batch_size = max(1, int(batch_size))
+
+    @property
+    def patch_size(self) -> int:
+        return self.info["patch_size"]
+
+    @property
+    def dim(self) -> int:
+        return self.info["hidden_size"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        from .preprocess import model_grid
+
+        return model_grid(height, width, self.resolution, self.patch_size)
+
+    def forward(self, pixel_values) -> Features:
+        """Run the backbone on a ``(B, 3, h, w)`` tensor (already normalised)."""
+        import torch
+        import torch.nn.functional as F
+
+        p = self.patch_size
+        gh, gw = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
+        n_pre = self.info["num_prefix_tokens"]
+        dtype = next(self.net.parameters()).dtype
+        with torch.inference_mode():
+            out = self.net(pixel_values=pixel_values.to(self.device, dtype=dtype), output_hidden_states=True)
+            hs = out.hidden_states  # embeddings + one per layer
+            stage_tokens = []
+            for s in self.stages:
+                h = out.last_hidden_state if s == self.info["num_layers"] else hs[s]
+                tok = h[:, n_pre:, :].float()
+                if tok.shape[1] != gh * gw:
+                    raise HiMatchADError(f"unexpected token count {tok.shape[1]} for a {gh}x{gw} patch grid")
+                stage_tokens.append(F.normalize(tok, dim=-1).cpu().numpy())
+            cls = F.normalize(out.last_hidden_state[:, 0, :].float(), dim=-1).cpu().numpy()
+        return Features(stage_tokens, cls, (gh, gw))
+
+    def extract(self, slices: np.ndarray) -> Features:
+        """(B, H, W) slices in [0, 1] -> :class:`Features` on this extractor's model grid."""
+        from .preprocess import to_model_input
+
+        size = self.grid_for(slices.shape[1], slices.shape[2])
+        return self.forward(to_model_input(slices, size))
+
+
+def build_random_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
+    """Save a randomly initialised DINOv3 ViT in Hugging Face format (tests, offline demo).
+
+    ``tiny``: 2 layers, 32-d, patch 8 (tests); ``small``: the ViT-S/16 architecture with 4 register
+    tokens. Random weights give untrained features: good for checking the installation and the
+    pipeline, meaningless for detection quality.
+    """
+    import torch
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    presets = {
+        "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=8, num_register_tokens=2, image_size=64),
+        "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, num_register_tokens=4, image_size=224),
+    }
+    if size not in presets:
+        raise ValueError(f"size must be one of {list(presets)}")
+    torch.manual_seed(seed)
+    cfg = DINOv3ViTConfig(**presets[size])
+    net = DINOv3ViTModel(cfg).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net.save_pretrained(str(folder))
+    return folder

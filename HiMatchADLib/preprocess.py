@@ -1,0 +1,258 @@
+"""Intensity normalisation by modality preset, foreground masks, and slicing into model inputs.
+
+Presets are data (:data:`PRESETS`), not code paths: each names an intensity mapping to [0, 1], a
+foreground rule and a default slice axis. ``auto`` picks ``8bit`` for 8-bit 2D images, ``ct`` when
+the image holds Hounsfield-like values (below -500), else ``mri``. OCT must be asked for.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .errors import HiMatchADError
+from .imageio import Image
+from .orientation import IDENTITY, Reorientation, canonical_reorientation
+
+PRESETS: dict[str, dict] = {
+    # Robust percentile scaling: the background level (0.5th percentile of all voxels) -> 0 and the
+    # foreground median -> 0.5, clipped to [0, 1]. A median, unlike a high percentile, does not
+    # move when a large bright lesion is present, so normal tissue keeps the same grey levels as in
+    # the normal scans. Foreground: above half the Otsu threshold, holes filled slice by slice.
+    "mri": {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.5, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
+    # Hounsfield window (soft tissue, level 40 / width 400); body = HU > -500, largest component.
+    "ct": {"scaling": "window", "level": 40.0, "width": 400.0, "foreground": "hu", "hu_min": -500.0, "slice_axis": "axial"},
+    # OCT: percentile scaling; B-scans are the slices, stacked along the most widely spaced axis.
+    "oct": {"scaling": "percentile", "low": 1.0, "high": 50.0, "high_value": 0.4, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "largest_spacing"},
+    # 8-bit slices (PNG/JPEG): value / 255.
+    "8bit": {"scaling": "divide", "divisor": 255.0, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
+}
+MODALITIES = ("auto",) + tuple(PRESETS)
+SLICE_AXES = ("auto", "axial", "coronal", "sagittal", "largest_spacing")
+# Canonical numpy axis of each anatomical slicing direction (see orientation.py).
+_CANONICAL_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def resolve_modality(image: Image, modality: str) -> str:
+    modality = (modality or "auto").lower()
+    if modality not in MODALITIES:
+        raise HiMatchADError(f"unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
+    if modality != "auto":
+        return modality
+    if image.pixel_type == "uint8" and image.is_2d:
+        return "8bit"
+    finite = image.array[np.isfinite(image.array)]
+    if finite.size and float(np.percentile(finite, 1)) < -500:
+        return "ct"
+    return "mri"
+
+
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of a 1D sample (numpy; no extra dependency)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return lo
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    hist = hist.astype(np.float64)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers)
+    mu0 = m0 / np.maximum(w0, 1e-12)
+    mu1 = (m0[-1] - m0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (mu0 - mu1) ** 2
+    return float(centers[int(np.argmax(between[:-1]))]) if bins > 1 else lo
+
+
+def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
+    """Map intensities to [0, 1] by the preset's rule; non-finite voxels become 0."""
+    finite = np.isfinite(array)
+    a = np.where(finite, array, np.nan).astype(np.float32)
+    kind = preset["scaling"]
+    if kind == "divide":
+        out = a / float(preset["divisor"])
+    elif kind == "window":
+        lo = preset["level"] - preset["width"] / 2.0
+        out = (a - lo) / float(preset["width"])
+    elif kind == "percentile":
+        vals = a[finite]
+        if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
+            vals = vals[:: vals.size // 2_000_000 + 1]
+        lo = float(np.percentile(vals, preset["low"]))
+        fg_vals = vals[vals > otsu_threshold(vals)]
+        hi = float(np.percentile(fg_vals if fg_vals.size else vals, preset["high"]))
+        if hi <= lo:
+            hi = float(vals.max())
+        out = (a - lo) / max(hi - lo, 1e-6) * float(preset.get("high_value", 1.0))
+    else:  # pragma: no cover - presets are data checked by tests
+        raise ValueError(f"unknown scaling {kind}")
+    return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0).astype(np.float32)
+
+
+def foreground_mask(array: np.ndarray, normalised: np.ndarray, preset: dict, slice_axis: int = 0) -> np.ndarray:
+    """Boolean foreground of a (canonical) volume; holes are filled slice by slice."""
+    from scipy import ndimage
+
+    finite = np.isfinite(array)
+    if preset["foreground"] == "hu":
+        mask = finite & (np.nan_to_num(array, nan=-1e4) > preset["hu_min"])
+    else:
+        vals = normalised[finite]
+        if vals.size > 2_000_000:
+            vals = vals[:: vals.size // 2_000_000 + 1]
+        t = otsu_threshold(vals) * float(preset.get("otsu_factor", 0.5))
+        mask = finite & (normalised > max(t, 1e-3))
+    moved = np.moveaxis(mask, slice_axis, 0)
+    filled = np.empty_like(moved)
+    for n in range(moved.shape[0]):
+        filled[n] = ndimage.binary_fill_holes(moved[n])
+    mask = np.moveaxis(filled, 0, slice_axis)
+    if preset["foreground"] == "hu" and mask.any():
+        labels, n = ndimage.label(mask)
+        if n > 1:
+            sizes = np.bincount(labels.ravel())
+            sizes[0] = 0
+            mask = labels == int(np.argmax(sizes))
+    return mask
+
+
+@dataclass
+class PreparedVolume:
+    """A volume in canonical orientation, normalised, with its foreground and slicing axis."""
+
+    image: Image
+    modality: str
+    reorientation: Reorientation
+    canonical: np.ndarray  # normalised [0,1], canonical orientation, slice axis moved to 0
+    foreground: np.ndarray  # bool, same shape as ``canonical``
+    slice_axis_canonical: int  # canonical numpy axis the slices were taken along
+    slice_axis_input: int  # input numpy axis that corresponds to it
+    positions: np.ndarray  # per slice: relative position in [0,1] within the foreground extent (NaN for 2D)
+    pixel_spacing: tuple[float, float] = (1.0, 1.0)  # (row, column) spacing of the slices, mm
+    warnings: list = field(default_factory=list)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.canonical.shape[0])
+
+    def slices_with_foreground(self, min_pixels: int = 1) -> np.ndarray:
+        counts = self.foreground.reshape(self.n_slices, -1).sum(1)
+        return np.flatnonzero(counts >= min_pixels)
+
+    def to_input_grid(self, slices_first: np.ndarray) -> np.ndarray:
+        """Put an array shaped like ``canonical`` (slice axis first) back on the input's grid."""
+        canon = np.moveaxis(slices_first, 0, self.slice_axis_canonical)
+        return np.ascontiguousarray(self.reorientation.from_canonical(canon))
+
+
+def choose_slice_axis(image: Image, reo: Reorientation, preset: dict, slice_axis: str) -> int:
+    shape = reo.to_canonical(np.empty(image.array.shape, dtype=np.uint8)).shape
+    singleton = [n for n in range(3) if shape[n] == 1]
+    if singleton:
+        return singleton[0]  # a single-slice volume is sliced along its thin axis
+    choice = preset["slice_axis"] if slice_axis in (None, "auto") else slice_axis
+    if choice not in SLICE_AXES:
+        raise HiMatchADError(f"unknown slice axis '{choice}'; choose one of {', '.join(SLICE_AXES)}")
+    if choice == "largest_spacing":
+        sp = reo.canonical_spacing(image.geometry.spacing)
+        return int(np.argmax(sp))
+    return _CANONICAL_AXIS[choice]
+
+
+def prepare_volume(image: Image, modality: str = "auto", slice_axis: str = "auto") -> PreparedVolume:
+    """Normalise, compute the foreground, reorient to canonical, and put the slice axis first."""
+    mod = resolve_modality(image, modality)
+    preset = PRESETS[mod]
+    reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
+    axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
+    raw = reo.to_canonical(image.array)
+    finite = raw[np.isfinite(raw)]
+    if finite.size == 0:
+        raise HiMatchADError(f"{image.name}: no finite voxel")
+    if float(finite.max()) == float(finite.min()):
+        raise HiMatchADError(f"{image.name}: the image is constant (every voxel is {float(finite.min()):g}); nothing to analyse")
+    norm = normalise(raw, preset)
+    fg = foreground_mask(raw, norm, preset, axis)
+    warn: list[str] = list(image.warnings)
+    if not fg.any():
+        raise HiMatchADError(f"{image.name}: no foreground found (the image is empty or nearly constant)")
+    norm = np.ascontiguousarray(np.moveaxis(norm, axis, 0))
+    fg = np.ascontiguousarray(np.moveaxis(fg, axis, 0))
+    n = norm.shape[0]
+    if image.is_2d or n == 1:
+        positions = np.full(n, np.nan, dtype=np.float32)
+    else:
+        has = np.flatnonzero(fg.reshape(n, -1).any(1))
+        first, last = int(has[0]), int(has[-1])
+        positions = ((np.arange(n) - first) / max(last - first, 1)).astype(np.float32)
+    sp = reo.canonical_spacing(image.geometry.spacing)
+    in_plane = [sp[a] for a in range(3) if a != axis]
+    return PreparedVolume(
+        image=image,
+        modality=mod,
+        reorientation=reo,
+        canonical=norm,
+        foreground=fg,
+        slice_axis_canonical=axis,
+        slice_axis_input=reo.input_axis(axis),
+        positions=positions,
+        pixel_spacing=(float(in_plane[0]), float(in_plane[1])),
+        warnings=warn,
+    )
+
+
+def model_grid(height: int, width: int, resolution: int, patch_size: int) -> tuple[int, int]:
+    """Model input size: longer side ``resolution``, aspect kept, both sides multiples of the patch."""
+    scale = resolution / float(max(height, width))
+    gh = max(1, int(round(height * scale / patch_size)))
+    gw = max(1, int(round(width * scale / patch_size)))
+    return gh * patch_size, gw * patch_size
+
+
+def to_model_input(slices: np.ndarray, size: tuple[int, int]):
+    """(B, H, W) float32 in [0,1] -> (B, 3, h, w) torch tensor, resized, ImageNet-normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
+    if tuple(x.shape[-2:]) != tuple(size):
+        antialias = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.expand(-1, 3, -1, -1) - mean) / std
+
+
+def patch_foreground(masks: np.ndarray, grid: tuple[int, int], min_fraction: float = 0.25) -> np.ndarray:
+    """(B, H, W) bool masks -> (B, gh*gw) bool: patches whose area is at least ``min_fraction`` foreground."""
+    import torch
+    import torch.nn.functional as F
+
+    m = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))[:, None]
+    frac = F.adaptive_avg_pool2d(m, grid) if m.shape[-2] >= grid[0] and m.shape[-1] >= grid[1] else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+    return (frac[:, 0] >= min_fraction).reshape(masks.shape[0], -1).numpy()
+
+
+_GROUP_RE = re.compile(r"[_\-. ]*\d+$")
+
+
+def source_group(name: str, is_2d: bool) -> str:
+    """Group key for leave-one-subject-out calibration.
+
+    2D slices exported from one volume are usually named ``<subject>_<slice number>``; dropping the
+    trailing number groups them, so that a held-out slice is never matched against its neighbours.
+    A volume is its own group.
+    """
+    if not is_2d:
+        return name
+    stripped = _GROUP_RE.sub("", name)
+    return stripped or name

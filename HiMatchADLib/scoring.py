@@ -1,0 +1,355 @@
+r"""Patch scoring for the three modes, and the maps built from patch scores.
+
+Notation: a query slice has foreground patches :math:`i` with unit tokens :math:`q_i^{(s)}` at
+stage :math:`s`; :math:`\cos` is the inner product of unit vectors.
+
+``knn`` (AnomalyDINO): :math:`a_i = 1 - \max_{b \in \mathcal{B}} \cos(q_i, b)` over every
+foreground patch token :math:`b` of every normal slice (last stage; exact, faiss ``IndexFlatIP``).
+
+``dpmm`` (AnomalyDINO-DPMM): a Dirichlet-process Gaussian mixture is fitted to (a subsample of) the
+normal last-stage tokens; with component means :math:`\mu_c` L2-normalised and only components of
+weight :math:`\pi_c > 10^{-6}` kept, :math:`a_i = 1 - \max_c \cos(q_i, \mu_c)`.
+
+``himatch``:
+
+1. Retrieval (dual branch). Global branch: :math:`g_n = \cos(\mathrm{cls}_q, \mathrm{cls}_n)` for every
+   normal slice :math:`n` (faiss inner-product search); the best ``candidates`` slices are kept, and
+   for volumes only slices whose relative position lies within ``position_window`` of the query's
+   (slice-position prior). Patch branch: :math:`p_n = \mathrm{mean}_i \max_{c} \cos(q_i, c)` over the
+   last-stage centroids :math:`c` of slice :math:`n`. Candidates are ranked by
+   :math:`r_n = \alpha g_n + (1 - \alpha) p_n` and the top :math:`K` are the supports.
+2. Stage maps. For each stage :math:`s` and support :math:`k`,
+   :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
+   tokens (spherical k-means centroids computed when the bank was built). The stage score is the
+   distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and its uncertainty the
+   spread across supports, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
+3. Calibration. Each stage is standardised against its own normal-score distribution, measured on
+   held-out normal slices (leave-one-subject-out): :math:`z_i^{(s)} = (a_i^{(s)} - m_s) / \sigma_s`
+   with :math:`m_s` the median and :math:`\sigma_s = 1.4826\,\mathrm{MAD}` of the held-out
+   :math:`a^{(s)}`.
+4. Uncertainty-weighted fusion. With the variance in the same units,
+   :math:`\tilde v_i^{(s)} = v_i^{(s)} / \sigma_s^2`, the weights are
+   :math:`w_i^{(s)} = 1 / (\tilde v_i^{(s)} + \tau)` and the fused score is
+   :math:`F_i = \sum_s w_i^{(s)} z_i^{(s)} / \sum_s w_i^{(s)}` (:math:`\tau = 1` keeps the weights
+   bounded: with agreeing supports the fusion is the plain mean of the stages).
+
+Maps (all modes): patch scores on the patch grid (background patches set to the slice's median
+foreground score) are upsampled bilinearly to the slice's pixel grid and smoothed with a Gaussian of
+sigma 4 pixels of the model input; pixels outside the foreground are 0. The ``himatch`` map is clipped at 0 (it reads as
+"standard deviations above normal"). Slice score: mean of the top 1 % patch scores of the slice;
+volume score: mean of the top 1 % of all foreground patch scores of the volume.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .bank import NormalBank
+from .result import Support
+
+
+@dataclass
+class QuerySlice:
+    index: int  # slice index in the prepared volume
+    tokens: list  # per stage (n_fg, D) float32 unit vectors
+    cls: np.ndarray  # (D,)
+    fg: np.ndarray  # (gh*gw,) bool
+    grid: tuple
+    pos: float = float("nan")
+    group: Optional[int] = None  # bank group to exclude (calibration)
+
+
+@dataclass
+class SliceScores:
+    patch: np.ndarray  # (n_fg,) final patch scores
+    stage: Optional[np.ndarray] = None  # (S, n_fg) raw stage scores (himatch)
+    var: Optional[np.ndarray] = None  # (S, n_fg) variance across supports (himatch)
+    supports: list = field(default_factory=list)
+
+
+def top_percent_mean(x: np.ndarray, percent: float = 1.0) -> float:
+    x = np.asarray(x, dtype=np.float64).ravel()
+    if x.size == 0:
+        return float("nan")
+    n = max(1, int(np.ceil(x.size * percent / 100.0)))
+    return float(np.mean(np.partition(x, x.size - n)[x.size - n :]))
+
+
+def patch_to_pixels(scores: np.ndarray, fg: np.ndarray, grid: tuple, out_hw: tuple, sigma: float = 4.0, model_hw: Optional[tuple] = None) -> np.ndarray:
+    """Foreground patch scores -> smoothed pixel map of size ``out_hw`` (bilinear, then Gaussian).
+
+    ``sigma`` is in pixels of the model input (``model_hw``), as in AnomalyDINO where the map is
+    smoothed at the model's resolution; it is converted to the output grid's pixels per axis.
+    """
+    import torch
+    import torch.nn.functional as F
+    from scipy.ndimage import gaussian_filter
+
+    full = np.full(grid[0] * grid[1], float(np.median(scores)) if scores.size else 0.0, dtype=np.float32)
+    full[fg] = scores
+    t = torch.from_numpy(full.reshape(1, 1, grid[0], grid[1]))
+    up = F.interpolate(t, size=tuple(out_hw), mode="bilinear", align_corners=False)[0, 0].numpy()
+    if sigma > 0:
+        if model_hw is not None:
+            sig = (sigma * out_hw[0] / model_hw[0], sigma * out_hw[1] / model_hw[1])
+        else:
+            sig = (sigma, sigma)
+        up = gaussian_filter(up, sigma=sig)
+    return up.astype(np.float32)
+
+
+def _segment_max(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Max over column segments ``[offsets[k], offsets[k+1])`` -> (rows, K)."""
+    return np.maximum.reduceat(sims, offsets[:-1], axis=1)
+
+
+class KnnScorer:
+    """Exact nearest neighbour over all normal last-stage tokens (faiss IndexFlatIP)."""
+
+    name = "knn"
+    #: Bank size (float32 bytes) up to which one faiss index is kept in memory; larger banks are
+    #: searched chunk by chunk so memory stays bounded.
+    max_index_bytes = 3 * 2**30
+    chunk_rows = 262_144
+
+    def __init__(self, bank: NormalBank):
+        self.bank = bank
+        self.timings: dict = {}
+
+    def _index(self):
+        import faiss
+
+        key = "knn_index"
+        if key not in self.bank._cache:
+            idx = faiss.IndexFlatIP(self.bank.tokens.shape[1])
+            for a in range(0, self.bank.tokens.shape[0], self.chunk_rows):
+                idx.add(np.asarray(self.bank.tokens[a : a + self.chunk_rows], dtype=np.float32))
+            self.bank._cache[key] = idx
+        return self.bank._cache[key]
+
+    def _excluded_rows(self, group: int) -> np.ndarray:
+        slices = np.flatnonzero(self.bank.slice_group == group)
+        o = self.bank.tok_offsets
+        return np.concatenate([np.arange(o[s], o[s + 1]) for s in slices]) if slices.size else np.zeros(0, np.int64)
+
+    def max_sim(self, q: np.ndarray, exclude_group: Optional[int] = None) -> np.ndarray:
+        import faiss
+
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        n_tok = self.bank.tokens.shape[0]
+        excl = self._excluded_rows(exclude_group) if exclude_group is not None else None
+        if n_tok * self.bank.tokens.shape[1] * 4 <= self.max_index_bytes:
+            idx = self._index()
+            if excl is not None and excl.size:
+                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excl.astype(np.int64)))
+                D, _ = idx.search(q, 1, params=faiss.SearchParameters(sel=sel))
+            else:
+                D, _ = idx.search(q, 1)
+            return D[:, 0]
+        best = np.full(q.shape[0], -np.inf, dtype=np.float32)
+        for a in range(0, n_tok, self.chunk_rows):
+            chunk = np.asarray(self.bank.tokens[a : a + self.chunk_rows], dtype=np.float32)
+            if excl is not None and excl.size:
+                local = excl[(excl >= a) & (excl < a + chunk.shape[0])] - a
+                if local.size:
+                    keep = np.ones(chunk.shape[0], bool)
+                    keep[local] = False
+                    chunk = chunk[keep]
+            if chunk.shape[0] == 0:
+                continue
+            idx = faiss.IndexFlatIP(chunk.shape[1])
+            idx.add(chunk)
+            D, _ = idx.search(q, 1)
+            best = np.maximum(best, D[:, 0])
+        return best
+
+    def score(self, queries: list) -> list:
+        t = time.perf_counter()
+        # One search per exclusion group (all queries of a predict() share group None).
+        by_group: dict = {}
+        for n, q in enumerate(queries):
+            by_group.setdefault(q.group, []).append(n)
+        res: list = [None] * len(queries)
+        for g, members in by_group.items():
+            toks = [queries[n].tokens[-1] for n in members]
+            sims = self.max_sim(np.concatenate(toks), g)
+            off = np.cumsum([0] + [t_.shape[0] for t_ in toks])
+            for j, n in enumerate(members):
+                res[n] = SliceScores(patch=(1.0 - sims[off[j] : off[j + 1]]).astype(np.float32))
+        self.timings["matching"] = self.timings.get("matching", 0.0) + time.perf_counter() - t
+        return res
+
+
+class DpmmScorer:
+    """Distance to the nearest Dirichlet-process mixture component mean (AnomalyDINO-DPMM)."""
+
+    name = "dpmm"
+
+    def __init__(self, means: np.ndarray, weights: np.ndarray, min_weight: float = 1e-6):
+        keep = weights > min_weight
+        m = np.asarray(means[keep], dtype=np.float32)
+        self.means = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+        self.weights = np.asarray(weights[keep], dtype=np.float32)
+        self.timings: dict = {}
+
+    @staticmethod
+    def fit(tokens: np.ndarray, n_components: int = 100, covariance_type: str = "diag", max_iter: int = 200, seed: int = 0):
+        """Fit the mixture (scikit-learn ``BayesianGaussianMixture``, Dirichlet-process prior)."""
+        import warnings as _w
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.mixture import BayesianGaussianMixture
+
+        x = np.asarray(tokens, dtype=np.float64)
+        n_components = int(max(1, min(n_components, x.shape[0])))
+        gm = BayesianGaussianMixture(
+            n_components=n_components,
+            covariance_type=covariance_type,
+            weight_concentration_prior_type="dirichlet_process",
+            max_iter=max_iter,
+            random_state=seed,
+            init_params="kmeans",
+        )
+        with _w.catch_warnings():
+            _w.simplefilter("ignore", ConvergenceWarning)
+            gm.fit(x)
+        return gm.means_.astype(np.float32), gm.weights_.astype(np.float32), bool(gm.converged_), int(gm.n_iter_)
+
+    def score(self, queries: list) -> list:
+        t = time.perf_counter()
+        out = []
+        for q in queries:
+            sims = q.tokens[-1] @ self.means.T
+            out.append(SliceScores(patch=(1.0 - sims.max(1)).astype(np.float32)))
+        self.timings["matching"] = self.timings.get("matching", 0.0) + time.perf_counter() - t
+        return out
+
+
+class HiMatchScorer:
+    """Dual-branch retrieval, clustered multi-stage maps, uncertainty-weighted fusion."""
+
+    name = "himatch"
+
+    def __init__(
+        self,
+        bank: NormalBank,
+        k: int = 8,
+        candidates: int = 32,
+        alpha: float = 0.5,
+        position_window: Optional[float] = 0.15,
+        tau: float = 1.0,
+    ):
+        self.bank = bank
+        self.k = int(max(1, min(k, bank.n_slices)))
+        self.candidates = int(max(self.k, candidates))
+        self.alpha = float(alpha)
+        self.position_window = position_window
+        self.tau = float(tau)
+        self.stages = bank.stages
+        self.calibration: Optional[dict] = None  # {"median": [S], "sigma": [S]}
+        self.timings: dict = {}
+        self._last = self.stages[-1]
+        self._cls_index = None
+
+    def _search_cls(self, cls: np.ndarray, n: int):
+        import faiss
+
+        if self._cls_index is None:
+            self._cls_index = faiss.IndexFlatIP(self.bank.cls.shape[1])
+            self._cls_index.add(self.bank.cls_f32())
+        D, I = self._cls_index.search(np.ascontiguousarray(cls, dtype=np.float32), n)
+        return D, I
+
+    def retrieve(self, queries: list) -> list:
+        """Supports per query: list of (slice ids (K,), similarities (K,))."""
+        bank = self.bank
+        n_bank = bank.n_slices
+        n_search = min(n_bank, max(8 * self.candidates, 256))
+        D, I = self._search_cls(np.stack([q.cls for q in queries]), n_search)
+        use_pos = self.position_window is not None and bank.has_positions
+        last_c = bank.centroids[self._last]
+        offs = bank.cent_offsets[self._last]
+        out = []
+        for qi, q in enumerate(queries):
+            ids, sims = I[qi], D[qi]
+            valid = ids >= 0
+            if q.group is not None:
+                valid &= bank.slice_group[np.maximum(ids, 0)] != q.group
+            cand = ids[valid]
+            csim = sims[valid]
+            if use_pos and np.isfinite(q.pos):
+                bp = bank.slice_pos[cand]
+                near = ~np.isfinite(bp) | (np.abs(bp - q.pos) <= self.position_window)
+                if near.sum() >= self.k:
+                    cand, csim = cand[near], csim[near]
+            if cand.size < self.k and n_search < n_bank:  # everything was filtered: search all
+                Dall, Iall = self._search_cls(q.cls[None], n_bank)
+                ok = bank.slice_group[Iall[0]] != q.group if q.group is not None else np.ones(n_bank, bool)
+                cand, csim = Iall[0][ok], Dall[0][ok]
+            cand, csim = cand[: self.candidates], csim[: self.candidates]
+            if cand.size == 0:
+                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+                continue
+            # Patch branch on the candidates' last-stage centroids.
+            segs = [np.asarray(last_c[offs[c] : offs[c + 1]], dtype=np.float32) for c in cand]
+            seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
+            sims_p = q.tokens[-1] @ np.concatenate(segs).T
+            patch_sim = _segment_max(sims_p, seg_off).mean(0)
+            r = self.alpha * csim + (1.0 - self.alpha) * patch_sim
+            order = np.argsort(-r, kind="stable")[: self.k]
+            out.append((cand[order].astype(np.int64), r[order].astype(np.float32)))
+        return out
+
+    def stage_scores(self, q: QuerySlice, supports: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(S, n_fg) closest-support distance and (S, n_fg) variance across supports."""
+        bank = self.bank
+        S = len(self.stages)
+        n = q.tokens[0].shape[0]
+        a = np.empty((S, n), np.float32)
+        v = np.empty((S, n), np.float32)
+        for si, st in enumerate(self.stages):
+            cents = bank.centroids[st]
+            offs = bank.cent_offsets[st]
+            segs = [np.asarray(cents[offs[c] : offs[c + 1]], dtype=np.float32) for c in supports]
+            seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
+            d = 1.0 - _segment_max(q.tokens[si] @ np.concatenate(segs).T, seg_off)  # (n, K)
+            a[si] = d.min(1)
+            v[si] = d.var(1)
+        return a, v
+
+    def fuse(self, a: np.ndarray, v: np.ndarray) -> np.ndarray:
+        if self.calibration is None:
+            raise RuntimeError("himatch fusion needs calibration statistics")
+        med = np.asarray(self.calibration["median"], np.float32)[:, None]
+        sig = np.asarray(self.calibration["sigma"], np.float32)[:, None]
+        z = (a - med) / sig
+        w = 1.0 / (v / sig**2 + self.tau)
+        return (w * z).sum(0) / w.sum(0)
+
+    def score(self, queries: list, fuse: bool = True) -> list:
+        t0 = time.perf_counter()
+        sup = self.retrieve(queries)
+        t1 = time.perf_counter()
+        out = []
+        t_fuse = 0.0
+        for q, (ids, sims) in zip(queries, sup):
+            if ids.size == 0:
+                out.append(SliceScores(patch=np.zeros(q.tokens[0].shape[0], np.float32)))
+                continue
+            a, v = self.stage_scores(q, ids)
+            tf = time.perf_counter()
+            patch = self.fuse(a, v) if fuse else a[-1]
+            t_fuse += time.perf_counter() - tf
+            supports = [
+                Support(self.bank.files[int(self.bank.slice_file[i])], int(self.bank.slice_index[i]), float(s)) for i, s in zip(ids, sims)
+            ]
+            out.append(SliceScores(patch=patch.astype(np.float32), stage=a, var=v, supports=supports))
+        t2 = time.perf_counter()
+        self.timings["retrieval"] = self.timings.get("retrieval", 0.0) + (t1 - t0)
+        self.timings["stage_maps"] = self.timings.get("stage_maps", 0.0) + (t2 - t1 - t_fuse)
+        self.timings["fusion"] = self.timings.get("fusion", 0.0) + t_fuse
+        return out
