@@ -206,15 +206,15 @@ class FeatureExtractor:
 def build_random_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
     """Save a randomly initialised DINOv3 ViT in Hugging Face format (tests, offline demo).
 
-    ``tiny``: 2 layers, 32-d, patch 8 (tests); ``small``: the ViT-S/16 architecture with 4 register
-    tokens. Random weights give untrained features: good for checking the installation and the
+    ``tiny``: 4 layers, 192-d, patch 16 (tests); ``small``: the ViT-S/16 architecture with 4
+    register tokens. Random weights give untrained features: good for checking the installation and the
     pipeline, meaningless for detection quality.
     """
     import torch
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     presets = {
-        "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, patch_size=8, num_register_tokens=2, image_size=64),
+        "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384, patch_size=16, num_register_tokens=2, image_size=64),
         "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, num_register_tokens=4, image_size=224),
     }
     if size not in presets:

@@ -1,0 +1,384 @@
+"""The ``himatchad`` command line: bank, detect, batch, demo (and evaluate, synth).
+
+Errors a user can cause print one message (no traceback) and exit with status 2; an interrupted run
+exits with 130. ``--debug`` shows the traceback of any error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .errors import Cancelled, HiMatchADError
+
+EXIT_USER_ERROR = 2
+
+
+def _threshold(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number, not '{value}'") from None
+
+
+def _positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not '{value}'") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def _fraction(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not '{value}'") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {v}")
+    return v
+
+
+def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> None:
+    from .features import DEFAULT_MODEL
+    from .preprocess import MODALITIES, SLICE_AXES
+
+    g = p.add_argument_group("model and features")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local model folder (default {DEFAULT_MODEL})")
+    g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
+    g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
+    g.add_argument("--resolution", type=_positive_int, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    g.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass (default 8)")
+    g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
+    g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
+    g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
+    if with_method:
+        from .detector import METHODS
+
+        m = p.add_argument_group("detection")
+        m.add_argument("--method", default="himatch", choices=METHODS, help="himatch (default), knn (AnomalyDINO) or dpmm (AnomalyDINO-DPMM)")
+        m.add_argument("--k", type=_positive_int, default=8, help="normal reference slices per query slice (himatch; default 8)")
+        m.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (calibrated on held-out normals) or a value")
+        m.add_argument("--fpr", type=_fraction, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
+        m.add_argument("--min-size", type=_positive_int, default=None, help="remove anomalous components smaller than this many voxels")
+
+
+def detector_from_args(args, progress=None):
+    from .detector import HiMatchDetector
+
+    return HiMatchDetector(
+        model=args.model,
+        method=getattr(args, "method", "himatch"),
+        k=getattr(args, "k", 8),
+        modality=args.modality,
+        slice_axis=args.slice_axis,
+        resolution=args.resolution,
+        threshold=getattr(args, "threshold", "auto"),
+        target_fpr=getattr(args, "fpr", 0.01),
+        min_component_size=getattr(args, "min_size", None),
+        slice_step=args.slice_step,
+        device=args.device,
+        batch_size=args.batch_size,
+        cache_dir=args.cache_dir,
+        progress=progress,
+    )
+
+
+def _progress(args):
+    from .progress import tqdm_callback
+
+    return tqdm_callback(disable=getattr(args, "quiet", False))
+
+
+def _fit(det, normals, args) -> None:
+    det.fit(normals, rebuild=getattr(args, "rebuild", False))
+    info = det.fit_info
+    _say(args, f"normal bank: {info['slices']} slices from {info['files']} files ({info['skipped']} skipped), cache {info['cache']}")
+
+
+def _say(args, msg: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(msg, file=sys.stderr)
+
+
+def _check_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HiMatchADError(f"--out-dir {out} exists and is not a folder")
+    return out
+
+
+def _summary_line(res, paths) -> str:
+    return (
+        f"{res.name}: volume score {res.volume_score:.4f}, threshold {res.threshold:.4f}, "
+        f"{res.anomalous_voxels} anomalous voxels, most anomalous slice {res.most_anomalous_slice} -> {paths['heatmap'].parent}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- commands
+def cmd_bank(args) -> int:
+    from .detector import HiMatchDetector
+
+    det = HiMatchDetector(
+        model=args.model, modality=args.modality, slice_axis=args.slice_axis, resolution=args.resolution,
+        slice_step=args.slice_step, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir,
+        progress=_progress(args),
+    )
+    t = time.perf_counter()
+    det._ensure_extractor()
+    from .bank import build_or_load
+
+    bank = build_or_load(Path(args.normals).expanduser(), det.extractor, det._bank_settings(), det.cache_dir, det.reporter, args.rebuild)
+    info = bank.describe()
+    info["seconds"] = round(time.perf_counter() - t, 3)
+    print(json.dumps(info, indent=1))
+    for s in bank.skipped:
+        print(f"warning: skipped {s['path']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_detect(args) -> int:
+    inp = Path(args.input).expanduser()
+    if not inp.exists():
+        raise HiMatchADError(f"input not found: {inp}")
+    out = _check_out_dir(args.out_dir)
+    det = detector_from_args(args, _progress(args))
+    _fit(det, args.normals, args)
+    res = det.predict(inp)
+    paths = det.save(res, out)
+    for w in res.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(_summary_line(res, paths))
+    return 0
+
+
+BATCH_FIELDS = ["input", "name", "status", "volume_score", "anomalous_voxels", "threshold", "seconds", "error"]
+
+
+def _write_csv(path: Path, rows: list) -> None:
+    from .imageio import write_text_atomic
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=BATCH_FIELDS)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r.get(k, "") for k in BATCH_FIELDS})
+    write_text_atomic(path, buf.getvalue())
+
+
+def run_batch(det, input_dir, out_dir, progress=None, log=print) -> list:
+    """Detect on every image/volume of ``input_dir``; resumable; returns the summary rows.
+
+    Inputs whose outputs are complete are skipped; an input that fails is recorded with its error
+    and the batch goes on. ``summary.csv`` in ``out_dir`` is rewritten (atomically) after each input.
+    """
+    from .imageio import list_images, strip_suffix
+    from .output import is_complete
+
+    out = Path(out_dir).expanduser()
+    inputs = list_images(input_dir)
+    if not inputs:
+        raise HiMatchADError(f"no images found in {input_dir}")
+    inside = [p for p in inputs if out.resolve() in p.resolve().parents]
+    inputs = [p for p in inputs if p not in inside]  # never re-read our own outputs
+    out.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for p in inputs:
+        name = p.name if p.is_dir() else strip_suffix(p)
+        names.setdefault(name, []).append(p)
+    dup = {n: ps for n, ps in names.items() if len(ps) > 1}
+    if dup:
+        n, ps = next(iter(dup.items()))
+        raise HiMatchADError(f"two inputs would write the same outputs '{n}': {ps[0]} and {ps[1]}; rename one")
+    rows = []
+    for i, p in enumerate(inputs):
+        name = p.name if p.is_dir() else strip_suffix(p)
+        row = {"input": str(p), "name": name}
+        if is_complete(out, name):
+            data = json.loads((out / f"{name}_scores.json").read_text(encoding="utf-8"))
+            row.update(status="skipped (done)", volume_score=data.get("volume_score"), anomalous_voxels=data.get("anomalous_voxels"), threshold=data.get("threshold"))
+        else:
+            t = time.perf_counter()
+            try:
+                res = det.predict(p)
+                det.save(res, out)
+                row.update(status="ok", volume_score=round(res.volume_score, 6), anomalous_voxels=res.anomalous_voxels, threshold=round(res.threshold, 6))
+            except Cancelled:
+                raise
+            except (HiMatchADError, MemoryError, RuntimeError, ValueError) as exc:
+                row.update(status="failed", error=str(exc).splitlines()[0])
+                log(f"warning: {p}: {exc}")
+            row["seconds"] = round(time.perf_counter() - t, 3)
+        rows.append(row)
+        _write_csv(out / "summary.csv", rows)
+        if progress:
+            progress("Batch", i + 1, len(inputs))
+    return rows
+
+
+def cmd_batch(args) -> int:
+    out = _check_out_dir(args.out_dir)
+    det = detector_from_args(args, _progress(args))
+    _fit(det, args.normals, args)
+    rows = run_batch(det, Path(args.input_dir).expanduser(), out, log=lambda m: print(m, file=sys.stderr))
+    ok = sum(r["status"] == "ok" for r in rows)
+    skipped = sum(r["status"].startswith("skipped") for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(f"{ok} processed, {skipped} already done, {failed} failed; summary: {out / 'summary.csv'}")
+    return 1 if failed else 0
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    from .features import DEFAULT_MODEL, build_random_model, load_backbone
+    from .imageio import read_image
+    from .phantom import write_demo_dataset
+
+    out = _check_out_dir(args.out_dir)
+    data = out / "data"
+    paths = write_demo_dataset(data, n_normals=args.normals_count, shape=(24, 96, 96), seed=args.seed)
+    model = args.model
+    if model is None:
+        try:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never goes to the network on its own
+            load_backbone(DEFAULT_MODEL, "cpu")
+            model = DEFAULT_MODEL
+            print(f"using the pretrained model {DEFAULT_MODEL} found in the local Hugging Face cache")
+        except HiMatchADError:
+            model = str(build_random_model(out / "random-dinov3-vits16", "small", seed=0))
+            print(
+                "NOTE: pretrained DINOv3 weights are not available on this machine, so this demo uses a DINOv3 "
+                "ViT-S/16 with RANDOM weights (untrained stand-in features). It checks that the installation and "
+                "the pipeline work; its detections say nothing about the method's quality. For real use pass "
+                "--model with a DINOv3 Hub id (after accepting its licence) or a local folder."
+            )
+    args.model = model
+    det = detector_from_args(args, _progress(args))
+    _fit(det, paths["normals"], args)
+    res = det.predict(paths["query"])
+    written = det.save(res, out)
+    mask = read_image(paths["mask"]).array > 0
+    lab = res.labelmap > 0
+    inter = int((mask & lab).sum())
+    dice = 2 * inter / max(int(mask.sum() + lab.sum()), 1)
+    peak = np.unravel_index(int(np.argmax(res.heatmap)), res.heatmap.shape)
+    found = bool(mask[peak])
+    print(f"normal scans: {paths['normals']}")
+    print(f"query with a synthetic lesion: {paths['query']} (lesion mask {paths['mask']})")
+    for k, v in written.items():
+        print(f"{k}: {v}")
+    print(f"volume score {res.volume_score:.4f}; threshold {res.threshold:.4f}; {res.anomalous_voxels} anomalous voxels; Dice with the lesion {dice:.3f}")
+    print(f"lesion found: {'yes' if found else 'no'} (heatmap peak {'inside' if mask[peak] else 'outside'} the lesion)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="himatchad", description="Training-free anomaly detection in medical images on frozen DINOv3 features.")
+    p.add_argument("--version", action="version", version=f"himatchad {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser("bank", help="build and cache the normal bank of a folder")
+    b.add_argument("normals", metavar="NORMALS_DIR")
+    add_model_options(b, with_method=False)
+    b.set_defaults(func=cmd_bank)
+
+    d = sub.add_parser("detect", help="detect anomalies in one volume or image")
+    d.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPEG/TIFF slice")
+    d.add_argument("--normals", required=True, metavar="NORMALS_DIR")
+    d.add_argument("--out-dir", required=True, metavar="OUT")
+    add_model_options(d)
+    d.set_defaults(func=cmd_detect)
+
+    bt = sub.add_parser("batch", help="detect on every input of a folder (resumable, CSV summary)")
+    bt.add_argument("input_dir", metavar="INPUT_DIR")
+    bt.add_argument("--normals", required=True, metavar="NORMALS_DIR")
+    bt.add_argument("--out-dir", required=True, metavar="OUT")
+    add_model_options(bt)
+    bt.set_defaults(func=cmd_batch)
+
+    dm = sub.add_parser("demo", help="generate a small synthetic data set and run detection on it")
+    dm.add_argument("--out-dir", default="himatchad-demo", metavar="OUT")
+    dm.add_argument("--normals-count", type=_positive_int, default=6, help=argparse.SUPPRESS)
+    dm.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    add_model_options(dm)
+    dm.set_defaults(func=cmd_demo, model=None, resolution=224)
+    for a in dm._actions:  # demo: no default model (pretrained if cached, else a random stand-in)
+        if a.dest == "model":
+            a.default = None
+            a.help = "Hugging Face id or local folder (default: pretrained DINOv3 if cached locally, else a random stand-in)"
+        if a.dest == "resolution":
+            a.default = 224
+            a.help = "longer side of the model input (demo default 224, for speed)"
+
+    for modname in ("evaluate", "synth"):
+        try:
+            mod = __import__(f"HiMatchADLib.{modname}", fromlist=["add_subparser"])
+        except ImportError:  # pragma: no cover - optional parts
+            continue
+        if hasattr(mod, "add_subparser"):
+            mod.add_subparser(sub)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.debug:
+        warnings.simplefilter("ignore", FutureWarning)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except HiMatchADError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        if args.debug:
+            raise
+        print("error: out of memory; try a smaller --resolution or --batch-size, or crop the volume", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug: say so briefly; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback and report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

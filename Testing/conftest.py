@@ -1,0 +1,82 @@
+"""Shared fixtures: a small random DINOv3 saved and loaded through ``from_pretrained``, and
+synthetic phantoms with known lesions. Nothing here needs the network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+PHANTOM_SHAPE = (16, 64, 64)
+RESOLUTION = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A random DINOv3 ViT (4 layers, 192-d, patch 16) in Hugging Face format."""
+    from HiMatchADLib.features import build_random_model
+
+    return str(build_random_model(tmp_path_factory.mktemp("model") / "tiny-dinov3", "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def normals_dir(tmp_path_factory) -> Path:
+    """Five normal phantom volumes (anatomy varies between them)."""
+    from HiMatchADLib.imageio import write_image
+    from HiMatchADLib.phantom import make_phantom
+
+    d = tmp_path_factory.mktemp("normals")
+    for i in range(5):
+        img, _ = make_phantom(PHANTOM_SHAPE, seed=10 + i)
+        write_image(img.array, img.geometry, d / f"normal_{i}.nii.gz")
+    return d
+
+
+@pytest.fixture(scope="session")
+def lesion_case():
+    """A phantom with a bright lesion (intensity alone separates it) and its mask."""
+    from HiMatchADLib.phantom import make_phantom
+
+    return make_phantom(PHANTOM_SHAPE, seed=1000, lesion=True, lesion_radius=0.35, name="case")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def fitted(tiny_model, normals_dir, cache_dir):
+    """One fitted detector per method, shared by the tests (bank built once)."""
+    from HiMatchADLib import HiMatchDetector
+
+    dets = {}
+
+    def get(method: str):
+        if method not in dets:
+            dets[method] = HiMatchDetector(model=tiny_model, method=method, k=4, resolution=RESOLUTION, cache_dir=cache_dir).fit(normals_dir)
+        return dets[method]
+
+    return get
+
+
+def oblique_direction() -> np.ndarray:
+    """A proper rotation that is not axis-aligned (about 30 degrees around an oblique axis)."""
+    axis = np.array([0.3, -0.5, 0.8])
+    axis /= np.linalg.norm(axis)
+    a = np.deg2rad(30)
+    K = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K
+
+
+def needs_shared_data(*parts):
+    path = SHARED_DATA.joinpath(*parts)
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (development data is not part of the repository)")

@@ -1,0 +1,130 @@
+"""The three modes find a lesion on a phantom; results are deterministic and re-thresholdable."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from conftest import PHANTOM_SHAPE, RESOLUTION
+from HiMatchADLib import HiMatchADError, HiMatchDetector
+from HiMatchADLib.phantom import make_phantom
+
+# Lower bounds of the pixel AUROC (inside the foreground) on the bright-lesion phantom with the
+# random tiny model; brightness alone reaches about 0.95 there. Random features carry intensity and
+# texture but no anatomy, so these bounds check that the pipeline works, not the method's quality.
+AUROC_BOUND = {"himatch": 0.7, "knn": 0.8, "dpmm": 0.9}
+
+
+@pytest.mark.parametrize("method", ["himatch", "knn", "dpmm"])
+def test_methods_find_the_lesion(fitted, lesion_case, method):
+    img, mask = lesion_case
+    res = fitted(method).predict(img)
+    fg = res.foreground
+    auroc = roc_auc_score(mask[fg].ravel(), res.heatmap[fg].ravel())
+    assert auroc > AUROC_BOUND[method], auroc
+    assert res.heatmap.shape == PHANTOM_SHAPE and res.heatmap.dtype == np.float32
+    assert np.all(res.heatmap[~fg] == 0)
+    assert res.heatmap[mask > 0].mean() > 1.3 * res.heatmap[(mask == 0) & fg].mean()
+    assert res.slice_axis == 0 and len(res.slice_scores) == PHANTOM_SHAPE[0]
+
+
+def test_calibrated_threshold_flags_the_lesion_not_a_normal_volume(fitted, lesion_case):
+    det = fitted("dpmm")
+    normal, _ = make_phantom(PHANTOM_SHAPE, seed=2000)
+    r_norm = det.predict(normal)
+    r_les = det.predict(lesion_case[0])
+    mask = lesion_case[1] > 0
+    assert (r_les.labelmap.astype(bool) & mask).sum() > 0.2 * mask.sum()
+    # the calibrated threshold keeps false positives on an unseen normal volume small
+    assert r_norm.labelmap.sum() < 0.05 * r_norm.foreground.sum()
+
+
+def test_himatch_retrieves_k_supports_from_the_bank(fitted, lesion_case):
+    det = fitted("himatch")
+    res = det.predict(lesion_case[0])
+    scored = [s for s in res.supports if s]
+    assert scored and all(len(s) == 4 for s in scored)
+    names = {f"normal_{i}.nii.gz" for i in range(5)}
+    assert all(sup.source in names for s in scored for sup in s)
+    # similarities are sorted, best first
+    assert all(s[i].similarity >= s[i + 1].similarity for s in scored for i in range(len(s) - 1))
+    assert set(det.calibration["stages"]["stages"]) == set(det.extractor.stages)
+    assert len(det.extractor.stages) == 4 and det.extractor.stages[-1] == 4
+
+
+def test_same_inputs_same_outputs(tiny_model, normals_dir, lesion_case, tmp_path):
+    """Determinism: a fresh bank (own cache) and calibration give identical maps."""
+    a = HiMatchDetector(model=tiny_model, method="himatch", k=4, resolution=RESOLUTION, cache_dir=tmp_path / "c1").fit(normals_dir)
+    b = HiMatchDetector(model=tiny_model, method="himatch", k=4, resolution=RESOLUTION, cache_dir=tmp_path / "c2").fit(normals_dir)
+    ra, rb = a.predict(lesion_case[0]), b.predict(lesion_case[0])
+    np.testing.assert_array_equal(ra.heatmap, rb.heatmap)
+    assert ra.threshold == rb.threshold
+
+
+def test_relabel_without_recomputing(fitted, lesion_case):
+    res = fitted("knn").predict(lesion_case[0])
+    low, high = res.labelmap_at(res.threshold * 0.5), res.labelmap_at(res.threshold * 2)
+    assert low.sum() >= res.labelmap.sum() >= high.sum()
+    res.set_threshold(float(res.heatmap.max()) + 1)
+    assert res.labelmap.sum() == 0
+
+
+def test_small_components_are_removed():
+    from HiMatchADLib.result import remove_small_components
+
+    m = np.zeros((1, 20, 20), bool)
+    m[0, 2:4, 2:4] = True  # 4 px
+    m[0, 10:15, 10:15] = True  # 25 px
+    out = remove_small_components(m, 10)
+    assert out.sum() == 25 and not out[0, 2, 2]
+
+
+def test_2d_query_against_3d_normals_and_reverse(tmp_path, fitted, tiny_model, lesion_case):
+    img, mask = lesion_case
+    z = int(np.argmax(mask.sum((1, 2))))
+    from HiMatchADLib.imageio import Image, write_image
+
+    sl = Image.from_array(img.array[z], name="slice")
+    res = fitted("knn").predict(sl)
+    assert res.heatmap.shape == (1,) + PHANTOM_SHAPE[1:] and res.geometry.is_2d
+    assert res.heatmap[0][mask[z] > 0].mean() > res.heatmap[0][(mask[z] == 0) & res.foreground[0]].mean()
+    # 2D normals (slices of the normal phantoms), 3D query
+    d2 = tmp_path / "normals2d"
+    d2.mkdir()
+    for i in range(3):
+        ph, _ = make_phantom(PHANTOM_SHAPE, seed=10 + i)
+        for k in (4, 8, 12):
+            write_image(ph.array[k][None], Image.from_array(ph.array[k]).geometry, d2 / f"subj{i}_{k}.nii.gz")
+    det = HiMatchDetector(model=tiny_model, method="knn", resolution=RESOLUTION, cache_dir=tmp_path / "c").fit(d2)
+    assert det.bank.n_slices == 9 and len(det.bank.groups) == 3  # grouped by subject for calibration
+    res3 = det.predict(img)
+    assert res3.heatmap.shape == PHANTOM_SHAPE
+
+
+def test_bad_settings_are_user_errors(tiny_model):
+    for kwargs in ({"method": "svm"}, {"modality": "pet"}, {"threshold": "high"}, {"target_fpr": 2}, {"k": 0}):
+        with pytest.raises(HiMatchADError):
+            HiMatchDetector(model=tiny_model, **kwargs)
+    with pytest.raises(HiMatchADError, match="fit"):
+        HiMatchDetector(model=tiny_model).predict(np.zeros((4, 4)))
+
+
+def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
+    import threading
+
+    from HiMatchADLib import Cancelled
+
+    ev = threading.Event()
+    seen = []
+
+    def progress(msg, done, total):
+        seen.append(msg)
+        if "bank" in msg and done > 0:
+            ev.set()
+
+    det = HiMatchDetector(model=tiny_model, resolution=RESOLUTION, cache_dir=tmp_path, progress=progress, cancel_event=ev, batch_size=2)
+    with pytest.raises(Cancelled):
+        det.fit(normals_dir)
+    # nothing half-built is left where a bank would be loaded from
+    assert not list((tmp_path / "banks").glob("*/manifest.json"))
