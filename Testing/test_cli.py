@@ -1,0 +1,185 @@
+"""The command line: outputs, batch resume, and every user mistake -> one message, exit 2, no
+traceback, no partial output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PHANTOM_SHAPE, RESOLUTION, REPO
+from HiMatchADLib import imageio
+from HiMatchADLib.cli import main
+from HiMatchADLib.imageio import Image, write_image
+from HiMatchADLib.phantom import make_phantom
+
+
+@pytest.fixture()
+def run(tiny_model, normals_dir, cache_dir, capsys):
+    def _run(*argv, normals=True):
+        args = list(argv)
+        if normals:
+            args += ["--normals", str(normals_dir)]
+        args += ["--model", tiny_model, "--resolution", str(RESOLUTION), "--cache-dir", str(cache_dir), "--method", "knn"] if args[0] in ("detect", "batch") else []
+        code = main(["--quiet"] + args)
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err
+        return code, out.out, out.err
+
+    return _run
+
+
+@pytest.fixture(scope="module")
+def case_file(tmp_path_factory, lesion_case):
+    d = tmp_path_factory.mktemp("case")
+    img, _ = lesion_case
+    write_image(img.array, img.geometry, d / "case.nii.gz")
+    return d / "case.nii.gz"
+
+
+def test_detect_writes_the_three_outputs(run, case_file, tmp_path):
+    code, out, _ = run("detect", str(case_file), "--out-dir", str(tmp_path / "o"))
+    assert code == 0 and "case:" in out
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == ["case_heatmap.nii.gz", "case_labelmap.nii.gz", "case_scores.json"]
+    data = json.loads((tmp_path / "o" / "case_scores.json").read_text())
+    assert data["complete"] and data["method"] == "knn"
+    assert len(data["slice_scores"]) == PHANTOM_SHAPE[0]
+    assert {"read", "features", "matching", "total", "write"} <= set(data["timings_s"])
+    assert data["threshold_info"]["mode"] == "auto"
+
+
+def _no_outputs(d: Path) -> bool:
+    return not d.exists() or not any(d.iterdir())
+
+
+@pytest.mark.parametrize(
+    "make_input, expected",
+    [
+        (lambda d: d / "missing.nii.gz", "not found"),
+        (lambda d: (d / "junk.nii.gz").write_bytes(b"\x00garbage") and d / "junk.nii.gz", "not a readable image"),
+        (lambda d: _write(d / "const.nii.gz", np.full((6, 32, 32), 5.0, np.float32)), "constant"),
+        (lambda d: _write(d / "nan.mha", np.full((6, 32, 32), np.nan, np.float32)), "NaN"),
+    ],
+    ids=["missing", "corrupt", "constant", "all-nan"],
+)
+def test_bad_input_is_a_clear_error(run, tmp_path, make_input, expected):
+    path = make_input(tmp_path)
+    code, _, err = run("detect", str(path), "--out-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert err.startswith("error:") and expected in err
+    assert _no_outputs(tmp_path / "o")
+
+
+def _write(path, arr):
+    write_image(arr, Image.from_array(arr).geometry, path)
+    return path
+
+
+def test_nan_voxels_and_one_slice_volumes_are_handled(run, tmp_path, lesion_case):
+    img, _ = lesion_case
+    arr = img.array.copy()
+    arr[:, :5, :5] = np.nan
+    arr[0, 0, 6] = np.inf
+    _write(tmp_path / "withnan.mha", arr)
+    code, _, err = run("detect", str(tmp_path / "withnan.mha"), "--out-dir", str(tmp_path / "o"))
+    assert code == 0 and "non-finite" in err
+    heat = imageio.read_image(tmp_path / "o" / "withnan_heatmap.nii.gz").array
+    assert np.isfinite(heat).all() and (heat[:, :5, :5] == 0).all()
+    one = img.array[8:9]
+    write_image(one, Image.from_array(one, is_2d=False).geometry, tmp_path / "one.nii.gz")
+    code, _, _ = run("detect", str(tmp_path / "one.nii.gz"), "--out-dir", str(tmp_path / "o1"))
+    assert code == 0
+    assert imageio.read_image(tmp_path / "o1" / "one_heatmap.nii.gz").array.shape == (1, 64, 64)
+
+
+def test_enormous_volume_is_refused(run, case_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(imageio, "MAX_VOXELS", 1000)
+    code, _, err = run("detect", str(case_file), "--out-dir", str(tmp_path / "o"))
+    assert code == 2 and "voxels" in err and _no_outputs(tmp_path / "o")
+
+
+def test_model_folder_that_is_not_a_model(run, case_file, tmp_path, normals_dir, cache_dir, capsys):
+    (tmp_path / "notamodel").mkdir()
+    code = main(["--quiet", "detect", str(case_file), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "o"), "--model", str(tmp_path / "notamodel"), "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not a Hugging Face model folder" in err
+    code = main(["--quiet", "detect", str(case_file), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "o"), "--model", str(tmp_path / "nothere"), "--cache-dir", str(cache_dir)])
+    assert code == 2 and "model folder not found" in capsys.readouterr().err
+
+
+def test_hub_model_offline_says_how_to_fix(case_file, tmp_path, normals_dir, cache_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["--quiet", "detect", str(case_file), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "o"), "--model", "facebook/dinov3-doesnotexist", "--cache-dir", str(cache_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and "local folder" in err and "licence" in err and "Traceback" not in err
+
+
+def test_empty_normal_folder(run, case_file, tmp_path, tiny_model, cache_dir, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["--quiet", "detect", str(case_file), "--normals", str(tmp_path / "empty"), "--out-dir", str(tmp_path / "o"), "--model", tiny_model, "--cache-dir", str(cache_dir)])
+    assert code == 2 and "no images found" in capsys.readouterr().err
+
+
+def test_unknown_option_value_exits_2_without_traceback(case_file, tmp_path):
+    p = subprocess.run(
+        [sys.executable, "-m", "HiMatchADLib", "detect", str(case_file), "--normals", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--method", "svm"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, "-m", "HiMatchADLib", "detect", str(case_file), "--normals", str(tmp_path), "--out-dir", "o", "--k", "zero"], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 2 and "whole number" in p.stderr
+
+
+def test_batch_is_resumable_and_survives_a_bad_input(run, tmp_path, lesion_case):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    img, _ = lesion_case
+    _write(inp / "a.nii.gz", img.array)
+    ph, _ = make_phantom(PHANTOM_SHAPE, seed=77)
+    _write(inp / "b.nii.gz", ph.array)
+    (inp / "c.nii.gz").write_bytes(b"broken")
+    out = tmp_path / "out"
+    code, stdout, err = run("batch", str(inp), "--out-dir", str(out))
+    assert code == 1 and "2 processed" in stdout and "1 failed" in stdout
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    assert rows[2]["error"] and float(rows[0]["volume_score"]) > 0
+    stamp = (out / "a_heatmap.nii.gz").stat().st_mtime_ns
+    # second run: finished inputs are skipped, not recomputed
+    code, stdout, _ = run("batch", str(inp), "--out-dir", str(out))
+    assert "2 already done" in stdout
+    assert (out / "a_heatmap.nii.gz").stat().st_mtime_ns == stamp
+    # an incomplete result (scores missing) is redone
+    (out / "b_scores.json").unlink()
+    code, stdout, _ = run("batch", str(inp), "--out-dir", str(out))
+    assert "1 processed" in stdout and "1 already done" in stdout
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, fitted, lesion_case, monkeypatch):
+    import SimpleITK as sitk
+
+    det = fitted("knn")
+    res = det.predict(lesion_case[0])
+    calls = {"n": 0}
+    real = sitk.WriteImage
+
+    def flaky(img, path, *a):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the labelmap write fails
+            raise RuntimeError("disk full")
+        return real(img, path, *a)
+
+    monkeypatch.setattr(sitk, "WriteImage", flaky)
+    with pytest.raises(Exception):
+        det.save(res, tmp_path / "o")
+    names = [p.name for p in (tmp_path / "o").iterdir()]
+    assert names == ["case_heatmap.nii.gz"]  # no temp file, no labelmap, no scores JSON
+    from HiMatchADLib.output import is_complete
+
+    assert not is_complete(tmp_path / "o", "case")
