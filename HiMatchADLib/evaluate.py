@@ -616,7 +616,13 @@ def evaluate(
     if "target_fpr" in kwargs and not 0.0 < float(kwargs["target_fpr"]) < 1.0:
         raise HiMatchADError(f"the target false-positive rate must be between 0 and 1, not {kwargs['target_fpr']}")
     factory = detector_factory or _detector_factory
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HiMatchADError(f"--out-dir {out_dir} exists and is not a folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)  # fail now rather than after hours of computing
+    except OSError as exc:
+        raise HiMatchADError(f"cannot create the output folder {out_dir}: {exc.strerror or exc}") from exc
     ds = load_dataset(dataset_dir, layout=layout, split=split, max_normals=max_normals, max_test=max_test)
     if not ds.cases:
         raise HiMatchADError(f"{dataset_dir}: no test cases")

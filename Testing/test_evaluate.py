@@ -247,6 +247,9 @@ def test_errors_a_user_can_make(tiny_bmad, tmp_path):
         evaluate(tiny_bmad, tmp_path / "o", methods=["patchcore"], progress=False)
     with pytest.raises(HiMatchADError, match="no known data set layout"):
         evaluate(tmp_path, tmp_path / "o", progress=False)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(HiMatchADError, match="not a folder"):
+        evaluate(tiny_bmad, tmp_path / "afile", methods=[], progress=False)
     bad = tmp_path / "badmask"
     import shutil
 
@@ -291,7 +294,7 @@ def test_cli_subcommand_with_fake_detector(tiny_bmad, tmp_path, monkeypatch, cap
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
+def tiny_dinov3_p8(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     folder = tmp_path_factory.mktemp("tiny_dinov3")
@@ -313,10 +316,10 @@ def _detector_available() -> bool:
 
 
 @pytest.mark.skipif(not _detector_available(), reason="HiMatchADLib.detector not available")
-def test_end_to_end_real_detector_2d(tiny_bmad, tiny_model, tmp_path):
+def test_end_to_end_real_detector_2d(tiny_bmad, tiny_dinov3_p8, tmp_path):
     out = tmp_path / "e2e"
     res = evaluate(
-        tiny_bmad, out, detector_kwargs={"model": str(tiny_model), "resolution": 64, "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+        tiny_bmad, out, detector_kwargs={"model": str(tiny_dinov3_p8), "resolution": 64, "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
         progress=False,
     )
     r = res["results"]
@@ -335,7 +338,7 @@ def test_end_to_end_real_detector_2d(tiny_bmad, tiny_model, tmp_path):
 
 
 @pytest.mark.skipif(not _detector_available(), reason="HiMatchADLib.detector not available")
-def test_end_to_end_real_detector_on_synthetic_volumes(tiny_model, tmp_path):
+def test_end_to_end_real_detector_on_synthetic_volumes(tiny_dinov3_p8, tmp_path):
     from HiMatchADLib.synth import SynthConfig, make_synthetic_dataset
 
     rng = np.random.default_rng(0)
@@ -350,7 +353,7 @@ def test_end_to_end_real_detector_on_synthetic_volumes(tiny_model, tmp_path):
     make_synthetic_dataset(src, data, SynthConfig(seed=0, n_holdout=3, n_normal_test=1, radius_mm=(5.0, 7.0), margin_mm=2.0, min_depth=0.2))
     res = evaluate(
         data, tmp_path / "o", methods=["knn", "dpmm"],
-        detector_kwargs={"model": str(tiny_model), "resolution": 64, "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
+        detector_kwargs={"model": str(tiny_dinov3_p8), "resolution": 64, "cache_dir": str(tmp_path / "cache"), "device": "cpu"},
         progress=False, n_examples=2,
     )
     assert res["dataset"]["is_3d"] and res["dataset"]["n_test_anomalous"] == 2
@@ -368,12 +371,12 @@ def _cli_available() -> bool:
 
 
 @pytest.mark.skipif(not _cli_available(), reason="HiMatchADLib.cli not available")
-def test_himatchad_cli_runs_evaluate_and_reports_user_errors(tiny_bmad, tiny_model, tmp_path, capsys):
+def test_himatchad_cli_runs_evaluate_and_reports_user_errors(tiny_bmad, tiny_dinov3_p8, tmp_path, capsys):
     from HiMatchADLib.cli import main
 
     out = tmp_path / "cli"
     code = main([
-        "--quiet", "evaluate", str(tiny_bmad), "--model", str(tiny_model), "--resolution", "64", "--methods", "knn",
+        "--quiet", "evaluate", str(tiny_bmad), "--model", str(tiny_dinov3_p8), "--resolution", "64", "--methods", "knn",
         "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(out), "--max-normals", "2",
     ])
     assert code == 0
