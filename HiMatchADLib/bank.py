@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 
 from .cluster import spherical_kmeans
-from .errors import Cancelled, HiMatchADError
+from .errors import HiMatchADError
 from .features import FeatureExtractor
 from .imageio import Image, list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group

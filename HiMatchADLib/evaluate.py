@@ -965,18 +965,10 @@ def make_figure(path: Path, curves: dict, examples: _Examples, result: dict) -> 
 # command line
 
 
-def _int_or_none(text: str) -> Optional[int]:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {v}")
-    return v
-
-
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``himatchad evaluate``; the parsed namespace's ``func(args)`` returns the exit code."""
+    from .cli import _positive_int
+
     p = subparsers.add_parser(
         "evaluate",
         help="benchmark the himatch, knn and dpmm modes and intensity baselines on a labelled data set",
@@ -994,8 +986,8 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Hugging Face id or local folder of the DINOv3/DINOv2 model")
     p.add_argument("--methods", default=",".join(DETECTOR_METHODS), help="comma-separated modes (default himatch,knn,dpmm)")
     p.add_argument("--no-baselines", action="store_true", help="skip the intensity-only baselines")
-    p.add_argument("--max-normals", type=_int_or_none, default=None, metavar="N", help="use N normal images (evenly spaced, deterministic)")
-    p.add_argument("--max-test", type=_int_or_none, default=None, metavar="N", help="use N test cases (stratified, deterministic)")
+    p.add_argument("--max-normals", type=_positive_int, default=None, metavar="N", help="use N normal images (evenly spaced, deterministic)")
+    p.add_argument("--max-test", type=_positive_int, default=None, metavar="N", help="use N test cases (stratified, deterministic)")
     p.add_argument("--out-dir", default=DEFAULT_OUT, metavar="OUT", help=f"output folder (default {DEFAULT_OUT})")
     p.add_argument("--resolution", type=int, default=None, help="longer side of the model input in pixels (detector default 448)")
     p.add_argument("--k", type=int, default=None, help="normal slices retrieved per query slice (himatch)")
