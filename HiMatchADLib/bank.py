@@ -6,9 +6,14 @@ and ``mmap_mode='r'``, plus ``manifest.json``):
 - ``cls.npy`` (n_slices, D) float16: L2-normalised CLS token of the last stage (global descriptor).
 - ``tokens.npy`` (n_tokens, D) float16: last-stage foreground patch tokens of every slice, slice
   after slice; ``tok_offsets.npy`` (n_slices + 1) int64 delimits each slice's rows.
-- ``cent_<stage>.npy`` (m, D) float16, ``centw_<stage>.npy`` (m,) float32 and
-  ``cent_offsets_<stage>.npy`` (n_slices + 1) int64: per slice and stage, the spherical k-means
-  centroids (seeded) of its foreground patch tokens and the fraction of tokens in each cluster.
+- Clustered features, per stage: every slice's foreground patch tokens are summarised by seeded
+  spherical k-means (``clusters_per_slice`` centroids), and all those centroids are quantised with
+  one shared codebook per stage (spherical k-means with ``codebook_factor * sqrt(#centroids)``
+  entries). ``codebook_<stage>.npy`` (M, D) float16 holds the codebook, ``codes_<stage>.npy`` (m,)
+  int32 the codebook entry of each slice centroid, and ``cent_offsets_<stage>.npy``
+  (n_slices + 1) int64 delimits each slice's rows of ``codes``. The codebook grows as the square
+  root of the normal set, so the clustered bank grows sublinearly with it (the per-slice codes
+  cost 4 bytes per centroid).
 - ``slices.npz``: per slice the source file index, slice index in its volume, subject group,
   relative position within the foreground extent (NaN for 2D images) and patch grid.
 - ``manifest.json``: files (relative path, size, mtime), skipped files and why, model, settings,
@@ -35,14 +40,14 @@ from typing import Optional
 
 import numpy as np
 
-from .cluster import spherical_kmeans
+from .cluster import build_codebook, codebook_size, spherical_kmeans
 from .errors import HiMatchADError
 from .features import FeatureExtractor
 from .imageio import Image, list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group
 from .progress import Reporter
 
-BANK_FORMAT = 1
+BANK_FORMAT = 2
 
 
 def default_cache_root() -> Path:
@@ -62,6 +67,7 @@ class BankSettings:
     resolution: int = 448
     stages: tuple = ()
     clusters_per_slice: int = 64
+    codebook_factor: float = 8.0
     slice_step: int = 1
     min_foreground_patches: int = 4
     patch_foreground_fraction: float = 0.25
@@ -127,8 +133,8 @@ class NormalBank:
     cls: np.ndarray
     tokens: np.ndarray
     tok_offsets: np.ndarray
-    centroids: dict
-    cent_weights: dict
+    codebooks: dict
+    codes: dict
     cent_offsets: dict
     slice_file: np.ndarray
     slice_index: np.ndarray
@@ -164,9 +170,25 @@ class NormalBank:
     def slice_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i] : self.tok_offsets[i + 1]]
 
-    def slice_centroids(self, stage: int, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def slice_codes(self, stage: int, i: int) -> np.ndarray:
+        """Codebook entries (indices) that summarise slice ``i`` at ``stage``."""
         o = self.cent_offsets[stage]
-        return self.centroids[stage][o[i] : o[i + 1]], self.cent_weights[stage][o[i] : o[i + 1]]
+        return self.codes[stage][o[i] : o[i + 1]]
+
+    def slice_centroids(self, stage: int, i: int) -> np.ndarray:
+        """Clustered features of slice ``i`` at ``stage`` (float32 unit rows)."""
+        return self.codebook_f32(stage)[self.slice_codes(stage, i)]
+
+    def codebook_f32(self, stage: int) -> np.ndarray:
+        key = f"cb32_{stage}"
+        if key not in self._cache:
+            self._cache[key] = np.ascontiguousarray(self.codebooks[stage], dtype=np.float32)
+        return self._cache[key]
+
+    def clustered_nbytes(self) -> int:
+        """Bytes of what ``himatch`` searches: CLS rows, codebooks, codes and offsets."""
+        arrays = [self.cls, *self.codebooks.values(), *self.codes.values(), *self.cent_offsets.values()]
+        return int(sum(a.nbytes for a in arrays))
 
     def cls_f32(self) -> np.ndarray:
         if "cls32" not in self._cache:
@@ -207,8 +229,8 @@ class NormalBank:
             cls=np.asarray(ld("cls.npy")),
             tokens=ld("tokens.npy"),
             tok_offsets=np.asarray(ld("tok_offsets.npy")),
-            centroids={s: ld(f"cent_{s}.npy") for s in stages},
-            cent_weights={s: np.asarray(ld(f"centw_{s}.npy")) for s in stages},
+            codebooks={s: ld(f"codebook_{s}.npy") for s in stages},
+            codes={s: np.asarray(ld(f"codes_{s}.npy")) for s in stages},
             cent_offsets={s: np.asarray(ld(f"cent_offsets_{s}.npy")) for s in stages},
             slice_file=meta["source"],
             slice_index=meta["index"],
@@ -221,7 +243,12 @@ class NormalBank:
             n == manifest["n_slices"]
             and bank.tok_offsets.shape == (n + 1,)
             and int(bank.tok_offsets[-1]) == bank.tokens.shape[0]
-            and all(bank.cent_offsets[s].shape == (n + 1,) and int(bank.cent_offsets[s][-1]) == bank.centroids[s].shape[0] for s in stages)
+            and all(
+                bank.cent_offsets[s].shape == (n + 1,)
+                and int(bank.cent_offsets[s][-1]) == bank.codes[s].shape[0]
+                and (bank.codes[s].size == 0 or 0 <= int(bank.codes[s].min()) <= int(bank.codes[s].max()) < bank.codebooks[s].shape[0])
+                for s in stages
+            )
             and bank.slice_file.shape == (n,)
         )
         if not ok:
@@ -301,7 +328,6 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
     try:
         tok_w = _NpyAppender(tmp / "tokens.npy", D, np.float16)
         cent_w = {s: _NpyAppender(tmp / f"cent_{s}.npy", D, np.float16) for s in stages}
-        centw_w = {s: _NpyAppender(tmp / f"centw_{s}.npy", 0, np.float32) for s in stages}
         cls_rows, tok_off, cent_off = [], [0], {s: [0] for s in stages}
         meta = {"file": [], "index": [], "group": [], "pos": [], "grid": []}
         groups: list[str] = []
@@ -341,9 +367,8 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                         if st == last:
                             tok_w.append(t)
                             tok_off.append(tok_off[-1] + t.shape[0])
-                        c, w = spherical_kmeans(t, settings.clusters_per_slice, seed=settings.seed)
+                        c, _ = spherical_kmeans(t, settings.clusters_per_slice, seed=settings.seed)
                         cent_w[st].append(c)
-                        centw_w[st].append(w)
                         cent_off[st].append(cent_off[st][-1] + c.shape[0])
                     meta["file"].append(fi)
                     meta["index"].append(int(si))
@@ -352,15 +377,27 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                     meta["grid"].append(grid)
                 done += len(sel)
                 reporter(msg, min(done, estimate), max(estimate, done))
-        for w in [tok_w, *cent_w.values(), *centw_w.values()]:
+        for w in [tok_w, *cent_w.values()]:
             w.close()
         if not cls_rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
             raise HiMatchADError(f"no usable normal slices in {root}" + (f" (skipped: {reasons})" if reasons else ""))
         _save_npy(tmp / "cls.npy", np.stack(cls_rows))
         _save_npy(tmp / "tok_offsets.npy", np.asarray(tok_off, np.int64))
-        for s in stages:
+        codebook_sizes = {}
+        for si, s in enumerate(stages):
+            reporter.check()
+            reporter("Clustering normal features", si, len(stages))
             _save_npy(tmp / f"cent_offsets_{s}.npy", np.asarray(cent_off[s], np.int64))
+            cents = np.load(tmp / f"cent_{s}.npy", mmap_mode="r")
+            size = codebook_size(cents.shape[0], settings.codebook_factor)
+            cb, codes = build_codebook(cents, size, seed=settings.seed, check=reporter.check)
+            del cents
+            (tmp / f"cent_{s}.npy").unlink()
+            _save_npy(tmp / f"codebook_{s}.npy", cb.astype(np.float16))
+            _save_npy(tmp / f"codes_{s}.npy", codes)
+            codebook_sizes[str(s)] = int(cb.shape[0])
+        reporter("Clustering normal features", len(stages), len(stages))
         np.savez(
             tmp / "slices.npz",
             source=np.asarray(meta["file"], np.int32),
@@ -380,6 +417,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "model_fingerprint": extractor.fingerprint,
             "settings": {**asdict(settings), "stages": stages},
             "n_slices": len(cls_rows),
+            "codebook_sizes": codebook_sizes,
             "dim": D,
             "build_seconds": round(time.perf_counter() - t0, 3),
             "complete": True,

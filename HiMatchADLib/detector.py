@@ -49,7 +49,9 @@ class HiMatchDetector:
             (default: the pixel area of one model patch).
         sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
         position_window: slice-position prior for volumes (relative position distance), None = off.
-        clusters_per_slice: spherical k-means centroids kept per normal slice and stage.
+        clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
+        codebook_factor: the shared codebook of a stage has ``codebook_factor * sqrt(m)`` entries for
+            ``m`` slice centroids (it grows as the square root of the normal set).
         dpmm_components, dpmm_max_tokens, dpmm_covariance: the mixture's settings.
         calibration_slices: number of held-out normal slices used for calibration.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
@@ -74,6 +76,7 @@ class HiMatchDetector:
         candidates: int = 32,
         alpha: float = 0.5,
         clusters_per_slice: int = 64,
+        codebook_factor: float = 8.0,
         slice_step: int = 1,
         dpmm_components: int = 100,
         dpmm_max_tokens: int = 20000,
@@ -119,6 +122,9 @@ class HiMatchDetector:
         self.candidates = int(candidates)
         self.alpha = float(alpha)
         self.clusters_per_slice = int(clusters_per_slice)
+        self.codebook_factor = float(codebook_factor)
+        if self.clusters_per_slice < 1 or self.codebook_factor <= 0:
+            raise HiMatchADError("clusters_per_slice and codebook_factor must be positive")
         self.slice_step = int(slice_step)
         self.dpmm_components = int(dpmm_components)
         self.dpmm_max_tokens = int(dpmm_max_tokens)
@@ -147,6 +153,7 @@ class HiMatchDetector:
             resolution=self.resolution,
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
+            codebook_factor=self.codebook_factor,
             slice_step=self.slice_step,
             seed=self.seed,
         )
@@ -168,6 +175,7 @@ class HiMatchDetector:
             "candidates": self.candidates,
             "alpha": self.alpha,
             "clusters_per_slice": self.clusters_per_slice,
+            "codebook_factor": self.codebook_factor,
             "slice_step": self.slice_step,
             "dpmm_components": self.dpmm_components,
             "dpmm_max_tokens": self.dpmm_max_tokens,
@@ -356,7 +364,9 @@ class HiMatchDetector:
         p = self.extractor.patch_size
         pix = patch_to_pixels(patch, q.fg, q.grid, out_hw, self.sigma, (q.grid[0] * p, q.grid[1] * p))
         if self.method == "himatch":
-            np.maximum(pix, 0.0, out=pix)
+            # softplus: positive (background, 0, stays lowest), monotone (no ties among foreground
+            # pixels, so ranking metrics see the whole score), ~identity above 2 standard deviations.
+            np.logaddexp(0.0, pix, out=pix)
         return pix
 
     def _check_fitted(self) -> None:

@@ -52,7 +52,7 @@ class DetectionResult:
 
     - ``heatmap``: float32 anomaly score per voxel (0 outside the foreground; higher = more anomalous).
       For ``himatch`` the unit is the fused calibrated score (standard deviations above the normal
-      score distribution, clipped at 0); for ``knn`` and ``dpmm`` it is 1 - cosine similarity.
+      score distribution, through softplus so it stays positive); for ``knn`` and ``dpmm`` it is 1 - cosine similarity.
     - ``labelmap``: uint8, 1 where ``heatmap > threshold`` inside the foreground, after removing
       components smaller than ``min_component_size`` voxels.
     - ``slice_axis``: numpy axis (0, 1 or 2) of these arrays along which the volume was sliced;

@@ -15,12 +15,16 @@ weight :math:`\pi_c > 10^{-6}` kept, :math:`a_i = 1 - \max_c \cos(q_i, \mu_c)`.
 1. Retrieval (dual branch). Global branch: :math:`g_n = \cos(\mathrm{cls}_q, \mathrm{cls}_n)` for every
    normal slice :math:`n` (faiss inner-product search); the best ``candidates`` slices are kept, and
    for volumes only slices whose relative position lies within ``position_window`` of the query's
-   (slice-position prior). Patch branch: :math:`p_n = \mathrm{mean}_i \max_{c} \cos(q_i, c)` over the
-   last-stage centroids :math:`c` of slice :math:`n`. Candidates are ranked by
+   (slice-position prior). Patch branch: :math:`p_n = \mathrm{mean}_i \max_{c \in C_n} \cos(q_i, c)`
+   over the last-stage clustered features :math:`C_n` of slice :math:`n` (below). Candidates are ranked by
    :math:`r_n = \alpha g_n + (1 - \alpha) p_n` and the top :math:`K` are the supports.
 2. Stage maps. For each stage :math:`s` and support :math:`k`,
    :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
-   tokens (spherical k-means centroids computed when the bank was built). The stage score is the
+   features :math:`C_k^{(s)}`, computed when the bank was built: the slice's foreground tokens are
+   summarised by spherical k-means centroids, and each centroid is replaced by its entry in a
+   codebook shared by the whole normal set (spherical k-means over all slice centroids of the stage,
+   :math:`8\sqrt{m}` entries for :math:`m` centroids), so :math:`C_k^{(s)}` is the set of codebook
+   entries slice :math:`k` uses. The stage score is the
    distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and its uncertainty the
    spread across supports, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
 3. Calibration. Each stage is standardised against its own normal-score distribution, measured on
@@ -35,8 +39,10 @@ weight :math:`\pi_c > 10^{-6}` kept, :math:`a_i = 1 - \max_c \cos(q_i, \mu_c)`.
 
 Maps (all modes): patch scores on the patch grid (background patches set to the slice's median
 foreground score) are upsampled bilinearly to the slice's pixel grid and smoothed with a Gaussian of
-sigma 4 pixels of the model input; pixels outside the foreground are 0. The ``himatch`` map is clipped at 0 (it reads as
-"standard deviations above normal"). Slice score: mean of the top 1 % patch scores of the slice;
+sigma 4 pixels of the model input; pixels outside the foreground are 0. The ``himatch`` pixel map is passed through
+:math:`\mathrm{softplus}(F) = \log(1 + e^F)`: positive inside the foreground (so the background's 0 stays
+the lowest value), strictly increasing (no ties among foreground pixels, unlike clipping at 0), and
+within 0.13 of :math:`F` ("standard deviations above normal") wherever :math:`F \ge 2`. Slice score: mean of the top 1 % patch scores of the slice;
 volume score: mean of the top 1 % of all foreground patch scores of the volume.
 """
 
@@ -105,6 +111,21 @@ def patch_to_pixels(scores: np.ndarray, fg: np.ndarray, grid: tuple, out_hw: tup
 def _segment_max(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Max over column segments ``[offsets[k], offsets[k+1])`` -> (rows, K)."""
     return np.maximum.reduceat(sims, offsets[:-1], axis=1)
+
+
+def _max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) -> np.ndarray:
+    """(n, len(slices)): for each query token, max cosine to each slice's clustered features.
+
+    The codebook entries of all the slices are gathered once (deduplicated), so the product costs
+    ``n x (#distinct entries)`` however many slices share them.
+    """
+    offs = bank.cent_offsets[stage]
+    codes = bank.codes[stage]
+    segs = [codes[offs[c] : offs[c + 1]] for c in slices]
+    seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
+    used, inv = np.unique(np.concatenate(segs), return_inverse=True)
+    sims = tokens @ bank.codebook_f32(stage)[used].T
+    return _segment_max(sims[:, inv], seg_off)
 
 
 class KnnScorer:
@@ -271,8 +292,6 @@ class HiMatchScorer:
         n_search = min(n_bank, max(8 * self.candidates, 256))
         D, I = self._search_cls(np.stack([q.cls for q in queries]), n_search)
         use_pos = self.position_window is not None and bank.has_positions
-        last_c = bank.centroids[self._last]
-        offs = bank.cent_offsets[self._last]
         out = []
         for qi, q in enumerate(queries):
             ids, sims = I[qi], D[qi]
@@ -294,11 +313,8 @@ class HiMatchScorer:
             if cand.size == 0:
                 out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
                 continue
-            # Patch branch on the candidates' last-stage centroids.
-            segs = [np.asarray(last_c[offs[c] : offs[c + 1]], dtype=np.float32) for c in cand]
-            seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
-            sims_p = q.tokens[-1] @ np.concatenate(segs).T
-            patch_sim = _segment_max(sims_p, seg_off).mean(0)
+            # Patch branch on the candidates' last-stage clustered features.
+            patch_sim = _max_cos_to_slices(bank, self._last, q.tokens[-1], cand).mean(0)
             r = self.alpha * csim + (1.0 - self.alpha) * patch_sim
             order = np.argsort(-r, kind="stable")[: self.k]
             out.append((cand[order].astype(np.int64), r[order].astype(np.float32)))
@@ -306,17 +322,12 @@ class HiMatchScorer:
 
     def stage_scores(self, q: QuerySlice, supports: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(S, n_fg) closest-support distance and (S, n_fg) variance across supports."""
-        bank = self.bank
         S = len(self.stages)
         n = q.tokens[0].shape[0]
         a = np.empty((S, n), np.float32)
         v = np.empty((S, n), np.float32)
         for si, st in enumerate(self.stages):
-            cents = bank.centroids[st]
-            offs = bank.cent_offsets[st]
-            segs = [np.asarray(cents[offs[c] : offs[c + 1]], dtype=np.float32) for c in supports]
-            seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
-            d = 1.0 - _segment_max(q.tokens[si] @ np.concatenate(segs).T, seg_off)  # (n, K)
+            d = 1.0 - _max_cos_to_slices(self.bank, st, q.tokens[si], supports)  # (n, K)
             a[si] = d.min(1)
             v[si] = d.var(1)
         return a, v

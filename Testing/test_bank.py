@@ -113,3 +113,50 @@ def test_dpmm_mixture_is_cached_with_the_bank(fitted):
     z = np.load(det.bank.root / files[0], allow_pickle=False)
     assert z["means"].shape[1] == det.extractor.dim
     assert (det.scorer.weights > 1e-6).all()
+
+
+def test_codebook_assigns_each_row_to_its_most_similar_entry():
+    from HiMatchADLib.cluster import build_codebook, codebook_size
+
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 16))
+    x = centres[rng.integers(0, 40, 3000)] + 0.05 * rng.standard_normal((3000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    size = codebook_size(len(x), 2.0)
+    assert size == round(2.0 * np.sqrt(3000)) == 110
+    cb, codes = build_codebook(x, size, seed=0)
+    assert cb.shape[0] <= size and codes.shape == (3000,)
+    assert np.allclose(np.linalg.norm(cb, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(np.unique(codes), np.arange(cb.shape[0]))  # unused entries dropped
+    sims = x.astype(np.float32) @ cb.T
+    assert np.allclose(sims[np.arange(3000), codes], sims.max(1), atol=1e-5)
+    assert np.quantile(sims.max(1), 0.9) > 0.98 > np.quantile(sims.max(1), 0.0)  # 40 tight clusters, 110 entries
+    cb2, codes2 = build_codebook(x, size, seed=0)
+    assert np.array_equal(codes, codes2) and np.array_equal(cb, cb2)  # seeded
+    # sqrt growth: 4x the vectors, 2x the entries; small inputs are their own codebook
+    assert codebook_size(4 * 6400, 8.0) == 2 * codebook_size(6400, 8.0) == 1280
+    small, small_codes = build_codebook(x[:50], 64)
+    assert small.shape[0] == 50 and np.array_equal(small_codes, np.arange(50))
+
+
+def test_bank_codebooks_and_stage_matching(fitted):
+    from HiMatchADLib.cluster import codebook_size
+    from HiMatchADLib.scoring import _max_cos_to_slices
+
+    det = fitted("himatch")
+    bank = det.bank
+    assert not [p for p in bank.root.iterdir() if p.name.startswith("cent_") and not p.name.startswith("cent_offsets_")]
+    rng = np.random.default_rng(0)
+    for st in bank.stages:
+        m = int(bank.cent_offsets[st][-1])
+        assert bank.codebooks[st].dtype == np.float16
+        assert bank.codebooks[st].shape[0] <= codebook_size(m, det.codebook_factor)
+        assert bank.manifest["codebook_sizes"][str(st)] == bank.codebooks[st].shape[0]
+        # matching against the gathered, deduplicated entries equals brute force per slice
+        q = rng.standard_normal((7, bank.codebooks[st].shape[1])).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        slices = [0, 3, 3, bank.n_slices - 1]
+        got = _max_cos_to_slices(bank, st, q, slices)
+        want = np.stack([(q @ bank.slice_centroids(st, i).T).max(1) for i in slices], axis=1)
+        assert np.allclose(got, want, atol=1e-6)
+    assert bank.clustered_nbytes() < sum(a.nbytes for a in bank.codebooks.values()) + 8 * bank.n_slices * 2000

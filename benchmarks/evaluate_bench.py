@@ -5,14 +5,15 @@ bank is built from scratch in a fresh cache folder, then each mode is fitted on 
 and the mixture for ``dpmm``) and predicts the same M test slices. Reported:
 
 - bank build: seconds in total and per normal slice, split into feature extraction, per-slice
-  clustering (spherical k-means of every stage) and reading/preprocessing; its size on disk;
+  clustering (per-slice spherical k-means and the shared codebooks of every stage) and
+  reading/preprocessing; its size on disk;
 - per mode: fitting seconds (calibration, DPMM; the bank build and the model loading excluded),
   prediction seconds per slice and their split as the detector reports it (query features,
   retrieval, stage maps, fusion, nearest-neighbour or mixture matching, upsampling), the peak
   increase of resident memory while the mode was fitted and used, and the size of the structure
   it searches (``knn``: every normal patch token as float32 in a faiss flat index; ``dpmm``: the
-  mixture means; ``himatch``: the per-slice cluster centroids of every stage and the global
-  descriptors, float16, memory-mapped).
+  mixture means; ``himatch``: the codebooks of every stage (float16), the
+  per-slice codebook indices and the global descriptors).
 
 The timings of the bank build and the fitting are taken by wrapping the library's functions from
 the outside (feature extraction, k-means, reading, calibration, mixture fit); the library itself is
@@ -105,6 +106,7 @@ def _instrument(clock: _Clock) -> None:
 
     clock.wrap(features.FeatureExtractor, "extract", "features")
     clock.wrap(bank, "spherical_kmeans", "clustering")
+    clock.wrap(bank, "build_codebook", "clustering")
     clock.wrap(bank, "read_image", "read")
     clock.wrap(bank, "prepare_volume", "preprocess")
     clock.wrap(detector.HiMatchDetector, "_ensure_extractor", "model_load")
@@ -121,8 +123,7 @@ def _state_mb(det) -> float | None:
             return b.tokens.shape[0] * b.tokens.shape[1] * 4 / 2**20
         if det.method == "dpmm":
             return det.scorer.means.nbytes / 2**20
-        cents = sum(int(np.prod(c.shape)) * c.dtype.itemsize for c in b.centroids.values())
-        return (cents + b.cls.nbytes) / 2**20
+        return b.clustered_nbytes() / 2**20
     except AttributeError:
         return None
 
