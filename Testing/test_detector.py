@@ -51,6 +51,11 @@ def test_himatch_retrieves_k_supports_from_the_bank(fitted, lesion_case):
     assert all(s[i].similarity >= s[i + 1].similarity for s in scored for i in range(len(s) - 1))
     assert set(det.calibration["stages"]["stages"]) == set(det.extractor.stages)
     assert len(det.extractor.stages) == 4 and det.extractor.stages[-1] == 4
+    # the fused map goes through softplus, not a clip at 0: positive on the whole foreground, so
+    # normal tissue below the normal median keeps its order instead of tying with the background
+    fg = res.foreground
+    assert res.heatmap[fg].min() > 0 and np.isfinite(res.heatmap).all()
+    assert (res.heatmap[fg] < np.log(2.0)).mean() > 0.05  # fused score < 0 there, formerly clipped to 0
 
 
 def test_same_inputs_same_outputs(tiny_model, normals_dir, lesion_case, tmp_path):
