@@ -259,18 +259,8 @@ def heatmap_color_node_id(scene) -> Optional[str]:
 
 
 def heatmap_display_range(result: DetectionResult) -> tuple[float, float]:
-    """``(low, high)`` of the heatmap's colour window: 0 to the 99.9th percentile of the foreground
-    (at least the threshold, so anything above threshold is in the warm half of the map)."""
-    values = result.heatmap[result.foreground] if result.foreground.any() else result.heatmap.ravel()
-    if values.size > 4_000_000:  # a regular subsample is plenty for a display range
-        values = values[:: values.size // 4_000_000 + 1]
-    values = values[np.isfinite(values)]
-    high = float(np.percentile(values, 99.9)) if values.size else 0.0
-    if np.isfinite(result.threshold):
-        high = max(high, float(result.threshold) * 1.25)
-    if not np.isfinite(high) or high <= 0:
-        high = 1.0
-    return 0.0, high
+    """``(low, high)`` of the heatmap's colour window (see :meth:`DetectionResult.display_range`)."""
+    return result.display_range()
 
 
 def configure_heatmap_display(node, result: DetectionResult) -> None:
@@ -290,7 +280,7 @@ def configure_heatmap_display(node, result: DetectionResult) -> None:
         display.SetAutoWindowLevel(False)
         display.SetWindowLevelMinMax(low, high)
         # Voxels below the lower threshold are transparent in slice views: the background (0) and
-        # the faintest scores disappear and the anatomy underneath stays visible.
+        # scores at or below those of typical normal tissue disappear, the anatomy stays visible.
         display.SetAutoThreshold(False)
         display.SetLowerThreshold(low + 1e-3 * (high - low))
         display.SetUpperThreshold(max(float(np.nanmax(result.heatmap)) if result.heatmap.size else high, high) + 1.0)

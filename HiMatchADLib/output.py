@@ -62,16 +62,16 @@ def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
     return all(v.exists() for v in need.values())
 
 
-def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float) -> np.ndarray:
-    """2D grey image + heatmap (inferno, transparent where low) + labelmap outline -> uint8 RGB."""
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float, floor: float = 0.0) -> np.ndarray:
+    """2D grey image + heatmap (inferno from ``floor`` up, transparent where low) + labelmap outline -> uint8 RGB."""
     from scipy import ndimage
 
     img = np.nan_to_num(np.asarray(image, dtype=np.float32))
     lo, hi = np.percentile(img, [0.5, 99.5])
     grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    top = max(float(heatmap.max()), float(threshold) if np.isfinite(threshold) else 0.0, 1e-6)
-    h = np.clip(heatmap / top, 0, 1)
+    top = max(float(heatmap.max()), float(threshold) if np.isfinite(threshold) else 0.0, floor + 1e-6)
+    h = np.clip((heatmap - floor) / (top - floor), 0, 1)
     alpha = (0.65 * np.clip(h * 2.0 - 0.2, 0, 1))[..., None]  # faint below ~10 % of the range
     rgb = rgb * (1 - alpha) + colormap(h) * alpha
     lab = labelmap.astype(bool)
@@ -96,7 +96,7 @@ def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike]) -> di
 
         img = getattr(result, "image_array", None)
         base = img[0] if img is not None else result.heatmap[0]
-        rgb = overlay_rgb(base, result.heatmap[0], result.labelmap[0], result.threshold)
+        rgb = overlay_rgb(base, result.heatmap[0], result.labelmap[0], result.threshold, result.display_floor)
         with atomic_path(paths["overlay"]) as tmp:
             PILImage.fromarray(rgb).save(tmp, format="PNG")
     result.timings["write"] = time.perf_counter() - t

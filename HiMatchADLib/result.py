@@ -77,6 +77,33 @@ class DetectionResult:
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     threshold_info: dict = field(default_factory=dict)
+
+    @property
+    def display_floor(self) -> float:
+        """Heatmap value shown as 'nothing': the median over held-out normal foreground when the
+        threshold was calibrated (so typical normal tissue stays transparent), else 0."""
+        v = self.threshold_info.get("normal_pixel_median") if self.threshold_info else None
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return 0.0
+        return v if np.isfinite(v) and v > 0 and (not np.isfinite(self.threshold) or v < self.threshold) else 0.0
+
+    def display_range(self) -> tuple[float, float]:
+        """``(low, high)`` of a colour window for the heatmap: from :attr:`display_floor` to the
+        99.9th percentile of the foreground (at least 1.25 x the threshold, so anything above the
+        threshold lies in the warm half of the map)."""
+        values = self.heatmap[self.foreground] if self.foreground.any() else self.heatmap.ravel()
+        if values.size > 4_000_000:  # a regular subsample is plenty for a display range
+            values = values[:: values.size // 4_000_000 + 1]
+        values = values[np.isfinite(values)]
+        high = float(np.percentile(values, 99.9)) if values.size else 0.0
+        if np.isfinite(self.threshold):
+            high = max(high, float(self.threshold) * 1.25)
+        low = self.display_floor
+        if not np.isfinite(high) or high <= low:
+            high = low + 1.0
+        return low, high
     labelmap: np.ndarray = None  # computed from heatmap/threshold when not given
 
     def __post_init__(self) -> None:

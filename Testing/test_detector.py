@@ -56,6 +56,8 @@ def test_himatch_retrieves_k_supports_from_the_bank(fitted, lesion_case):
     fg = res.foreground
     assert res.heatmap[fg].min() > 0 and np.isfinite(res.heatmap).all()
     assert (res.heatmap[fg] < np.log(2.0)).mean() > 0.05  # fused score < 0 there, formerly clipped to 0
+    # displays start at the median normal-tissue score from the calibration, below the threshold
+    assert 0 < res.display_floor == res.threshold_info["normal_pixel_median"] < res.threshold
 
 
 def test_same_inputs_same_outputs(tiny_model, normals_dir, lesion_case, tmp_path):

@@ -284,6 +284,21 @@ def test_heatmap_display(scene):
     assert heatmap.GetDisplayNode().GetColorNodeID() == "vtkMRMLColorTableNodeFileInferno.txt"
 
 
+def test_heatmap_display_starts_at_the_normal_tissue_level(scene):
+    # A calibrated result knows the median score of normal tissue: at or below it is transparent.
+    node = add_volume(scene, synthetic_array(), np.eye(4))
+    result = make_result(mrml.image_from_volume_node(node))
+    result.threshold_info = {"normal_pixel_median": 0.5}
+    display = mrml.heatmap_to_volume_node(result, node).GetDisplayNode()
+    assert display.GetWindowLevelMin() == pytest.approx(0.5)
+    assert 0.5 < display.GetLowerThreshold() < 0.6 and display.GetWindowLevelMax() >= result.threshold
+    # a floor that is not below the threshold (or missing) falls back to 0
+    result.threshold_info = {"normal_pixel_median": 2.0}
+    assert mrml.heatmap_display_range(result)[0] == 0.0
+    result.threshold_info = {"normal_pixel_median": None}
+    assert mrml.heatmap_display_range(result)[0] == 0.0
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_anomaly_segment_lies_over_the_lesion(scene, flip):
     m = oblique_ijk_to_ras(flip)
