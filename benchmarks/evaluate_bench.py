@@ -6,7 +6,8 @@ and the mixture for ``dpmm``) and predicts the same M test slices. Reported:
 
 - bank build: seconds in total and per normal slice, split into feature extraction, per-slice
   clustering (per-slice spherical k-means and the shared codebooks of every stage) and
-  reading/preprocessing; its size on disk;
+  reading/preprocessing; its size on disk; the peak increase of resident memory while it was built
+  (the bank is built first, on its own, so the modes' figures below do not include it);
 - per mode: fitting seconds (calibration, DPMM; the bank build and the model loading excluded),
   prediction seconds per slice and their split as the detector reports it (query features,
   retrieval, stage maps, fusion, nearest-neighbour or mixture matching, upsampling), the peak
@@ -41,6 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from HiMatchADLib.bank import build_or_load  # noqa: E402
 from HiMatchADLib.datasets import evenly_spaced, load_dataset  # noqa: E402
 from HiMatchADLib.evaluate import _MemoryProbe, _environment, _md_table, normals_folder  # noqa: E402
 from HiMatchADLib.imageio import read_image, write_text_atomic  # noqa: E402
@@ -159,37 +161,42 @@ def run(args) -> dict:
             cache = out / f"cache-{n}"
             shutil.rmtree(cache, ignore_errors=True)
             folder = normals_folder(evenly_spaced(pool, n), ds.normal_dir, cache)
-            built = None
+            kw = {k: v for k, v in {"resolution": args.resolution, "device": args.device, "batch_size": args.batch_size}.items() if v}
+            # The bank first, in its own memory window: the modes' windows then hold only their own
+            # fitting (calibration, mixture) and prediction.
+            gc.collect()
+            mem.reset()
+            clock.take()
+            builder = HiMatchDetector(model=args.model, cache_dir=cache, **kw)
+            builder._ensure_extractor()
+            b = build_or_load(folder, builder.extractor, builder._bank_settings(), cache)
+            scope = clock.scopes.pop("bank_build", None)
+            if scope is None:
+                raise RuntimeError(f"the bank for N={n} was not built in this run (stale cache folder {cache}?)")
+            bank_s = scope["seconds"]
+            rows_bank.append({
+                "normals": n,
+                "slices": b.n_slices,
+                "tokens": int(b.tokens.shape[0]),
+                "build_s": round(bank_s, 2),
+                "build_s_per_slice": round(bank_s / max(b.n_slices, 1), 4),
+                "features_s": round(scope.get("features", 0.0), 2),
+                "clustering_s": round(scope.get("clustering", 0.0), 2),
+                "read_preprocess_s": round(scope.get("read", 0.0) + scope.get("preprocess", 0.0), 2),
+                "disk_mb": round(_dir_mb(b.root), 1),
+                "peak_rss_increase_mb": mem.read()["peak_rss_increase_mb"],
+            })
+            del b, builder
             for method in methods:
                 gc.collect()
                 mem.reset()
                 clock.take()
-                kw = {k: v for k, v in {"resolution": args.resolution, "device": args.device, "batch_size": args.batch_size}.items() if v}
                 det = HiMatchDetector(model=args.model, method=method, cache_dir=cache, **kw)
                 t0 = time.perf_counter()
                 det.fit(folder)
                 fit_s = time.perf_counter() - t0
                 ft = clock.take()
-                if built is None:
-                    scope = clock.scopes.pop("bank_build", None)
-                    if scope is None:
-                        raise RuntimeError(f"the bank for N={n} was not built in this run (stale cache folder {cache}?)")
-                    bank_s = scope["seconds"]
-                    built = {
-                        "normals": n,
-                        "slices": det.bank.n_slices,
-                        "tokens": int(det.bank.tokens.shape[0]),
-                        "build_s": round(bank_s, 2),
-                        "build_s_per_slice": round(bank_s / max(det.bank.n_slices, 1), 4),
-                        "features_s": round(scope.get("features", 0.0), 2),
-                        "clustering_s": round(scope.get("clustering", 0.0), 2),
-                        "read_preprocess_s": round(scope.get("read", 0.0) + scope.get("preprocess", 0.0), 2),
-                        "disk_mb": round(_dir_mb(det.bank.root), 1),
-                    }
-                    rows_bank.append(built)
-                    own_fit = fit_s - bank_s - ft.get("model_load", 0.0)
-                else:
-                    own_fit = fit_s - ft.get("model_load", 0.0)
+                own_fit = fit_s - ft.get("model_load", 0.0)
                 steps: dict[str, float] = {}
                 n_slices = 0
                 for q in queries:
@@ -236,13 +243,13 @@ def run(args) -> dict:
 
 def render(result: dict) -> str:
     lines = [f"Bank build ({result['model']}, {result['resolution']} px):", ""]
-    head = ["Normals", "Slices", "Tokens", "Build s", "s/slice", "Features", "Clustering", "Read+preprocess", "Disk MB"]
+    head = ["Normals", "Slices", "Tokens", "Build s", "s/slice", "Features", "Clustering", "Read+preprocess", "Disk MB", "Peak RSS +MB"]
     rows = []
     for b in result["bank"]:
         tot = b["build_s"] or 1.0
         rows.append([str(b["normals"]), str(b["slices"]), str(b["tokens"]), f"{b['build_s']:.1f}", f"{b['build_s_per_slice']:.3f}",
                      f"{100 * b['features_s'] / tot:.0f} %", f"{100 * b['clustering_s'] / tot:.0f} %",
-                     f"{100 * b['read_preprocess_s'] / tot:.0f} %", f"{b['disk_mb']:.1f}"])
+                     f"{100 * b['read_preprocess_s'] / tot:.0f} %", f"{b['disk_mb']:.1f}", f"{b['peak_rss_increase_mb']:.0f}"])
     lines += [_md_table(head, rows), ""]
     keys = sorted({k for r in result["methods"] for k in r["predict_shares"]})
     head = ["Normals", "Method", "Fit s", "Predict s/slice"] + keys + ["Peak RSS +MB", "Search state MB"]
