@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -84,10 +85,9 @@ def render(result, image_array, out_path, mask=None, dpi=150):
 
     lo, hi = np.percentile(image[fg] if fg.any() else image, [0.5, 99.5])
     grey = np.clip((image - lo) / max(hi - lo, 1e-6), 0, 1)
-    values = result.heatmap[result.foreground] if result.foreground.any() else result.heatmap.ravel()
-    top = max(float(np.percentile(values, 99.9)) if values.size else 0.0, float(result.threshold) * 1.25, 1e-6)
-    rgba = colormaps["inferno"](np.clip(heat / top, 0, 1))
-    rgba[..., 3] = np.where(heat > 1e-3 * top, 0.6, 0.0)  # background transparent, as in Slicer
+    low, top = result.display_range()  # the module's colour window
+    rgba = colormaps["inferno"](np.clip((heat - low) / (top - low), 0, 1))
+    rgba[..., 3] = np.where(heat > low + 1e-3 * (top - low), 0.6, 0.0)  # below: transparent, as in Slicer
 
     fig = Figure(figsize=(10.5, 5.4), dpi=dpi, facecolor=BACKGROUND)
     FigureCanvasAgg(fig)
@@ -111,7 +111,7 @@ def render(result, image_array, out_path, mask=None, dpi=150):
 
     bar = fig.add_axes([0.535, 0.1, 0.012, 0.8])
     gradient = np.linspace(0, 1, 256)[:, None]
-    bar.imshow(gradient, cmap="inferno", aspect="auto", origin="lower", extent=(0, 1, 0, top))
+    bar.imshow(gradient, cmap="inferno", aspect="auto", origin="lower", extent=(0, 1, low, top))
     bar.axhline(result.threshold, color="white", linewidth=1.5)
     bar.set_xticks([])
     bar.tick_params(colors="white", labelsize=8)
@@ -141,7 +141,7 @@ def render(result, image_array, out_path, mask=None, dpi=150):
         f"{int(result.labelmap.sum())} voxels above threshold {result.threshold:.3g}. Orange outline: Anomaly segment"
         + ("; dashed green: reference lesion." if mask is not None and mask.any() else ".")
     )
-    fig.text(0.02, 0.03, caption, color="#cccccc", fontsize=8.5)
+    fig.text(0.02, 0.015, textwrap.fill(caption, 150), color="#cccccc", fontsize=8.5)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=dpi, facecolor=BACKGROUND)
