@@ -263,20 +263,18 @@ def make_synthetic_dataset(normals_dir, out_dir, cfg: Optional[SynthConfig] = No
         "normal": [],
         "test": [],
     }
-    total = n
-    done = 0
+    done: dict = {}
 
-    def tick(msg: str) -> None:
-        nonlocal done
-        done += 1
+    def tick(msg: str, total: int) -> None:  # one bar per step, counted from 0
+        done[msg] = done.get(msg, 0) + 1
         if progress is not None:
-            progress(msg, done, total)
+            progress(msg, done[msg], total)
 
     for i in bank:
         img = read_image(sources[i])
         write_image(np.nan_to_num(img.array, nan=0.0).astype(np.float32), img.geometry, out_dir / "normal" / names[i])
         manifest["normal"].append({"name": names[i], "source": sources[i].name})
-        tick("normal reference set")
+        tick("normal reference set", len(bank))
     for i in held:
         img = read_image(sources[i])
         if img.is_2d:
@@ -297,7 +295,7 @@ def make_synthetic_dataset(normals_dir, out_dir, cfg: Optional[SynthConfig] = No
                 "lesion_voxels": int(mask.sum()),
             }
         )
-        tick("test cases")
+        tick("test cases", len(held))
     write_text_atomic(out_dir / "synth.json", json.dumps(manifest, indent=2) + "\n")
     write_text_atomic(out_dir / "README.md", _readme(manifest, cfg))
     return manifest

@@ -38,7 +38,10 @@ def normals(tmp_path_factory) -> Path:
 def test_dataset_layout_geometry_and_masks(normals, tmp_path):
     out = tmp_path / "synth"
     cfg = SynthConfig(seed=3, n_holdout=3, n_normal_test=1, radius_mm=(3.0, 5.0), margin_mm=2.0, min_depth=0.2)
-    manifest = make_synthetic_dataset(normals, out, cfg)
+    calls = []
+    manifest = make_synthetic_dataset(normals, out, cfg, progress=lambda m, d, t: calls.append((m, d, t)))
+    # one progress step per part, each counted from 1 to its own total
+    assert calls == [("normal reference set", i, 3) for i in (1, 2, 3)] + [("test cases", i, 3) for i in (1, 2, 3)]
     assert len(list_images(out / "normal")) == 3
     assert len(list_images(out / "test" / "img")) == 3 and len(list_images(out / "test" / "label")) == 3
     assert sum(t["label"] for t in manifest["test"]) == 2
