@@ -286,7 +286,8 @@ class HiMatchScorer:
         return D, I
 
     def retrieve(self, queries: list) -> list:
-        """Supports per query: list of (slice ids (K,), similarities (K,))."""
+        """Supports per query: list of (slice ids (K,), similarities (K,), last-stage max cosine
+        (n_fg, K) of each query token to each support's clustered features, or None)."""
         bank = self.bank
         n_bank = bank.n_slices
         n_search = min(n_bank, max(8 * self.candidates, 256))
@@ -311,23 +312,28 @@ class HiMatchScorer:
                 cand, csim = Iall[0][ok], Dall[0][ok]
             cand, csim = cand[: self.candidates], csim[: self.candidates]
             if cand.size == 0:
-                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32), None))
                 continue
             # Patch branch on the candidates' last-stage clustered features.
-            patch_sim = _max_cos_to_slices(bank, self._last, q.tokens[-1], cand).mean(0)
-            r = self.alpha * csim + (1.0 - self.alpha) * patch_sim
+            last_cos = _max_cos_to_slices(bank, self._last, q.tokens[-1], cand)
+            r = self.alpha * csim + (1.0 - self.alpha) * last_cos.mean(0)
             order = np.argsort(-r, kind="stable")[: self.k]
-            out.append((cand[order].astype(np.int64), r[order].astype(np.float32)))
+            out.append((cand[order].astype(np.int64), r[order].astype(np.float32), last_cos[:, order]))
         return out
 
-    def stage_scores(self, q: QuerySlice, supports: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(S, n_fg) closest-support distance and (S, n_fg) variance across supports."""
+    def stage_scores(self, q: QuerySlice, supports: np.ndarray, last_cos: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(S, n_fg) closest-support distance and (S, n_fg) variance across supports.
+
+        ``last_cos``: the last stage's (n_fg, K) max cosines to the supports when retrieval already
+        computed them.
+        """
         S = len(self.stages)
         n = q.tokens[0].shape[0]
         a = np.empty((S, n), np.float32)
         v = np.empty((S, n), np.float32)
         for si, st in enumerate(self.stages):
-            d = 1.0 - _max_cos_to_slices(self.bank, st, q.tokens[si], supports)  # (n, K)
+            cos = last_cos if (st == self._last and last_cos is not None) else _max_cos_to_slices(self.bank, st, q.tokens[si], supports)
+            d = 1.0 - cos  # (n, K)
             a[si] = d.min(1)
             v[si] = d.var(1)
         return a, v
@@ -347,11 +353,11 @@ class HiMatchScorer:
         t1 = time.perf_counter()
         out = []
         t_fuse = 0.0
-        for q, (ids, sims) in zip(queries, sup):
+        for q, (ids, sims, last_cos) in zip(queries, sup):
             if ids.size == 0:
                 out.append(SliceScores(patch=np.zeros(q.tokens[0].shape[0], np.float32)))
                 continue
-            a, v = self.stage_scores(q, ids)
+            a, v = self.stage_scores(q, ids, last_cos)
             tf = time.perf_counter()
             patch = self.fuse(a, v) if fuse else a[-1]
             t_fuse += time.perf_counter() - tf

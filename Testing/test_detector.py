@@ -56,6 +56,14 @@ def test_himatch_retrieves_k_supports_from_the_bank(fitted, lesion_case):
     fg = res.foreground
     assert res.heatmap[fg].min() > 0 and np.isfinite(res.heatmap).all()
     assert (res.heatmap[fg] < np.log(2.0)).mean() > 0.05  # fused score < 0 there, formerly clipped to 0
+    # the last stage's similarities computed by retrieval are the ones the stage maps would compute
+    from HiMatchADLib.preprocess import prepare_volume
+
+    prep = prepare_volume(lesion_case[0], det.modality, det.slice_axis)
+    qs, _ = det._queries(prep, prep.slices_with_foreground()[:3])
+    for q, (ids, _, last_cos) in zip(qs, det.scorer.retrieve(qs)):
+        reused, fresh = det.scorer.stage_scores(q, ids, last_cos), det.scorer.stage_scores(q, ids)
+        assert np.allclose(reused[0], fresh[0], atol=1e-6) and np.allclose(reused[1], fresh[1], atol=1e-6)
     # displays start at the median normal-tissue score from the calibration, below the threshold
     assert 0 < res.display_floor == res.threshold_info["normal_pixel_median"] < res.threshold
 
