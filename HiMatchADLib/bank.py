@@ -367,7 +367,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                         if st == last:
                             tok_w.append(t)
                             tok_off.append(tok_off[-1] + t.shape[0])
-                        c, _ = spherical_kmeans(t, settings.clusters_per_slice, seed=settings.seed)
+                        c = spherical_kmeans(t, settings.clusters_per_slice, seed=settings.seed)
                         cent_w[st].append(c)
                         cent_off[st].append(cent_off[st][-1] + c.shape[0])
                     meta["file"].append(fi)
