@@ -258,11 +258,6 @@ def heatmap_color_node_id(scene) -> Optional[str]:
     return None
 
 
-def heatmap_display_range(result: DetectionResult) -> tuple[float, float]:
-    """``(low, high)`` of the heatmap's colour window (see :meth:`DetectionResult.display_range`)."""
-    return result.display_range()
-
-
 def configure_heatmap_display(node, result: DetectionResult) -> None:
     """Colour map, window and transparent background (values near 0) for a heatmap volume node."""
     scene = node.GetScene()
@@ -272,7 +267,7 @@ def configure_heatmap_display(node, result: DetectionResult) -> None:
         display = node.GetDisplayNode()
     if display is None:
         return
-    low, high = heatmap_display_range(result)
+    low, high = result.display_range()
     with slicer.util.NodeModify(display):
         color_id = heatmap_color_node_id(scene) if scene is not None else None
         if color_id:
@@ -294,27 +289,28 @@ def heatmap_to_volume_node(result: DetectionResult, reference_node, node=None, s
     ``node``: an existing node to update; otherwise the heatmap node of an earlier run on the same
     reference is reused, or a new one is added to ``scene`` (default: the reference's scene).
     """
+    node = _write_volume_node(result, reference_node, node, scene, "vtkMRMLScalarVolumeNode", ROLE_HEATMAP,
+                              name or f"{_base_name(result, reference_node)} anomaly heatmap", result.heatmap.astype(np.float32, copy=False))
+    configure_heatmap_display(node, result)
+    return node
+
+
+def _write_volume_node(result: DetectionResult, reference_node, node, scene, class_name: str, role: str, label: str, array: np.ndarray):
+    """The output node of ``role`` (reused or added), placed on the reference grid, holding ``array``."""
     scene = _scene_of(scene, node, reference_node)
     if reference_node is not None:
         check_result_matches(result, reference_node)
-    label = name or f"{_base_name(result, reference_node)} anomaly heatmap"
-    node = _output_node(scene, "vtkMRMLScalarVolumeNode", ROLE_HEATMAP, reference_node, node, label)
+    node = _output_node(scene, class_name, role, reference_node, node, label)
     _place_like(node, reference_node, result)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(result.heatmap, dtype=np.float32))
-    configure_heatmap_display(node, result)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
     return node
 
 
 # --------------------------------------------------------------------------- labelmap and segmentation
 def labelmap_to_volume_node(result: DetectionResult, reference_node, node=None, scene=None, name: Optional[str] = None):
     """Write ``result.labelmap`` (uint8, 1 = anomalous) into a labelmap volume node on the reference grid."""
-    scene = _scene_of(scene, node, reference_node)
-    if reference_node is not None:
-        check_result_matches(result, reference_node)
-    label = name or f"{_base_name(result, reference_node)} anomaly labelmap"
-    node = _output_node(scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP, reference_node, node, label)
-    _place_like(node, reference_node, result)
-    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(result.labelmap, dtype=np.uint8))
+    node = _write_volume_node(result, reference_node, node, scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP,
+                              name or f"{_base_name(result, reference_node)} anomaly labelmap", result.labelmap.astype(np.uint8, copy=False))
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     return node

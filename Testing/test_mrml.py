@@ -294,9 +294,9 @@ def test_heatmap_display_starts_at_the_normal_tissue_level(scene):
     assert 0.5 < display.GetLowerThreshold() < 0.6 and display.GetWindowLevelMax() >= result.threshold
     # a floor that is not below the threshold (or missing) falls back to 0
     result.threshold_info = {"normal_pixel_median": 2.0}
-    assert mrml.heatmap_display_range(result)[0] == 0.0
+    assert result.display_range()[0] == 0.0
     result.threshold_info = {"normal_pixel_median": None}
-    assert mrml.heatmap_display_range(result)[0] == 0.0
+    assert result.display_range()[0] == 0.0
 
 
 @pytest.mark.parametrize("flip", [False, True])
