@@ -288,6 +288,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from .worker import main as worker_main
+
+    return worker_main()
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="himatchad", description="Training-free anomaly detection in medical images on frozen DINOv3 features.")
@@ -329,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
         if a.dest == "resolution":
             a.default = 224
             a.help = "longer side of the model input (demo default 224, for speed)"
+
+    wk = sub.add_parser("worker", help="serve detection requests as JSON lines on stdin/stdout (the 3D Slicer module's worker process)")
+    wk.set_defaults(func=cmd_worker)
 
     for modname in ("evaluate", "synth"):
         try:

@@ -37,7 +37,9 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return _INFERNO[lo] * (1 - f) + _INFERNO[hi] * f
 
 
-def output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool) -> dict:
+def output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool, foreground: bool = False) -> dict:
+    """Where the outputs of ``name`` go. The foreground mask is written only on request (the worker
+    asks for it, so that a result read back can be re-thresholded exactly)."""
     out = Path(out_dir)
     paths = {
         "heatmap": out / f"{name}_heatmap.nii.gz",
@@ -46,6 +48,8 @@ def output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool) -> di
     }
     if is_2d:
         paths["overlay"] = out / f"{name}_overlay.png"
+    if foreground:
+        paths["foreground"] = out / f"{name}_foreground.nii.gz"
     return paths
 
 
@@ -56,10 +60,11 @@ def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
         data = json.loads(p["scores"].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if not data.get("complete"):
+    if not isinstance(data, dict) or not data.get("complete"):
         return False
-    need = output_paths(out_dir, name, bool(data.get("geometry", {}).get("is_2d")))
-    return all(v.exists() for v in need.values())
+    need = list(output_paths(out_dir, name, bool(data.get("geometry", {}).get("is_2d"))).values())
+    need += [p["scores"].parent / v for v in (data.get("outputs") or {}).values() if isinstance(v, str)]
+    return all(v.exists() for v in need)
 
 
 def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float, floor: float = 0.0) -> np.ndarray:
@@ -80,17 +85,30 @@ def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, th
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike]) -> dict:
-    """Write the result next to nothing half-done; returns the written paths."""
+def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike], foreground: bool = False) -> dict:
+    """Write the result next to nothing half-done; returns the written paths.
+
+    The scores JSON of an earlier result of the same name is removed first, so that an interrupted
+    re-run never leaves new maps beside an old JSON that says "complete". ``foreground``: also write
+    ``<name>_foreground.nii.gz`` (uint8), which :func:`load_result` uses to re-threshold exactly.
+    """
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HiMatchADError(f"cannot create output folder {out}: {exc.strerror}") from exc
-    paths = output_paths(out, result.name, result.geometry.is_2d)
+    paths = output_paths(out, result.name, result.geometry.is_2d, foreground=foreground)
+    try:
+        paths["scores"].unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise HiMatchADError(f"cannot replace the earlier result {paths['scores']}: {exc.strerror}") from exc
     t = time.perf_counter()
     write_image(result.heatmap.astype(np.float32), result.geometry, paths["heatmap"])
     write_image(result.labelmap.astype(np.uint8), result.geometry, paths["labelmap"])
+    if foreground:
+        write_image(result.foreground.astype(np.uint8), result.geometry, paths["foreground"])
     if "overlay" in paths:
         from PIL import Image as PILImage
 
@@ -105,3 +123,68 @@ def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike]) -> di
     data["complete"] = True
     write_text_atomic(paths["scores"], json.dumps(data, indent=1))
     return paths
+
+
+def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
+    """Read a complete result written by :func:`save_result` back into a :class:`DetectionResult`.
+
+    The geometry is the one recorded in the JSON (full precision), checked against the maps' files.
+    The foreground comes from ``<name>_foreground.nii.gz`` when it was written, otherwise it is the
+    set of voxels with a positive heatmap (the heatmap is 0 outside the foreground). Raises
+    :class:`HiMatchADError` for an incomplete or inconsistent result.
+    """
+    from .imageio import Geometry, read_image
+    from .result import Support
+
+    path = Path(scores_path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise HiMatchADError(f"cannot read the result {path}: {exc}") from exc
+    if not isinstance(data, dict) or not data.get("complete"):
+        raise HiMatchADError(f"{path} is not a complete result (was its run interrupted?); run the detection again")
+    try:
+        geometry = Geometry.from_dict(data["geometry"])
+        files = {k: path.parent / v for k, v in data["outputs"].items()}
+        heat = read_image(files["heatmap"])
+        lab = read_image(files["labelmap"])
+        fg = read_image(files["foreground"]) if "foreground" in files else None
+    except KeyError as exc:
+        raise HiMatchADError(f"{path} does not list its {exc.args[0]} output; run the detection again") from exc
+    for img in (heat, lab) + ((fg,) if fg is not None else ()):
+        g = img.geometry
+        in_plane = slice(0, 2) if geometry.is_2d else slice(0, 3)
+        if (
+            g.size != geometry.size
+            or not np.allclose(g.spacing[in_plane], geometry.spacing[in_plane], rtol=1e-5, atol=1e-5)
+            or not np.allclose(g.origin[in_plane], geometry.origin[in_plane], rtol=1e-5, atol=1e-4)
+            or not np.allclose(g.direction[in_plane, in_plane], geometry.direction[in_plane, in_plane], atol=1e-5)
+        ):
+            raise HiMatchADError(f"{img.path} does not lie on the grid recorded in {path.name}; run the detection again")
+
+    def _num(x):
+        return float("nan") if x is None else float(x)
+
+    heatmap = heat.array.astype(np.float32, copy=False)
+    foreground = (fg.array > 0) if fg is not None else heatmap > 0
+    supports = [[Support(s["source"], int(s["slice_index"]), float(s["similarity"])) for s in sl] for sl in data.get("supports", [])]
+    return DetectionResult(
+        heatmap=heatmap,
+        foreground=foreground,
+        threshold=_num(data.get("threshold")),
+        geometry=geometry,
+        slice_axis=int(data["slice_axis"]),
+        slice_scores=np.array([_num(x) for x in data.get("slice_scores", [])], dtype=np.float32),
+        volume_score=_num(data.get("volume_score")),
+        supports=supports,
+        min_component_size=int(data.get("min_component_size", 1)),
+        method=data.get("method", ""),
+        model=data.get("model", ""),
+        name=data.get("name", path.stem),
+        source_path=data.get("input"),
+        settings=data.get("settings", {}),
+        timings={k: float(v) for k, v in data.get("timings_s", {}).items()},
+        warnings=list(data.get("warnings", [])),
+        threshold_info=data.get("threshold_info", {}),
+        labelmap=(lab.array > 0).astype(np.uint8),
+    )
