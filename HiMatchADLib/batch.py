@@ -18,7 +18,8 @@ differ between two identical runs. Empty cells are ``""``.
 Resuming: a case whose outputs are complete (:func:`output.is_complete`) and whose scores JSON was
 written with the same result-changing settings as the detector's (see :func:`settings_changes`) is
 "done earlier" and its row is filled from that JSON. A complete case computed with other settings is
-recomputed, and its row's message says which settings changed.
+recomputed, and its row's message says which settings changed; so is a case whose input file was
+modified after its scores JSON was written.
 
 What is never read as an input: anything inside the output folder or an excluded folder (the
 normal scans), hidden files and folders, and outputs of this tool found anywhere in the input tree
@@ -332,6 +333,15 @@ def summary_counts(rows: list) -> dict:
     return counts
 
 
+def _modified_after(source: Path, result: Path) -> bool:
+    """True when the input (a file, or any file of a DICOM folder) is newer than its result."""
+    try:
+        files = [source] if not source.is_dir() else [source, *(p for p in source.iterdir() if p.is_file())]
+        return max(p.stat().st_mtime_ns for p in files) > result.stat().st_mtime_ns
+    except OSError:
+        return True
+
+
 def _read_scores(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -355,9 +365,12 @@ def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwri
         data = _read_scores(paths["scores"])
         if data is not None and not overwrite:
             changes = settings_changes(current, data)
-            if not changes:
+            if changes:
+                note = "recomputed: settings changed: " + ", ".join(changes)
+            elif _modified_after(case.path, paths["scores"]):
+                note = "recomputed: the input changed after its result was written"
+            else:
                 return _row(case, out_root, STATUS_DONE, data, _join(*map(str, data.get("warnings") or [])))
-            note = "recomputed: settings changed: " + ", ".join(changes)
     elif paths["scores"].exists() or paths["heatmap"].exists():
         note = "recomputed: earlier outputs were incomplete"
     if note:
@@ -410,6 +423,8 @@ def run_batch(
     say = log or _warn
     out_root = _absolute(out_dir)
     normals = getattr(detector, "normals_dir", None)
+    if hasattr(detector, "normals_dir") and normals is None:
+        raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
     cases = find_cases(input_dir, out_root, [*exclude, *([normals] if normals is not None else [])], log=say)
     if out_root.exists() and not out_root.is_dir():
         raise HiMatchADError(f"the output folder {out_root} exists and is not a folder")

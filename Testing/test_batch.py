@@ -24,7 +24,7 @@ from HiMatchADLib.batch import (
     settings_changes,
     summary_counts,
 )
-from HiMatchADLib.imageio import write_image
+from HiMatchADLib.imageio import read_image, write_image
 from HiMatchADLib.phantom import make_phantom
 
 SHAPE = (8, 48, 48)  # small cases: the runner is under test, not the detector
@@ -42,19 +42,23 @@ def _dicom_series(folder: Path, seed: int) -> Path:
     import SimpleITK as sitk
 
     img, _ = make_phantom(SHAPE, seed=seed)
-    arr = np.clip(img.array * 1000, -1000, 3000).astype(np.int16)
+    vol = sitk.GetImageFromArray(np.clip(img.array, 0, 3000).astype(np.int16))
+    vol.SetSpacing((1.0, 1.0, 2.0))
     folder.mkdir(parents=True)
     uid = f"1.2.826.0.1.3680043.2.1125.{seed}.1"
-    for z in range(arr.shape[0]):
-        s = sitk.GetImageFromArray(arr[z])
-        s.SetSpacing((1.0, 1.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for z in range(SHAPE[0]):
+        s = vol[:, :, z]
+        position = "\\".join(str(v) for v in vol.TransformIndexToPhysicalPoint((0, 0, z)))
         for tag, value in {
-            "0008|0060": "MR", "0010|0020": "P1", "0020|000d": uid + ".0", "0020|000e": uid,
-            "0020|0013": str(z + 1), "0020|0032": f"0\\0\\{2.0 * z}", "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0028|0030": "1\\1", "0018|0050": "2",
+            "0008|0060": "MR", "0020|000d": uid + ".0", "0020|000e": uid, "0008|0018": f"{uid}.{z + 1}",
+            "0020|0013": str(z + 1), "0020|0032": position, "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2",
         }.items():
             s.SetMetaData(tag, value)
-        sitk.WriteImage(s, str(folder / f"slice{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(s)
+    assert read_image(folder).array.shape == SHAPE
     return folder
 
 
@@ -351,4 +355,35 @@ def test_missing_or_empty_input_folder(det, tmp_path):
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
     with pytest.raises(HiMatchADError, match="no images found"):
         run_batch(det, tmp_path / "empty", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_input_replaced_after_its_result_is_recomputed(det, tmp_path):
+    inp = tmp_path / "in"
+    _phantom(inp / "a.nii.gz", 1)
+    _phantom(inp / "b.nii.gz", 2)
+    out = tmp_path / "out"
+    first = run_batch(det, inp, out)
+    _phantom(inp / "b.nii.gz", 3, lesion=True)  # a new scan under the old name
+    scores = (out / "b_scores.json").stat()
+    os.utime(inp / "b.nii.gz", ns=(scores.st_atime_ns, scores.st_mtime_ns + 1_000_000))
+    rows = run_batch(det, inp, out, log=lambda m: None)
+    assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_OK]
+    assert rows[1]["message"].startswith("recomputed: the input changed after its result was written")
+    assert rows[1]["volume_score"] != first[1]["volume_score"]
+
+
+def test_a_dicom_series_given_as_the_input_folder_is_one_case(det, tmp_path):
+    series = _dicom_series(tmp_path / "series1", 4)
+    rows = run_batch(det, series, tmp_path / "out")
+    assert [(r["case"], r["status"], r["heatmap"]) for r in rows] == [(".", STATUS_OK, "series1_heatmap.nii.gz")]
+    assert (tmp_path / "out" / "series1_scores.json").exists()
+
+
+def test_an_unfitted_detector_is_refused(tiny_model, tmp_path):
+    from HiMatchADLib import HiMatchDetector
+
+    _phantom(tmp_path / "in" / "a.nii.gz", 1)
+    with pytest.raises(HiMatchADError, match="call fit"):
+        run_batch(HiMatchDetector(model=tiny_model, resolution=RESOLUTION), tmp_path / "in", tmp_path / "out")
     assert not (tmp_path / "out").exists()
