@@ -161,7 +161,7 @@ def find_cases(
             )
     pruned = [out_real] + excluded
 
-    found: list = []  # (path as walked, real path)
+    found: list = []  # inputs, as reached from the input folder
     seen_dirs = {root_real}
     seen_inputs: dict = {}
     own: list = []

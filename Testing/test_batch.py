@@ -197,6 +197,10 @@ def test_settings_changes_compares_normals_as_folders_and_flags_unrecorded_setti
     del stored["settings"]["seed"]
     assert settings_changes(current, stored) == ["seed (not recorded) -> 0", f"normals {normals_dir.parent} -> {normals_dir}"]
     assert settings_changes(current, {"volume_score": 1.0}) == ["settings of the earlier result not recorded"]
+    # a fixed minimum component size is compared with the size the earlier labelmap was cleaned with
+    fixed = dict(current, min_component_size=50)
+    assert settings_changes(fixed, {"settings": dict(current), "min_component_size": 16}) == ["min_component_size 16 -> 50"]
+    assert settings_changes(fixed, {"settings": dict(current), "min_component_size": 50}) == []
 
 
 def test_a_failing_case_is_recorded_and_the_batch_goes_on(det, tmp_path):
