@@ -167,80 +167,27 @@ def cmd_detect(args) -> int:
     return 0
 
 
-BATCH_FIELDS = ["input", "name", "status", "volume_score", "anomalous_voxels", "threshold", "seconds", "error"]
-
-
-def _write_csv(path: Path, rows: list) -> None:
-    from .imageio import write_text_atomic
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=BATCH_FIELDS)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: r.get(k, "") for k in BATCH_FIELDS})
-    write_text_atomic(path, buf.getvalue())
-
-
-def run_batch(det, input_dir, out_dir, progress=None, log=print) -> list:
-    """Detect on every image/volume of ``input_dir``; resumable; returns the summary rows.
-
-    Inputs whose outputs are complete are skipped; an input that fails is recorded with its error
-    and the batch goes on. ``summary.csv`` in ``out_dir`` is rewritten (atomically) after each input.
-    """
-    from .imageio import list_images, strip_suffix
-    from .output import is_complete
-
-    out = Path(out_dir).expanduser()
-    inputs = list_images(input_dir)
-    if not inputs:
-        raise HiMatchADError(f"no images found in {input_dir}")
-    inside = [p for p in inputs if out.resolve() in p.resolve().parents]
-    inputs = [p for p in inputs if p not in inside]  # never re-read our own outputs
-    out.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for p in inputs:
-        name = p.name if p.is_dir() else strip_suffix(p)
-        names.setdefault(name, []).append(p)
-    dup = {n: ps for n, ps in names.items() if len(ps) > 1}
-    if dup:
-        n, ps = next(iter(dup.items()))
-        raise HiMatchADError(f"two inputs would write the same outputs '{n}': {ps[0]} and {ps[1]}; rename one")
-    rows = []
-    for i, p in enumerate(inputs):
-        name = p.name if p.is_dir() else strip_suffix(p)
-        row = {"input": str(p), "name": name}
-        if is_complete(out, name):
-            data = json.loads((out / f"{name}_scores.json").read_text(encoding="utf-8"))
-            row.update(status="skipped (done)", volume_score=data.get("volume_score"), anomalous_voxels=data.get("anomalous_voxels"), threshold=data.get("threshold"))
-        else:
-            t = time.perf_counter()
-            try:
-                res = det.predict(p)
-                det.save(res, out)
-                row.update(status="ok", volume_score=round(res.volume_score, 6), anomalous_voxels=res.anomalous_voxels, threshold=round(res.threshold, 6))
-            except Cancelled:
-                raise
-            except (HiMatchADError, MemoryError, RuntimeError, ValueError) as exc:
-                row.update(status="failed", error=str(exc).splitlines()[0])
-                log(f"warning: {p}: {exc}")
-            row["seconds"] = round(time.perf_counter() - t, 3)
-        rows.append(row)
-        _write_csv(out / "summary.csv", rows)
-        if progress:
-            progress("Batch", i + 1, len(inputs))
-    return rows
-
-
 def cmd_batch(args) -> int:
+    from .batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, SUMMARY_NAME, find_cases, run_batch, summary_counts
+
     out = _check_out_dir(args.out_dir)
+    normals = os.path.abspath(Path(args.normals).expanduser())
+    inputs = Path(args.input_dir).expanduser()
+    find_cases(inputs, out, exclude=[normals])  # refuse a bad input folder before the bank is built
     det = detector_from_args(args, _progress(args))
-    _fit(det, args.normals, args)
-    rows = run_batch(det, Path(args.input_dir).expanduser(), out, log=lambda m: print(m, file=sys.stderr))
-    ok = sum(r["status"] == "ok" for r in rows)
-    skipped = sum(r["status"].startswith("skipped") for r in rows)
-    failed = sum(r["status"] == "failed" for r in rows)
-    print(f"{ok} processed, {skipped} already done, {failed} failed; summary: {out / 'summary.csv'}")
-    return 1 if failed else 0
+    _fit(det, normals, args)
+
+    def progress(message: str, done: int, total: int) -> None:
+        if done < total:
+            _say(args, message)
+
+    rows = run_batch(
+        det, inputs, out, overwrite=args.overwrite, exclude=[normals], progress=progress,
+        log=lambda m: print(f"warning: {m}", file=sys.stderr),
+    )
+    n = summary_counts(rows)
+    print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}")
+    return 1 if n[STATUS_FAILED] else 0
 
 
 def cmd_demo(args) -> int:
@@ -319,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("input_dir", metavar="INPUT_DIR")
     bt.add_argument("--normals", required=True, metavar="NORMALS_DIR")
     bt.add_argument("--out-dir", required=True, metavar="OUT")
+    bt.add_argument("--overwrite", action="store_true", help="recompute every case, even those finished earlier with the same settings")
     add_model_options(bt)
     bt.set_defaults(func=cmd_batch)
 

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import PHANTOM_SHAPE, RESOLUTION, REPO
 from HiMatchADLib import imageio
+from HiMatchADLib.batch import SUMMARY_COLUMNS
 from HiMatchADLib.cli import main
 from HiMatchADLib.imageio import Image, write_image
 from HiMatchADLib.phantom import make_phantom
@@ -77,6 +78,7 @@ def test_bad_input_is_a_clear_error(run, tmp_path, make_input, expected):
 
 
 def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_image(arr, Image.from_array(arr).geometry, path)
     return path
 
@@ -142,23 +144,69 @@ def test_batch_is_resumable_and_survives_a_bad_input(run, tmp_path, lesion_case)
     img, _ = lesion_case
     _write(inp / "a.nii.gz", img.array)
     ph, _ = make_phantom(PHANTOM_SHAPE, seed=77)
-    _write(inp / "b.nii.gz", ph.array)
+    _write(inp / "site" / "b.nii.gz", ph.array)
     (inp / "c.nii.gz").write_bytes(b"broken")
     out = tmp_path / "out"
     code, stdout, err = run("batch", str(inp), "--out-dir", str(out))
-    assert code == 1 and "2 processed" in stdout and "1 failed" in stdout
-    rows = list(csv.DictReader((out / "summary.csv").open()))
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
-    assert rows[2]["error"] and float(rows[0]["volume_score"]) > 0
+    assert code == 1
+    assert stdout.strip() == f"2 processed, 0 already done, 1 failed; summary: {out / 'summary.csv'}"
+    assert "warning: c.nii.gz: cannot read" in err
+    with (out / "summary.csv").open() as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == SUMMARY_COLUMNS
+    assert [(r["case"], r["status"]) for r in rows] == [("a.nii.gz", "ok"), ("c.nii.gz", "failed"), ("site/b.nii.gz", "ok")]
+    assert "not a readable image" in rows[1]["message"] and float(rows[0]["volume_score"]) > 0
+    assert (out / "site" / "b_heatmap.nii.gz").exists()
     stamp = (out / "a_heatmap.nii.gz").stat().st_mtime_ns
-    # second run: finished inputs are skipped, not recomputed
+    # second run: finished inputs are not recomputed
     code, stdout, _ = run("batch", str(inp), "--out-dir", str(out))
-    assert "2 already done" in stdout
+    assert code == 1 and "0 processed, 2 already done, 1 failed" in stdout
     assert (out / "a_heatmap.nii.gz").stat().st_mtime_ns == stamp
     # an incomplete result (scores missing) is redone
-    (out / "b_scores.json").unlink()
+    (out / "site" / "b_scores.json").unlink()
+    (inp / "c.nii.gz").unlink()
     code, stdout, _ = run("batch", str(inp), "--out-dir", str(out))
-    assert "1 processed" in stdout and "1 already done" in stdout
+    assert code == 0 and "1 processed, 1 already done, 0 failed" in stdout
+    # --overwrite recomputes everything
+    code, stdout, _ = run("batch", str(inp), "--out-dir", str(out), "--overwrite")
+    assert code == 0 and "2 processed, 0 already done, 0 failed" in stdout
+    assert (out / "a_heatmap.nii.gz").stat().st_mtime_ns != stamp
+
+
+def test_batch_command_and_run_batch_write_the_same_summary(run, tmp_path, fitted, lesion_case, normals_dir):
+    from HiMatchADLib.batch import run_batch
+
+    inp = tmp_path / "in"
+    _write(inp / "a.nii.gz", lesion_case[0].array)
+    _write(inp / "sub" / "b.mha", make_phantom(PHANTOM_SHAPE, seed=78)[0].array)
+    (inp / "sub" / "broken.nrrd").write_bytes(b"broken")
+    code, _, _ = run("batch", str(inp), "--out-dir", str(tmp_path / "cli"), "--k", "4")
+    assert code == 1
+    run_batch(fitted("knn"), inp, tmp_path / "lib", log=lambda m: None)
+
+    def table(folder):
+        text = (folder / "summary.csv").read_text()
+        assert text.splitlines()[0] == ",".join(SUMMARY_COLUMNS)
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(text.splitlines())]
+
+    cli, lib = table(tmp_path / "cli"), table(tmp_path / "lib")
+    assert [(r["case"], r["status"]) for r in cli] == [("a.nii.gz", "ok"), ("sub/b.mha", "ok"), ("sub/broken.nrrd", "failed")]
+    assert cli == lib
+    # the two callers record the same settings: each resumes the other's results
+    code, stdout, _ = run("batch", str(inp), "--out-dir", str(tmp_path / "lib"), "--k", "4")
+    assert "0 processed, 2 already done, 1 failed" in stdout
+
+
+def test_batch_refuses_colliding_inputs_before_building_anything(run, tmp_path, lesion_case, cache_dir):
+    inp = tmp_path / "in"
+    _write(inp / "case.nii", lesion_case[0].array)
+    _write(inp / "case.nii.gz", lesion_case[0].array)
+    code, stdout, err = run("batch", str(inp), "--out-dir", str(tmp_path / "out"))
+    assert code == 2 and stdout == ""
+    assert err.startswith("error: two inputs would write the same outputs") and len(err.strip().splitlines()) == 1
+    assert str(inp / "case.nii") in err and str(inp / "case.nii.gz") in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, fitted, lesion_case, monkeypatch):

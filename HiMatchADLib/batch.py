@@ -1,0 +1,452 @@
+"""The batch runner: detect on every case of a folder, resumably, with one ``summary.csv``.
+
+This is the only batch runner of the project; the command line (``himatchad batch``), the Slicer
+module (through its worker process) and the cohort engines call :func:`run_batch` or build on
+:func:`find_cases`.
+
+Layout: the sub-folders of the input folder are mirrored under the output folder, so
+``input/a/b/x.nii.gz`` gives ``out/a/b/x_heatmap.nii.gz``, ``x_labelmap.nii.gz`` and
+``x_scores.json`` (plus ``x_overlay.png`` for a 2D input). A DICOM series folder is one case, named
+after the folder. ``summary.csv`` in the output folder has one row per case (columns
+:data:`SUMMARY_COLUMNS`) and is rewritten atomically after every case.
+
+In ``summary.csv`` and in the returned rows, ``input`` is the absolute path of the input, and
+``heatmap``, ``labelmap`` and ``scores`` are relative to the output folder (posix separators), so
+the summary stays valid when the output folder is moved. ``seconds`` is the only column that can
+differ between two identical runs. Empty cells are ``""``.
+
+Resuming: a case whose outputs are complete (:func:`output.is_complete`) and whose scores JSON was
+written with the same result-changing settings as the detector's (see :func:`settings_changes`) is
+"done earlier" and its row is filled from that JSON. A complete case computed with other settings is
+recomputed, and its row's message says which settings changed; so is a case whose input file was
+modified after its scores JSON was written.
+
+What is never read as an input: anything inside the output folder or an excluded folder (the
+normal scans), hidden files and folders, and outputs of this tool found anywhere in the input tree
+(files named in the ``outputs`` of one of our scores JSON next to them). Symbolic links are
+followed, but a folder or file reached twice (a link loop, two links to one file) is one case.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Optional, Union
+
+from .errors import Cancelled, HiMatchADError
+from .imageio import is_dicom_folder, is_image_file, strip_suffix, write_text_atomic
+from .output import is_complete, output_paths
+
+SUMMARY_COLUMNS = (
+    "case", "input", "status", "volume_score", "threshold", "anomalous_voxels",
+    "anomalous_volume_mm3", "most_anomalous_slice", "heatmap", "labelmap", "scores", "seconds", "message",
+)
+STATUS_OK, STATUS_DONE, STATUS_FAILED = "ok", "done earlier", "failed"
+SUMMARY_NAME = "summary.csv"
+
+#: Settings recorded in a scores JSON that do not change the result: the software version, where it
+#: ran, and the modality the "auto" preset resolved to (a consequence of ``modality`` and the image).
+VOLATILE_SETTINGS = frozenset({"version", "device", "batch_size", "cache_dir", "modality_used"})
+
+#: Errors of one case that are recorded as "failed" while the batch goes on. ``Cancelled`` and
+#: ``KeyboardInterrupt`` stop the batch.
+CASE_ERRORS = (HiMatchADError, OSError, ValueError, RuntimeError, MemoryError)
+
+_NOT_RECORDED = object()
+_MAX_SCORES_JSON_BYTES = 64 * 1024 * 1024
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class Case:
+    """One input and where its outputs go."""
+
+    path: Path  # the input file or DICOM series folder (as found under the input folder)
+    case: str  # the input's path relative to the input folder, posix separators
+    name: str  # the output file prefix (``x`` for ``x.nii.gz``, the folder name for DICOM)
+    out_dir: Path  # the mirrored sub-folder of the output folder
+
+
+# ------------------------------------------------------------------------------- finding the cases
+def _absolute(path: PathLike) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _real(path: Path) -> Optional[Path]:
+    """The path with every link resolved, or None for a broken link loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # "Symlink loop" (RuntimeError before Python 3.13)
+        return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _own_outputs(entries: list) -> set:
+    """Names of files in one folder that are outputs of this tool, told by our scores JSON beside them.
+
+    A scores JSON of ours names itself and its sibling outputs under ``"outputs"`` and records
+    ``"settings"`` and ``"volume_score"``.
+    """
+    names: set = set()
+    for p in entries:
+        if not p.name.endswith("_scores.json") or p.name.startswith("."):
+            continue
+        try:
+            if not p.is_file() or p.stat().st_size > _MAX_SCORES_JSON_BYTES:
+                continue
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        outputs = data.get("outputs") if isinstance(data, dict) else None
+        if not isinstance(outputs, dict) or outputs.get("scores") != p.name:
+            continue
+        if "settings" not in data or "volume_score" not in data:
+            continue
+        names.update(v for v in outputs.values() if isinstance(v, str) and "/" not in v and "\\" not in v)
+    return names
+
+
+def find_cases(
+    input_dir: PathLike,
+    out_dir: PathLike,
+    exclude: Iterable[PathLike] = (),
+    *,
+    log: Optional[Callable[[str], None]] = None,
+) -> list:
+    """Every case under ``input_dir`` and its output folder under ``out_dir``, sorted by ``case``.
+
+    Walks the input folder (links followed, each real folder and file once), skipping the output
+    folder, the ``exclude`` folders, hidden entries and outputs of this tool. Raises
+    :class:`HiMatchADError` when the input folder is missing or lies inside the output or an excluded
+    folder, when the output folder lies inside an excluded folder (its outputs would be read as
+    normals), when two cases would write the same outputs, and when no case is found. Writes nothing.
+    ``log(message)`` receives notes about skipped entries (default: none).
+    """
+    say = log or (lambda message: None)
+    root = _absolute(input_dir)
+    if not root.exists():
+        raise HiMatchADError(f"input folder not found: {root}")
+    if not root.is_dir():
+        raise HiMatchADError(f"not a folder: {root} (use 'himatchad detect' for a single input)")
+    out_root = _absolute(out_dir)
+    out_real = out_root.resolve()
+    root_real = root.resolve()
+    excluded = []
+    for e in exclude:
+        if e is None:
+            continue
+        real = _real(_absolute(e))
+        if real is not None:
+            excluded.append(real)
+    if _inside(root_real, out_real):
+        raise HiMatchADError(f"the input folder {root} is the output folder {out_root} or inside it; choose an output folder outside the input")
+    for ex in excluded:
+        if _inside(root_real, ex):
+            raise HiMatchADError(f"the input folder {root} is inside the excluded folder {ex} (the normal scans); nothing would be processed")
+        if _inside(out_real, ex):
+            raise HiMatchADError(
+                f"the output folder {out_root} is inside {ex} (the normal scans); its outputs would be read as normal scans; "
+                "choose an output folder outside it"
+            )
+    pruned = [out_real] + excluded
+
+    found: list = []  # inputs, as reached from the input folder
+    seen_dirs = {root_real}
+    seen_inputs: dict = {}
+    own: list = []
+
+    def add(path: Path, real: Path) -> None:
+        first = seen_inputs.get(real)
+        if first is not None:
+            say(f"{path} is the same input as {first}; processed once")
+            return
+        seen_inputs[real] = path
+        found.append(path)
+
+    queue = deque([root])  # breadth first: of two ways to one input, the shorter is kept
+    while queue:
+        d = queue.popleft()
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise HiMatchADError(f"cannot list folder {d}: {exc.strerror or exc}") from exc
+        if d != root and is_dicom_folder(d):
+            add(d, d.resolve())
+            continue
+        ours = _own_outputs(entries)
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            real = _real(p)
+            if real is None:
+                say(f"{p} is a symbolic link loop; skipped")
+                continue
+            if any(_inside(real, q) for q in pruned):
+                continue
+            if p.is_dir():
+                if real not in seen_dirs:
+                    seen_dirs.add(real)
+                    queue.append(p)
+            elif is_image_file(p):
+                if p.name in ours:
+                    own.append(p)
+                else:
+                    add(p, real)
+        if d == root and not found and is_dicom_folder(root):
+            add(root, root_real)
+    if own:
+        say(f"skipped {len(own)} outputs of this tool found in the input folder, e.g. {own[0]}")
+    if not found:
+        raise HiMatchADError(f"no images found in {root} (outside the output folder and the normal scans)")
+
+    cases = []
+    for path in found:
+        rel = PurePosixPath(path.relative_to(root).as_posix())
+        name = path.name if path.is_dir() else strip_suffix(path)
+        cases.append(Case(path=path, case=str(rel), name=name, out_dir=out_root / Path(*rel.parent.parts)))
+    cases.sort(key=lambda c: PurePosixPath(c.case).parts)
+
+    taken: dict = {}
+    for c in cases:  # case-insensitive: the outputs may land on a case-insensitive file system
+        key = (c.out_dir, c.name.casefold())
+        other = taken.setdefault(key, c)
+        if other is not c:
+            raise HiMatchADError(
+                f"two inputs would write the same outputs ({c.out_dir / c.name}_*): {other.path} and {c.path}; "
+                "rename or move one of them"
+            )
+    return cases
+
+
+# ------------------------------------------------------------------------------- settings
+def result_settings(detector) -> dict:
+    """The detector's settings that change a result, as recorded in a scores JSON's ``"settings"``.
+
+    That is ``detector.settings()`` without :data:`VOLATILE_SETTINGS`, plus the normals folder
+    (``"normals"``) and, when the detector fixes it, the minimum component size.
+    """
+    current = {k: v for k, v in dict(detector.settings()).items() if k not in VOLATILE_SETTINGS}
+    normals = getattr(detector, "normals_dir", None)
+    current.setdefault("normals", str(normals) if normals is not None else None)
+    min_size = getattr(detector, "min_component_size", None)
+    if "min_component_size" not in current and min_size is not None:
+        current["min_component_size"] = int(min_size)
+    return json.loads(json.dumps(current, default=str))  # compare as the JSON stores them
+
+
+def _same_folder(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return _absolute(str(a)).resolve() == _absolute(str(b)).resolve()
+
+
+def _show(value) -> str:
+    if value is _NOT_RECORDED:
+        return "(not recorded)"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value)
+
+
+def settings_changes(current: dict, scores: dict) -> list:
+    """How the settings of ``current`` (from :func:`result_settings`) differ from those a scores
+    JSON was written with: ``["method himatch -> knn", ...]`` (earlier value first); empty when the
+    result would be the same. A setting the JSON does not record counts as changed.
+    """
+    stored = scores.get("settings")
+    if not isinstance(stored, dict):
+        return ["settings of the earlier result not recorded"]
+    stored = dict(stored)
+    if "min_component_size" not in stored and "min_component_size" in scores:
+        stored["min_component_size"] = scores["min_component_size"]  # the value the labelmap was made with
+    changes = []
+    for key, now in current.items():
+        before = stored.get(key, _NOT_RECORDED)
+        same = _same_folder(before, now) if key == "normals" and before is not _NOT_RECORDED else before == now
+        if not same:
+            changes.append(f"{key} {_show(before)} -> {_show(now)}")
+    return changes
+
+
+# ------------------------------------------------------------------------------- rows and summary
+def _relative(path: Path, out_root: Path) -> str:
+    return path.relative_to(out_root).as_posix()
+
+
+def _row(case: Case, out_root: Path, status: str, data: Optional[dict] = None, message: str = "") -> dict:
+    row = {c: "" for c in SUMMARY_COLUMNS}
+    row.update(case=case.case, input=str(_absolute(case.path)), status=status, message=message)
+    if data is not None:
+        for key in ("volume_score", "threshold", "anomalous_voxels", "anomalous_volume_mm3", "most_anomalous_slice"):
+            value = data.get(key)
+            row[key] = "" if value is None else value
+        paths = output_paths(case.out_dir, case.name, False)
+        for key in ("heatmap", "labelmap", "scores"):
+            row[key] = _relative(paths[key], out_root)
+    return row
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_message(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {text}" if text else "")
+    if isinstance(exc, HiMatchADError):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _join(*parts: str) -> str:
+    return _one_line("; ".join(p for p in parts if p))
+
+
+def write_summary(path: PathLike, rows: list) -> Path:
+    """Write ``rows`` as CSV with the columns :data:`SUMMARY_COLUMNS` (atomically)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({c: r.get(c, "") for c in SUMMARY_COLUMNS})
+    return write_text_atomic(path, buf.getvalue())
+
+
+def summary_counts(rows: list) -> dict:
+    """``{"ok": n, "done earlier": n, "failed": n}`` over the rows of a batch."""
+    counts = {STATUS_OK: 0, STATUS_DONE: 0, STATUS_FAILED: 0}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return counts
+
+
+def _modified_after(source: Path, result: Path) -> bool:
+    """True when the input (a file, or any file of a DICOM folder) is newer than its result."""
+    try:
+        files = [source] if not source.is_dir() else [source, *(p for p in source.iterdir() if p.is_file())]
+        return max(p.stat().st_mtime_ns for p in files) > result.stat().st_mtime_ns
+    except OSError:
+        return True
+
+
+def _read_scores(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# ------------------------------------------------------------------------------- the runner
+def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None) -> dict:
+    """Process one case (or find it done earlier) and return its summary row (``seconds`` empty).
+
+    ``current`` is :func:`result_settings` of ``detector``. Errors of the case are recorded in the row
+    (status "failed"); :class:`Cancelled` propagates.
+    """
+    say = log or _warn
+    out_root = _absolute(out_root)
+    paths = output_paths(case.out_dir, case.name, False)
+    note = ""
+    if is_complete(case.out_dir, case.name):
+        data = _read_scores(paths["scores"])
+        if data is not None and not overwrite:
+            changes = settings_changes(current, data)
+            if changes:
+                note = "recomputed: settings changed: " + ", ".join(changes)
+            elif _modified_after(case.path, paths["scores"]):
+                note = "recomputed: the input changed after its result was written"
+            else:
+                return _row(case, out_root, STATUS_DONE, data, _join(*map(str, data.get("warnings") or [])))
+    elif paths["scores"].exists() or paths["heatmap"].exists():
+        note = "recomputed: earlier outputs were incomplete"
+    if note:
+        say(f"{case.case}: {note}")
+    try:
+        result = detector.predict(case.path)
+        result.name = case.name
+        # From here on the case is not complete until its new scores JSON is written.
+        paths["scores"].unlink(missing_ok=True)
+        detector.save(result, case.out_dir)
+        data = _read_scores(paths["scores"])
+        if data is None:
+            raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
+    except Cancelled:
+        raise
+    except CASE_ERRORS as exc:
+        message = _one_line(_error_message(exc))
+        say(f"{case.case}: {message}")
+        return _row(case, out_root, STATUS_FAILED, None, message)
+    return _row(case, out_root, STATUS_OK, data, _join(note, *map(str, result.warnings)))
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def run_batch(
+    detector,
+    input_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    exclude: Iterable[PathLike] = (),
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> list:
+    """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
+
+    ``detector`` is a fitted :class:`~HiMatchADLib.detector.HiMatchDetector` (``predict``, ``save``,
+    ``settings``). Its normals folder is excluded from the inputs in addition to ``exclude``.
+    Resumable (see the module notes); ``overwrite=True`` recomputes every case. A case that fails is
+    recorded with status "failed" and the batch goes on; :class:`Cancelled` and ``KeyboardInterrupt``
+    stop it. ``summary.csv`` in ``out_dir`` is rewritten atomically after each case.
+
+    ``progress(message, done, total)`` is called before each case (``done`` = cases finished) and
+    once at the end; it may raise :class:`Cancelled`. ``log(message)`` receives warnings (default
+    :func:`warnings.warn`). Returns the rows of ``summary.csv`` as dicts (keys
+    :data:`SUMMARY_COLUMNS`).
+    """
+    say = log or _warn
+    out_root = _absolute(out_dir)
+    normals = getattr(detector, "normals_dir", None)
+    if hasattr(detector, "normals_dir") and normals is None:
+        raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
+    cases = find_cases(input_dir, out_root, [*exclude, *([normals] if normals is not None else [])], log=say)
+    if out_root.exists() and not out_root.is_dir():
+        raise HiMatchADError(f"the output folder {out_root} exists and is not a folder")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HiMatchADError(f"cannot create the output folder {out_root}: {exc.strerror or exc}") from exc
+    current = result_settings(detector)
+    reporter = getattr(detector, "reporter", None)
+    summary = out_root / SUMMARY_NAME
+    rows: list = []
+    total = len(cases)
+    for i, case in enumerate(cases):
+        if reporter is not None and hasattr(reporter, "check"):
+            reporter.check()  # the detector's cancel event stops the batch between cases too
+        if progress is not None:
+            progress(f"Case {i + 1}/{total}: {case.case}", i, total)
+        start = time.perf_counter()
+        row = run_case(detector, case, out_root, current, overwrite=overwrite, log=say)
+        row["seconds"] = round(time.perf_counter() - start, 3)
+        rows.append(row)
+        write_summary(summary, rows)
+    if progress is not None:
+        progress(f"{total} cases finished", total, total)
+    return rows
