@@ -1,23 +1,24 @@
 """3D Slicer module for HiMatch-AD: training-free anomaly detection against a folder of normal scans.
 
-The module only connects Slicer to the ``HiMatchADLib`` package: the computation is done by
-``HiMatchADLib.HiMatchDetector`` and every conversion between MRML nodes and the library's arrays is
-done by ``HiMatchADLib.mrml``. Library imports are deferred until the Python dependencies have been
-checked (and installed, with the user's consent) by :meth:`HiMatchADLogic.ensureDependencies`.
+The module only connects Slicer to the ``HiMatchADLib`` package and never computes:
+
+- the detection runs in a worker process (``PythonSlicer -m HiMatchADLib worker``) that keeps the
+  model and the normal bank loaded between runs; :class:`HiMatchADLib.mrml_jobs.DetectionRunner`
+  sends it the volume and follows it without blocking (a ``QTimer`` polls it);
+- every conversion between MRML nodes and the library's arrays is done by ``HiMatchADLib.mrml``.
+
+Python dependencies are checked (and installed, with the user's consent) by
+:meth:`HiMatchADLogic.ensureDependencies` before the first run.
 """
 
 import csv
 import enum
-import importlib
-import io
 import logging
 import os
 import pathlib
-import queue
-import threading
-import time
-import traceback
-from collections import OrderedDict
+import shutil
+import sys
+import tempfile
 from typing import Annotated, Optional
 
 import qt
@@ -48,9 +49,10 @@ except ImportError:  # Slicer without the translation helpers
 
 
 DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
-MINIMUM_TORCH_VERSION = "2.1"
 NORMALS_FOLDER_SETTING = "HiMatchAD/NormalsFolder"
-REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "Resources", "requirements.txt")
+MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
+PLOT_VIEW_SINGLETON_TAG = "HiMatchAD"
 
 #
 # HiMatchAD
@@ -159,10 +161,10 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
         self._pollTimer = None
         self._thresholdTimer = None
         self._sliceNode = None
+        self.plotWidget = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -177,6 +179,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onNodeAdded)
 
         self.ui.normalsPathLineEdit.connect("currentPathChanged(QString)", self.onNormalsFolderChanged)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
@@ -185,14 +189,20 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.jumpButton.connect("clicked(bool)", self.onJumpToMostAnomalousSlice)
-        self.ui.showPlotButton.connect("clicked(bool)", self.onShowPlot)
+        self.ui.showPlotButton.connect("toggled(bool)", self.onShowPlot)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
 
         self.ui.supportsTableWidget.setColumnCount(3)
         self.ui.supportsTableWidget.setHorizontalHeaderLabels([_("Normal scan"), _("Slice"), _("Similarity")])
         self.ui.supportsTableWidget.horizontalHeader().setSectionResizeMode(0, qt.QHeaderView.Stretch)
 
-        # Progress of the background computation is polled from the main thread.
+        # The score plot lives in this panel, so the user's view layout (3D view included) stays as it is.
+        self.plotWidget = slicer.qMRMLPlotWidget()
+        self.plotWidget.setMRMLScene(slicer.mrmlScene)
+        self.plotWidget.minimumHeight = 180
+        self.ui.resultsFormLayout.addRow(self.plotWidget)
+
+        # The worker's events are polled from the main thread; the computation runs in the worker process.
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(100)
         self._pollTimer.connect("timeout()", self.onPollJob)
@@ -207,11 +217,13 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeSliceView()
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self.logic.cancel()
+        """Called when the application closes and the module widget is destroyed (or reloaded):
+        the worker (and any run in it) is stopped, so a reload never leaves a model loaded twice."""
         for timer in (self._pollTimer, self._thresholdTimer):
             if timer is not None:
                 timer.stop()
+        if self.logic is not None:
+            self.logic.shutdown()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -225,8 +237,9 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self.logic.cancel()
+        if self.logic.discardJob():
+            self._endJob()
+            self.ui.statusLabel.text = _("The detection was cancelled because the scene was closed.")
         self.logic.forgetResult()
         self.setParameterNode(None)
 
@@ -234,16 +247,33 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, callData=None) -> None:
+        self._hideOutputsFromInputSelector()
+
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self) -> None:
+        from HiMatchADLib import mrml
+
         self.setParameterNode(self.logic.getParameterNode())
+        self._hideOutputsFromInputSelector()
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode and not firstVolumeNode.GetAttribute("HiMatchAD.Role"):
-                self._parameterNode.inputVolume = firstVolumeNode
+            candidates = mrml.input_candidates(slicer.mrmlScene)
+            if candidates:
+                self._parameterNode.inputVolume = candidates[0]
         if not self._parameterNode.normalsFolder:
             # The folder of normal scans is remembered across sessions.
             self._parameterNode.normalsFolder = str(qt.QSettings().value(NORMALS_FOLDER_SETTING, "") or "")
+
+    def _hideOutputsFromInputSelector(self) -> None:
+        """Heatmaps and other outputs of this module are scalar volumes too: keep them out of the input list
+        (labelmaps are excluded by the selector's node types)."""
+        from HiMatchADLib import mrml
+
+        hidden = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not mrml.is_input_candidate(node)]
+        proxy = self.ui.inputSelector.sortFilterProxyModel()
+        if list(proxy.hiddenNodeIDs) != hidden:
+            proxy.hiddenNodeIDs = hidden
 
     def setParameterNode(self, inputParameterNode: Optional[HiMatchADParameterNode]) -> None:
         if self._parameterNode:
@@ -278,8 +308,9 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self) -> None:
         reason = self._cannotApplyReason()
-        self.ui.applyButton.enabled = reason is None and self._job is None
-        if self._job is not None:
+        running = self.logic is not None and self.logic.isRunning
+        self.ui.applyButton.enabled = reason is None and not running
+        if running:
             self.ui.applyButton.toolTip = _("A detection is running")
         elif reason:
             self.ui.applyButton.toolTip = reason
@@ -302,29 +333,31 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ running
     def onApplyButton(self) -> None:
-        if self._job is not None:
+        if self.logic.isRunning:
             return
         pn = self._parameterNode
+        # Dependencies first, with a normal cursor: this may ask the user (one dialog for all packages).
+        with slicer.util.tryWithErrorDisplay(_("The Python packages HiMatch-AD needs are not available.")):
+            self.logic.ensureDependencies(interactive=True)
+        if not self.logic.dependenciesReady:
+            return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the anomaly detection."), waitCursor=True):
             self.ui.normalsPathLineEdit.addCurrentPathToHistory()
             qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
-            self._job = self.logic.startProcessing(pn.inputVolume, pn.normalsFolder, **self.logic.settingsFromParameterNode(pn))
+            self.logic.startProcessing(pn.inputVolume, pn.normalsFolder, **self.logic.settingsFromParameterNode(pn))
             self._setRunning(True)
             self.ui.statusLabel.text = _("Starting...")
             self._pollTimer.start()
 
     def onCancelButton(self) -> None:
-        if self._job is None:
-            return
-        self.logic.cancel()
-        self.ui.cancelButton.enabled = False
-        self.ui.cancelButton.text = _("Cancelling...")
+        if self.logic.cancel():
+            self._endJob()
+            self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
 
     def _setRunning(self, running: bool) -> None:
         self.ui.progressBar.setVisible(running)
         self.ui.cancelButton.setVisible(running)
         self.ui.cancelButton.enabled = running
-        self.ui.cancelButton.text = _("Cancel")
         if running:
             self.ui.progressBar.setRange(0, 0)  # busy until the first progress report
             self.ui.progressBar.format = _("Starting...")
@@ -333,41 +366,35 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._checkCanApply()
 
     def onPollJob(self) -> None:
-        job = self._job
-        if job is None:
-            self._pollTimer.stop()
-            return
-        for kind, payload in self.logic.pollJob(job):
+        for kind, job, payload in self.logic.pollJob():
             if kind == "progress":
                 message, done, total = payload
                 self.ui.progressBar.setRange(0, max(int(total), 1))
                 self.ui.progressBar.setValue(min(int(done), max(int(total), 1)))
-                text = f"{message} {done}/{total}"
-                self.ui.progressBar.format = text.replace("%", "%%")
+                text = f"{message} {done}/{total}" if total else str(message)
+                self.ui.progressBar.format = text
                 self.ui.statusLabel.text = text
             elif kind == "done":
                 self._endJob()
                 self._showResult(job, payload)
-            elif kind == "cancelled":
+            elif kind == "dropped":
                 self._endJob()
-                self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
+                self.ui.statusLabel.text = str(payload)
             elif kind == "error":
                 self._endJob()
-                error, details = payload
-                self.ui.statusLabel.text = _("Failed: {message}").format(message=str(error))
-                slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=str(error)), detailedText=details)
+                message = str(payload)
+                self.ui.statusLabel.text = _("Failed: {message}").format(message=message.splitlines()[0])
+                slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=message))
+        if not self.logic.isRunning and self._pollTimer.isActive():
+            self._endJob()
 
     def _endJob(self) -> None:
         self._pollTimer.stop()
-        self._job = None
         self._setRunning(False)
 
     def _showResult(self, job, result) -> None:
         pn = self._parameterNode
-        volumeNode = slicer.mrmlScene.GetNodeByID(job.volumeNodeID)
-        if volumeNode is None:
-            self.ui.statusLabel.text = _("The input volume was removed while the detection ran; the result was discarded.")
-            return
+        volumeNode = job.volume_node
         with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
             nodes = self.logic.importResult(result, volumeNode, heatmapOpacity=pn.heatmapOpacity if pn else 0.5)
             if pn is not None:
@@ -380,11 +407,11 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     pn.scoreChart = nodes.chart
                     pn.threshold = float(result.threshold)
             self._configureThresholdSlider(result)
-            slicer.modules.plots.logic().ShowChartInLayout(nodes.chart)
-            info = self.logic.lastRunInfo
+            self._hideOutputsFromInputSelector()
+            self._showPlot(nodes.chart)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s ({reuse}).").format(
-                seconds=info.get("totalSeconds", 0.0),
-                reuse=_("model and normal bank reused") if info.get("detectorReused") else _("model loaded"),
+                seconds=job.seconds,
+                reuse=_("model and normal bank reused") if job.reused else _("model and normal bank loaded"),
             )
             for warning in result.warnings:
                 logging.warning(f"HiMatch-AD: {warning}")
@@ -397,7 +424,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         pn = self._parameterNode
         if nodes is None or pn is None or pn.resultVolume is None:
             return None
-        if nodes.input_volume is None or nodes.input_volume.GetID() != pn.resultVolume.GetID():
+        if nodes.input_volume is None or nodes.input_volume is not pn.resultVolume:
             return None
         return nodes
 
@@ -433,11 +460,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotButton.enabled = pn is not None and pn.scoreChart is not None
         self.ui.editSegmentationButton.enabled = pn is not None and pn.segmentation is not None
         if hasResult:
-            result = nodes.result
-            spacing = result.geometry.spacing if not result.geometry.is_2d else result.geometry.spacing[:2] + (1.0,)
-            volumeMl = nodes.anomalous_voxels * float(spacing[0] * spacing[1] * spacing[2]) / 1000.0
             self.ui.volumeScoreLabel.text = f"{nodes.volume_score:.4g}"
-            self.ui.anomalousVolumeLabel.text = _("{voxels} voxels ({ml:.2f} mL)").format(voxels=nodes.anomalous_voxels, ml=volumeMl)
+            self.ui.anomalousVolumeLabel.text = self.logic.anomalousSizeText(nodes)
         else:
             self.ui.volumeScoreLabel.text = ""
             self.ui.anomalousVolumeLabel.text = ""
@@ -448,15 +472,45 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._thresholdTimer.start()  # restarts while the slider moves
 
     def applyThreshold(self) -> None:
+        from HiMatchADLib.mrml import SegmentEditedError
+
         nodes = self._currentNodes()
         if nodes is None:
             return
         value = float(self.ui.thresholdSliderWidget.value)
         with slicer.util.tryWithErrorDisplay(_("Failed to update the segmentation."), waitCursor=True):
-            self.logic.setThreshold(value, nodes)
+            try:
+                self.logic.setThreshold(value, nodes, ifEdited="raise")
+            except SegmentEditedError:
+                choice = self._askAboutEdits()
+                if choice is None:  # keep everything as it is
+                    self._setSliderSilently(nodes.threshold)
+                    return
+                self.logic.setThreshold(value, nodes, ifEdited=choice)
             if self._parameterNode is not None:
                 self._parameterNode.threshold = value
             self._updateResultWidgets()
+
+    def _askAboutEdits(self) -> Optional[str]:
+        """The Anomaly segment was edited by hand: keep the edits (as a separate segment), overwrite them, or cancel."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setIcon(qt.QMessageBox.Question)
+        box.setWindowTitle(_("Edited segment"))
+        box.setText(_("The Anomaly segment was edited since it was computed. A new threshold replaces its content."))
+        box.setInformativeText(_("Keep your edits as a separate segment, overwrite them, or leave the segment as it is?"))
+        keep = box.addButton(_("Keep edits as a new segment"), qt.QMessageBox.AcceptRole)
+        overwrite = box.addButton(_("Overwrite"), qt.QMessageBox.DestructiveRole)
+        box.addButton(qt.QMessageBox.Cancel)
+        box.setDefaultButton(keep)
+        box.exec_()
+        clicked = box.clickedButton()
+        return "keep" if clicked == keep else "overwrite" if clicked == overwrite else None
+
+    def _setSliderSilently(self, value: float) -> None:
+        slider = self.ui.thresholdSliderWidget
+        wasBlocked = slider.blockSignals(True)
+        slider.value = float(value)
+        slider.blockSignals(wasBlocked)
 
     def onOpacityChanged(self, value) -> None:
         pn = self._parameterNode
@@ -472,10 +526,27 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.logic.jumpToSlice(nodes, nodes.most_anomalous_slice):
             slicer.util.warningDisplay(_("No slice had enough foreground to be scored."))
 
-    def onShowPlot(self) -> None:
+    def _plotViewNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(PLOT_VIEW_SINGLETON_TAG, "vtkMRMLPlotViewNode")
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+            node.SetSingletonTag(PLOT_VIEW_SINGLETON_TAG)
+            node.SetName("HiMatch-AD score plot view")
+        return node
+
+    def _showPlot(self, chartNode) -> None:
+        if chartNode is None:
+            return
+        viewNode = self._plotViewNode()
+        viewNode.SetPlotChartNodeID(chartNode.GetID())
+        self.plotWidget.setMRMLPlotViewNode(viewNode)
+        self.plotWidget.setVisible(self.ui.showPlotButton.checked)
+
+    def onShowPlot(self, show) -> None:
         pn = self._parameterNode
-        if pn is not None and pn.scoreChart is not None:
-            slicer.modules.plots.logic().ShowChartInLayout(pn.scoreChart)
+        if show and pn is not None and pn.scoreChart is not None:
+            self._showPlot(pn.scoreChart)
+        self.plotWidget.setVisible(bool(show) and pn is not None and pn.scoreChart is not None)
 
     def onEditSegmentation(self) -> None:
         pn = self._parameterNode
@@ -530,47 +601,23 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 
-class HiMatchADJob:
-    """A detection running in a background thread; its events are read with ``HiMatchADLogic.pollJob``.
-
-    Events are ``("progress", (message, done, total))``, then one of ``("done", DetectionResult)``,
-    ``("cancelled", None)`` or ``("error", (exception, traceback text))``.
-    """
-
-    def __init__(self, volumeNodeID: str, normalsFolder: str, settings: dict):
-        self.volumeNodeID = volumeNodeID
-        self.normalsFolder = normalsFolder
-        self.settings = settings
-        self.events = queue.Queue()
-        self.thread = None
-        self.finished = False
-
-
 class HiMatchADLogic(ScriptedLoadableModuleLogic):
-    """Runs the detection and shows its results as MRML nodes. Usable without the module's GUI::
+    """Runs the detection in the worker process and shows its results as MRML nodes. Usable without
+    the module's GUI, from Slicer's Python console::
 
         logic = HiMatchAD.HiMatchADLogic()
-        out = logic.process(volumeNode, "/data/normals", method="himatch", k=8)
+        out = logic.process(volumeNode, "/data/normals", method="himatch", k=8)      # blocks until done
         out.volume_score, out.slice_scores, out.heatmap, out.segmentation
-        logic.processFolder("/data/incoming", "/data/normals", "/data/results")
+        rows = logic.processFolder("/data/incoming", "/data/normals", "/data/results")
 
-    Detectors (model + normal bank) are kept between calls, one per settings combination (the most
-    recently used :attr:`maxDetectors`), so a second run on the same folder takes seconds.
+    The worker keeps the model and the normal bank of the last settings loaded, so a second run on
+    the same folder takes seconds. Nothing is computed in Slicer's own process.
     """
-
-    #: Number of detectors (each holding a model and a normal bank) kept in memory.
-    maxDetectors = 2
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        #: Callable building a detector from keyword settings; default ``HiMatchADLib.HiMatchDetector``.
-        self.detectorFactory = None
-        self._detectors = OrderedDict()
-        self._detectorsLock = threading.Lock()
-        self._runLock = threading.Lock()
-        self._cancelEvent = threading.Event()
-        self._progressCallback = None
-        self._externalCancelEvent = None
+        self._runner = None
+        self.dependenciesReady = False
         self.lastNodes = None
         self.lastRunInfo = {}
 
@@ -579,102 +626,116 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, interactive: bool = True, installInTesting: bool = False) -> None:
-        """Install missing Python packages (PyTorch, then ``Resources/requirements.txt``).
+        """Install missing or too old Python packages: PyTorch and ``Resources/requirements.txt``.
 
-        PyTorch comes from the PyTorch extension's installer when that extension is present (it picks
-        the build that matches the GPU driver). The user is asked before anything is installed when
-        ``interactive``. Must be called on the main thread. Raises ``RuntimeError`` when the user
-        declines or the installation fails.
+        One confirmation lists every package (when ``interactive``). PyTorch comes from the PyTorch
+        extension's installer when that extension is present (it picks the build that matches the GPU
+        driver). Slicer's own numpy and SimpleITK are pinned by a constraints file, so no installation
+        replaces them. Nothing is imported into Slicer's process: the worker process uses the packages.
+        Raises ``RuntimeError`` when the user declines or the installation fails.
         """
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("Python packages can only be installed from the main thread")
-        if self._missingRequirements(["torch>=" + MINIMUM_TORCH_VERSION]):
-            self._installTorch(interactive)
-        missing = self._missingRequirements(self._loadRequirements())
-        if missing:
-            self._installRequirements(missing, interactive, installInTesting)
-        importlib.invalidate_caches()
-        still = self._missingRequirements(["torch"] + self._loadRequirements())
+        from HiMatchADLib import dependencies
+
+        requirements = [dependencies.TORCH_REQUIREMENT] + dependencies.load_requirements(REQUIREMENTS_FILE)
+        missing = dependencies.missing(requirements)
+        if not missing:
+            self.dependenciesReady = True
+            return
+        self.dependenciesReady = False
+        if slicer.app.testingEnabled() and not installInTesting:
+            raise RuntimeError("These Python packages are required but not installed: " + ", ".join(missing))
+        if interactive and not slicer.util.confirmOkCancelDisplay(
+            _("HiMatch-AD needs these Python packages, which will be downloaded and installed into Slicer's Python "
+              "environment (this can take several minutes):\n\n{packages}\n\nSlicer's own numpy and SimpleITK are "
+              "kept as they are.").format(packages="\n".join(missing)),
+            _("Install Python packages"),
+        ):
+            raise RuntimeError("Installation of the required Python packages was declined")
+        constraints = tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", prefix="himatchad-", delete=False)
+        try:
+            constraints.write(dependencies.constraints_text())
+            constraints.close()
+            torch = [r for r in missing if r == dependencies.TORCH_REQUIREMENT]
+            others = [r for r in missing if r != dependencies.TORCH_REQUIREMENT]
+            with slicer.util.WaitCursor():
+                if torch:
+                    self._installTorch(constraints.name)
+                if others:
+                    self._pipInstall(others, constraints.name)
+        finally:
+            os.unlink(constraints.name)
+        still = dependencies.missing(requirements)
         if still:
             raise RuntimeError(
-                "These Python packages are required but not installed: " + ", ".join(still)
+                "These Python packages are still missing or too old: " + ", ".join(still)
                 + ". Install them (for example with slicer.util.pip_install) and restart Slicer."
             )
+        self.dependenciesReady = True
 
-    @staticmethod
-    def _loadRequirements() -> list:
-        with open(REQUIREMENTS_FILE, encoding="utf-8") as f:
-            lines = [line.split("#", 1)[0].strip() for line in f]
-        return [line for line in lines if line and not line.startswith("-")]
+    def _installTorch(self, constraintsPath: str) -> None:
+        from HiMatchADLib import dependencies
 
-    @staticmethod
-    def _missingRequirements(requirements: list) -> list:
-        """The requirement strings that are not satisfied by the installed distributions."""
-        import importlib.metadata
-
-        try:
-            from packaging.requirements import Requirement
-        except ImportError:
-            Requirement = None
-        missing = []
-        for text in requirements:
-            if Requirement is not None:
-                req = Requirement(text)
-                if req.marker is not None and not req.marker.evaluate():
-                    continue
-                name, specifier = req.name, req.specifier
-            else:
-                name, specifier = text.split(";")[0].split("<")[0].split(">")[0].split("=")[0].split("[")[0].strip(), None
-            try:
-                version = importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                missing.append(text)
-                continue
-            if specifier is not None and not specifier.contains(version, prereleases=True):
-                missing.append(text)
-        return missing
-
-    @staticmethod
-    def _slicerPackaging():
-        """``slicer.packaging`` when it offers ``pip_ensure`` (Slicer 5.12 and later), else None."""
-        try:
-            module = importlib.import_module("slicer.packaging")
-        except ImportError:
-            return None
-        return module if hasattr(module, "pip_ensure") else None
-
-    def _installTorch(self, interactive: bool) -> None:
         try:
             import PyTorchUtils
         except ModuleNotFoundError:
             PyTorchUtils = None
         if PyTorchUtils is not None:
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                logging.info("HiMatch-AD: installing PyTorch with the PyTorch extension (this can take several minutes)")
-                torch = torchLogic.installTorch(askConfirmation=interactive, torchVersionRequirement=">=" + MINIMUM_TORCH_VERSION)
-                if torch is None:
-                    raise RuntimeError("PyTorch is required. Install it with the PyTorch Utils module and try again.")
+            logging.info("HiMatch-AD: installing PyTorch with the PyTorch extension (this can take several minutes)")
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=" + dependencies.MINIMUM_TORCH) is None:
+                raise RuntimeError("PyTorch could not be installed. Install it with the PyTorch Utils module and try again.")
             return
-        self._installRequirements(["torch>=" + MINIMUM_TORCH_VERSION], interactive, installInTesting=False)
+        self._pipInstall([dependencies.TORCH_REQUIREMENT], constraintsPath)
 
-    def _installRequirements(self, requirements: list, interactive: bool, installInTesting: bool) -> None:
-        packaging = self._slicerPackaging()
-        if packaging is not None:
-            packaging.pip_ensure(
-                requirements, prompt_install=interactive, requester="HiMatch-AD", skip_in_testing=not installInTesting
+    @staticmethod
+    def _pipInstall(requirements: list, constraintsPath: str) -> None:
+        try:
+            from slicer import packaging
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_install"):  # Slicer 5.12 and later
+            packaging.pip_install(requirements, constraints=constraintsPath, requester="HiMatch-AD")
+        else:
+            slicer.util.pip_install(["-c", constraintsPath] + list(requirements))
+
+    # ------------------------------------------------------------------ the worker
+    @staticmethod
+    def pythonSlicerExecutable() -> str:
+        """``PythonSlicer``: Slicer's Python interpreter with Slicer's environment, run as a separate process."""
+        for name in ("PythonSlicer", "PythonSlicer.exe"):
+            path = shutil.which(name)
+            if path:
+                return path
+        folder = os.path.dirname(sys.executable)
+        for candidate in (os.path.join(folder, "PythonSlicer"), os.path.join(folder, "PythonSlicer.exe")):
+            if os.path.isfile(candidate):
+                return candidate
+        raise RuntimeError("PythonSlicer (Slicer's Python interpreter) was not found next to Slicer; reinstall Slicer")
+
+    @property
+    def runner(self):
+        """The :class:`HiMatchADLib.mrml_jobs.DetectionRunner` (its worker starts on the first run)."""
+        if self._runner is None:
+            from HiMatchADLib.mrml_jobs import DetectionRunner
+            from HiMatchADLib.worker_client import WorkerClient
+
+            client = WorkerClient(
+                python=self.pythonSlicerExecutable(),
+                base_env=slicer.util.startupEnvironment(),
+                log=lambda line: logging.info(f"HiMatch-AD worker: {line}"),
             )
-            return
-        if interactive and not slicer.util.confirmOkCancelDisplay(
-            _("HiMatch-AD needs these Python packages, which will be downloaded and installed:\n\n{packages}").format(
-                packages="\n".join(requirements)
-            ),
-            _("Install Python packages"),
-        ):
-            raise RuntimeError("Installation of the required Python packages was declined")
-        slicer.util.pip_install(requirements)
+            self._runner = DetectionRunner(client)
+        return self._runner
 
-    # ------------------------------------------------------------------ settings and detectors
+    @property
+    def isRunning(self) -> bool:
+        return self._runner is not None and self._runner.busy
+
+    def shutdown(self) -> None:
+        """Stop any run and end the worker (module reload, application exit)."""
+        if self._runner is not None:
+            self._runner.shutdown()
+
+    # ------------------------------------------------------------------ settings
     @staticmethod
     def settingsFromParameterNode(pn) -> dict:
         """Detector keyword settings from the module's parameter node."""
@@ -689,159 +750,34 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             "batch_size": int(pn.batchSize),
         }
 
-    @staticmethod
-    def _settingsKey(settings: dict) -> tuple:
-        return tuple(sorted((key, repr(value)) for key, value in settings.items()))
+    # ------------------------------------------------------------------ one volume
+    def startProcessing(self, volumeNode, normalsFolder, **settings):
+        """Send ``volumeNode`` to the worker and return its job at once (follow it with :meth:`pollJob`).
 
-    def _createDetector(self, settings: dict):
-        factory = self.detectorFactory
-        if factory is None:
-            from HiMatchADLib import HiMatchDetector as factory
-        return factory(progress=self._dispatchProgress, cancel_event=self._cancelEvent, **settings)
-
-    def getDetector(self, settings: dict):
-        """``(detector, reused)``: the cached detector for these settings, or a new one."""
-        key = self._settingsKey(settings)
-        with self._detectorsLock:
-            detector = self._detectors.get(key)
-            if detector is not None:
-                self._detectors.move_to_end(key)
-                return detector, True
-        detector = self._createDetector(settings)
-        with self._detectorsLock:
-            self._detectors[key] = detector
-            while len(self._detectors) > max(1, int(self.maxDetectors)):
-                self._detectors.popitem(last=False)
-        return detector, False
-
-    def clearDetectors(self) -> None:
-        """Release the models and normal banks kept in memory."""
-        with self._detectorsLock:
-            self._detectors.clear()
-
-    def _dispatchProgress(self, message: str, done: int, total: int) -> None:
-        external = self._externalCancelEvent
-        if external is not None and external.is_set():
-            self._cancelEvent.set()
-            from HiMatchADLib import Cancelled
-
-            raise Cancelled()
-        callback = self._progressCallback
-        if callback is not None:
-            callback(message, done, total)
-
-    @staticmethod
-    def _logProgress(message: str, done: int, total: int) -> None:
-        if done == 0 or done >= total:
-            logging.info(f"HiMatch-AD: {message} {done}/{total}")
-
-    def cancel(self) -> None:
-        """Ask the running detection to stop (it raises ``Cancelled`` at its next progress check)."""
-        self._cancelEvent.set()
-
-    @property
-    def isRunning(self) -> bool:
-        return self._runLock.locked()
-
-    # ------------------------------------------------------------------ computing
-    def _prepare(self, volumeNode, normalsFolder, settings: dict):
-        """Main-thread part of a run: dependencies, input checks and a copy of the voxels."""
+        The voxels are written to a temporary file here, on the main thread; the scene is not touched
+        until :meth:`importResult`. The job keeps the node object itself: if the scene is closed or the
+        volume removed or changed meanwhile, the result is dropped instead of imported.
+        """
         if volumeNode is None:
             raise ValueError("No input volume")
         if not normalsFolder or not os.path.isdir(os.fspath(normalsFolder)):
             raise ValueError(f"The folder of normal scans does not exist: {normalsFolder}")
-        self.ensureDependencies()
-        from HiMatchADLib import mrml
+        return self.runner.start_detection(volumeNode, os.fspath(normalsFolder), settings)
 
-        image = mrml.image_from_volume_node(volumeNode)
-        return image, os.fspath(normalsFolder), dict(settings)
+    def pollJob(self) -> list:
+        """``(kind, job, payload)`` events since the last call; never blocks (see ``DetectionRunner.poll``)."""
+        return self._runner.poll() if self._runner is not None else []
 
-    def _compute(self, image, normalsFolder: str, settings: dict, progress=None, cancelEvent=None):
-        """Fit (or reuse) the detector on the normal folder and predict ``image``. Thread-safe."""
-        self._progressCallback = progress
-        self._externalCancelEvent = cancelEvent
-        messages = []
-        try:
-            if progress is not None:
-                original = progress
+    def cancel(self) -> bool:
+        """Stop the running job at once (the worker is killed; the next run starts a new one)."""
+        return self._runner is not None and self._runner.cancel()
 
-                def recording(message, done, total):
-                    if not messages or messages[-1] != message:
-                        messages.append(message)
-                    original(message, done, total)
-
-                self._progressCallback = recording
-            start = time.perf_counter()
-            detector, reused = self.getDetector(settings)
-            detector.fit(normalsFolder)
-            fitted = time.perf_counter()
-            result = detector.predict(image)
-            end = time.perf_counter()
-        finally:
-            self._progressCallback = None
-            self._externalCancelEvent = None
-        self.lastRunInfo = {
-            "detectorReused": reused,
-            "fitSeconds": fitted - start,
-            "predictSeconds": end - fitted,
-            "totalSeconds": end - start,
-            "messages": messages,
-            "normalsFolder": normalsFolder,
-        }
-        return result
-
-    def startProcessing(self, volumeNode, normalsFolder, **settings) -> HiMatchADJob:
-        """Start a detection in a background thread and return its job (poll it with :meth:`pollJob`).
-
-        The input's voxels are copied first, so the scene is not touched until the results are
-        imported by :meth:`importResult` on the main thread; a cancelled run leaves the scene as it was.
-        """
-        image, folder, settings = self._prepare(volumeNode, normalsFolder, settings)
-        if not self._runLock.acquire(blocking=False):
-            raise RuntimeError("A detection is already running")
-        self._cancelEvent.clear()
-        job = HiMatchADJob(volumeNode.GetID(), folder, settings)
-
-        def post(message, done, total):
-            job.events.put(("progress", (message, done, total)))
-
-        def run():
-            from HiMatchADLib import Cancelled
-
-            try:
-                result = self._compute(image, folder, settings, progress=post)
-                event = ("done", result)
-            except Cancelled:
-                event = ("cancelled", None)
-            except Exception as exc:  # reported to the user on the main thread
-                event = ("error", (exc, traceback.format_exc()))
-            finally:
-                job.finished = True
-                self._runLock.release()
-            job.events.put(event)
-
-        job.thread = threading.Thread(target=run, name="HiMatchAD detection", daemon=True)
-        try:
-            job.thread.start()
-        except BaseException:
-            self._runLock.release()
-            raise
-        return job
-
-    @staticmethod
-    def pollJob(job: HiMatchADJob) -> list:
-        """Events posted by the job since the last poll (only the latest progress event is kept)."""
-        events = []
-        while True:
-            try:
-                event = job.events.get_nowait()
-            except queue.Empty:
-                break
-            if event[0] == "progress" and events and events[-1][0] == "progress":
-                events[-1] = event
-            else:
-                events.append(event)
-        return events
+    def discardJob(self) -> bool:
+        """The scene is closing: cancel a running job so that its result is never imported."""
+        running = self.isRunning
+        if self._runner is not None:
+            self._runner.discard()
+        return running
 
     def process(
         self,
@@ -856,30 +792,45 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         cancelEvent=None,
         show: bool = True,
         heatmapOpacity: float = 0.5,
+        timeout: Optional[float] = None,
         **detectorOptions,
     ):
-        """Detect anomalies in ``volumeNode`` against the normal scans in ``normalsFolder``.
+        """Detect anomalies in ``volumeNode`` against the normal scans in ``normalsFolder`` and wait.
 
-        Runs in the calling thread (use :meth:`startProcessing` to keep a GUI responsive). Extra
-        keyword arguments go to ``HiMatchDetector`` (e.g. ``resolution=448``, ``target_fpr=0.01``,
-        ``threshold=2.5``, ``cache_dir=...``). ``progress(message, done, total)`` is called during
-        the run; setting ``cancelEvent`` (a ``threading.Event``) stops it with ``Cancelled``.
+        The computation runs in the worker process; this call blocks (keeping the application drawn)
+        until it ends. Extra keyword arguments go to ``HiMatchDetector`` (e.g. ``resolution=448``,
+        ``target_fpr=0.01``, ``threshold=2.5``, ``cache_dir=...``). ``progress(message, done, total)``
+        is called during the run; setting ``cancelEvent`` (anything with ``is_set()``) cancels it.
 
-        Returns a ``HiMatchADLib.mrml.ResultNodes``: the heatmap, labelmap, segmentation (segment
-        "Anomaly"), score table and plot chart nodes, the ``DetectionResult`` (``.result``) and
-        shortcuts ``.volume_score``, ``.slice_scores``, ``.most_anomalous_slice``. Errors the user
-        can fix raise ``HiMatchADLib.HiMatchADError``.
+        Returns a ``HiMatchADLib.mrml.ResultNodes``: heatmap, labelmap, segmentation (segment
+        "Anomaly"), score table and chart nodes, the ``DetectionResult`` (``.result``) and shortcuts
+        ``.volume_score``, ``.slice_scores``, ``.most_anomalous_slice``. Errors raise
+        ``HiMatchADLib.HiMatchADError`` with the worker's message.
         """
+        self.ensureDependencies(interactive=False)
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
-        image, folder, settings = self._prepare(volumeNode, normalsFolder, settings)
-        if not self._runLock.acquire(blocking=False):
-            raise RuntimeError("A detection is already running")
-        self._cancelEvent.clear()
-        try:
-            result = self._compute(image, folder, settings, progress=progress or self._logProgress, cancelEvent=cancelEvent)
-        finally:
-            self._runLock.release()
+        messages = []
+
+        def report(message, done, total):
+            if not messages or messages[-1] != message:
+                messages.append(message)
+            (progress or self._logProgress)(message, done, total)
+
+        job = self.startProcessing(volumeNode, normalsFolder, **settings)
+        result = self.runner.wait(progress=report, cancel_event=cancelEvent, timeout=timeout, idle=slicer.app.processEvents)
+        self.lastRunInfo = {
+            "detectorReused": bool(job.reused),
+            "totalSeconds": job.seconds,
+            "messages": messages,
+            "normalsFolder": os.fspath(normalsFolder),
+            "workerPid": self.runner.client.pid,
+        }
         return self.importResult(result, volumeNode, show=show, heatmapOpacity=heatmapOpacity)
+
+    @staticmethod
+    def _logProgress(message: str, done: int, total: int) -> None:
+        if done == 0 or done >= total:
+            logging.info(f"HiMatch-AD: {message} {done}/{total}")
 
     def importResult(self, result, volumeNode, show: bool = True, heatmapOpacity: float = 0.5):
         """Create or update the output nodes of ``result`` (main thread)."""
@@ -895,13 +846,27 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
     def forgetResult(self) -> None:
         self.lastNodes = None
 
-    def setThreshold(self, threshold: float, nodes=None) -> int:
+    def setThreshold(self, threshold: float, nodes=None, ifEdited: str = "raise") -> int:
         """Re-threshold the last (or given) result: the segment and labelmap change, the maps do not.
-        Returns the number of anomalous voxels."""
+
+        If the Anomaly segment was edited since it was computed, ``ifEdited`` says what to do:
+        ``"raise"`` (``HiMatchADLib.mrml.SegmentEditedError``, nothing changed), ``"keep"`` (the edited
+        segment is kept as a separate segment) or ``"overwrite"``. Returns the number of anomalous voxels.
+        """
         nodes = nodes or self.lastNodes
         if nodes is None:
             raise ValueError("No detection result to re-threshold; run the detection first")
-        return nodes.set_threshold(float(threshold))
+        return nodes.set_threshold(float(threshold), if_edited=ifEdited)
+
+    @staticmethod
+    def anomalousSizeText(nodes) -> str:
+        """Voxel count and physical size of the anomalous region: mL for volumes, cm² for a 2D image."""
+        result = nodes.result
+        spacing = result.geometry.spacing
+        voxels = nodes.anomalous_voxels
+        if result.geometry.is_2d:
+            return _("{voxels} pixels ({area:.2f} cm²)").format(voxels=voxels, area=voxels * spacing[0] * spacing[1] / 100.0)
+        return _("{voxels} voxels ({ml:.2f} mL)").format(voxels=voxels, ml=voxels * spacing[0] * spacing[1] * spacing[2] / 1000.0)
 
     def jumpToSlice(self, nodes, index: int) -> bool:
         """Centre the slice views on slice ``index`` (along the detector's slicing axis)."""
@@ -926,12 +891,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         score = float(nodes.result.slice_scores[index])
         return mrml.supports_for_slice(nodes.result, index), index, (score if np.isfinite(score) else None)
 
-    # ------------------------------------------------------------------ batch
-    SUMMARY_COLUMNS = (
-        "case", "input", "status", "volume_score", "threshold", "anomalous_voxels", "anomalous_volume_mm3",
-        "most_anomalous_slice", "heatmap", "labelmap", "scores", "seconds", "message",
-    )
-
+    # ------------------------------------------------------------------ a folder
     def processFolder(
         self,
         inputFolder,
@@ -943,119 +903,33 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         modality: str = "auto",
         device: str = "auto",
         overwrite: bool = False,
+        background: bool = False,
         progress=None,
         cancelEvent=None,
         **detectorOptions,
-    ) -> list:
+    ):
         """Detect anomalies in every image of ``inputFolder`` (sub-folders and DICOM series included).
 
-        For each case, ``<name>_heatmap.nii.gz``, ``<name>_labelmap.nii.gz`` and ``<name>_scores.json``
-        are written to the matching sub-folder of ``outputFolder``. The run is resumable: a case whose
-        outputs are complete is not computed again (unless ``overwrite``). ``summary.csv`` in
-        ``outputFolder`` lists every case and is rewritten after each one. A case that cannot be read
-        is recorded as an error and the batch goes on. Returns the summary rows (dicts).
+        This is the library's batch runner (the same as ``himatchad batch``), run in the worker: for
+        each case ``<name>_heatmap.nii.gz``, ``<name>_labelmap.nii.gz`` and ``<name>_scores.json`` go
+        to the matching sub-folder of ``outputFolder``, and ``summary.csv`` lists every case. The run is
+        resumable (cases done earlier with the same settings are not recomputed, unless
+        ``overwrite``); a case that fails is recorded and the batch goes on.
+
+        By default this call blocks until the batch ends and returns the summary rows (dicts). With
+        ``background=True`` it returns the running job at once; follow it with :meth:`pollJob` and stop
+        it with :meth:`cancel` (the module's panel shows its progress).
         """
-        import json
-
-        import numpy as np
-
-        self.ensureDependencies()
-        from HiMatchADLib import Cancelled, HiMatchADError
-        from HiMatchADLib.imageio import list_images, strip_suffix, write_text_atomic
-        from HiMatchADLib.output import is_complete, output_paths
-
-        inputRoot = pathlib.Path(inputFolder).expanduser().resolve()
-        normalsRoot = pathlib.Path(normalsFolder).expanduser().resolve()
-        outputRoot = pathlib.Path(outputFolder).expanduser().resolve()
-        if not normalsRoot.is_dir():
-            raise HiMatchADError(f"folder of normal scans not found: {normalsRoot}")
-        outputRoot.mkdir(parents=True, exist_ok=True)
-
-        def inside(path, root):
-            return path == root or root in path.parents
-
-        cases = [p for p in list_images(inputRoot) if not inside(p.resolve(), outputRoot) and not inside(p.resolve(), normalsRoot)]
-        if not cases:
-            raise HiMatchADError(f"no images found in {inputRoot}")
-
+        self.ensureDependencies(interactive=False)
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
-        report = progress or self._logProgress
-        summaryPath = outputRoot / "summary.csv"
-        rows = []
-
-        def writeSummary():
-            text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=self.SUMMARY_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-            write_text_atomic(summaryPath, text.getvalue())
-
-        def rowFromScores(case, path, outDir, name, status, seconds, message=""):
-            paths = output_paths(outDir, name, False)
-            data = json.loads(paths["scores"].read_text(encoding="utf-8"))
-            return {
-                "case": case,
-                "input": str(path),
-                "status": status,
-                "volume_score": data.get("volume_score"),
-                "threshold": data.get("threshold"),
-                "anomalous_voxels": data.get("anomalous_voxels"),
-                "anomalous_volume_mm3": data.get("anomalous_volume_mm3"),
-                "most_anomalous_slice": data.get("most_anomalous_slice"),
-                "heatmap": str(paths["heatmap"]),
-                "labelmap": str(paths["labelmap"]),
-                "scores": str(paths["scores"]),
-                "seconds": round(seconds, 3),
-                "message": message,
-            }
-
-        if not self._runLock.acquire(blocking=False):
-            raise RuntimeError("A detection is already running")
-        self._progressCallback = report
-        self._externalCancelEvent = cancelEvent
-        self._cancelEvent.clear()
-        try:
-            detector, _reused = self.getDetector(settings)
-            detector.fit(normalsRoot)
-            for n, path in enumerate(cases):
-                if self._cancelEvent.is_set() or (cancelEvent is not None and cancelEvent.is_set()):
-                    raise Cancelled()
-                relative = path.relative_to(inputRoot)
-                outDir = outputRoot / relative.parent
-                name = path.name if path.is_dir() else strip_suffix(path)
-                case = relative.as_posix()
-                report(f"Case {n + 1}/{len(cases)}: {case}", n, len(cases))
-                start = time.perf_counter()
-                if not overwrite and is_complete(outDir, name):
-                    rows.append(rowFromScores(case, path, outDir, name, "done earlier", 0.0))
-                    writeSummary()
-                    continue
-                try:
-                    result = detector.predict(path)
-                    detector.save(result, outDir)
-                    rows.append(rowFromScores(case, path, outDir, result.name, "ok", time.perf_counter() - start,
-                                              "; ".join(result.warnings)))
-                except Cancelled:
-                    raise
-                except (HiMatchADError, OSError, ValueError) as exc:
-                    logging.error(f"HiMatch-AD: {case}: {exc}")
-                    row = {column: "" for column in self.SUMMARY_COLUMNS}
-                    row.update(case=case, input=str(path), status="error", seconds=round(time.perf_counter() - start, 3), message=str(exc))
-                    rows.append(row)
-                writeSummary()
-            report(f"Case {len(cases)}/{len(cases)}", len(cases), len(cases))
-        finally:
-            self._progressCallback = None
-            self._externalCancelEvent = None
-            self._runLock.release()
-            if rows:
-                writeSummary()
-        failed = sum(1 for r in rows if r["status"] == "error")
-        scores = [float(r["volume_score"]) for r in rows if r["volume_score"] not in ("", None)]
-        logging.info(
-            f"HiMatch-AD: {len(rows)} cases, {failed} failed, summary in {summaryPath}"
-            + (f", highest volume score {np.max(scores):.4g}" if scores else "")
-        )
+        job = self.runner.start_batch(os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite)
+        if background:
+            return job
+        event = self.runner.wait(progress=progress or self._logProgress, cancel_event=cancelEvent, idle=slicer.app.processEvents)
+        with open(event["summary"], newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        counts = event.get("counts", {})
+        logging.info(f"HiMatch-AD: {len(rows)} cases ({counts}), summary in {event['summary']}")
         return rows
 
 
@@ -1123,14 +997,14 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
         self.test_HiMatchAD1()
 
     def test_HiMatchAD1(self):
-        import tempfile
-
         import numpy as np
 
         self.delayDisplay("Checking Python dependencies")
         logic = HiMatchADLogic()
         logic.ensureDependencies(interactive=False, installInTesting=True)
+        self.assertTrue(logic.dependenciesReady)
         from HiMatchADLib import mrml
+        from HiMatchADLib.imageio import write_image
 
         with tempfile.TemporaryDirectory(prefix="HiMatchADTest") as tmp:
             self.delayDisplay("Creating synthetic data")
@@ -1150,10 +1024,12 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
                 "method": "himatch", "k": 2, "model": str(modelFolder), "device": "cpu", "resolution": 64,
                 "batch_size": 4, "calibration_slices": 8, "cache_dir": os.path.join(tmp, "cache"),
             }
-            self.delayDisplay("First run (builds the normal bank)")
+            self.delayDisplay("First run, in the worker process (loads the model, builds the normal bank)")
             out = logic.process(volumeNode, normalsFolder, **settings)
             self.assertFalse(logic.lastRunInfo["detectorReused"])
             self.assertTrue(any("bank" in m.lower() for m in logic.lastRunInfo["messages"]))
+            workerPid = logic.lastRunInfo["workerPid"]
+            self.assertNotEqual(workerPid, os.getpid())  # computed in another process
 
             # Geometry: heatmap, labelmap and segmentation on the input's grid.
             inputMatrix = vtk.vtkMatrix4x4()
@@ -1185,13 +1061,33 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
             self.assertEqual(int(mrml.segment_to_array(out.segmentation, volumeNode).sum()), fewer)
             self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(out.heatmap), heatmap))
 
-            self.delayDisplay("Second run (reuses the model and the normal bank)")
+            self.delayDisplay("Second run (the worker reuses the model and the normal bank)")
             again = logic.process(volumeNode, normalsFolder, **settings)
             self.assertTrue(logic.lastRunInfo["detectorReused"])
-            self.assertFalse(any("building normal bank" in m.lower() for m in logic.lastRunInfo["messages"]))
+            self.assertEqual(logic.lastRunInfo["workerPid"], workerPid)
+            self.assertFalse(any("bank" in m.lower() for m in logic.lastRunInfo["messages"]))
             self.assertEqual(again.heatmap.GetID(), out.heatmap.GetID())
             self.assertEqual(again.segmentation.GetID(), out.segmentation.GetID())
             self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), 1)
 
-            logic.clearDetectors()
+            self.delayDisplay("Cancel: the worker stops at once and the scene is unchanged")
+            nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
+            logic.startProcessing(volumeNode, normalsFolder, **dict(settings, cache_dir=os.path.join(tmp, "cache2")))
+            self.assertTrue(logic.isRunning)
+            self.assertTrue(logic.cancel())
+            self.assertFalse(logic.isRunning)
+            self.assertEqual(logic.pollJob(), [])
+            self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+
+            self.delayDisplay("A folder, with the library's batch runner in the worker")
+            casesFolder = os.path.join(tmp, "cases")
+            os.makedirs(casesFolder)
+            image = mrml.image_from_volume_node(volumeNode)
+            write_image(image.array, image.geometry, os.path.join(casesFolder, "case1.nrrd"))
+            rows = logic.processFolder(casesFolder, normalsFolder, os.path.join(tmp, "results"), **settings)
+            self.assertEqual([r["status"] for r in rows], ["ok"])
+            rows = logic.processFolder(casesFolder, normalsFolder, os.path.join(tmp, "results"), **settings)
+            self.assertEqual([r["status"] for r in rows], ["done earlier"])
+
+            logic.shutdown()
         self.delayDisplay("Test passed")

@@ -7,8 +7,6 @@ exits with 130. ``--debug`` shows the traceback of any error.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
 import os

@@ -33,7 +33,7 @@ import traceback
 import warnings
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from . import __version__
 from .errors import Cancelled, HiMatchADError

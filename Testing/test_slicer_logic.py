@@ -1,0 +1,242 @@
+"""The Slicer module's logic (``HiMatchAD.py``) on Slicer's real MRML (``slicer-core``) with a real
+worker process.
+
+``HiMatchAD.py`` imports Slicer's Qt-based modules at import time; here they are replaced by minimal
+stand-ins (no widget is built), while MRML, ``slicer.util``, the worker and the library are the real
+ones. The worker runs with this interpreter instead of ``PythonSlicer``.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import pathlib
+import sys
+import threading
+import time
+import types
+import unittest
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without Qt) is not installed")
+vtk = pytest.importorskip("vtk")
+
+from conftest import RESOLUTION  # noqa: E402
+from HiMatchADLib import Cancelled, mrml  # noqa: E402
+from HiMatchADLib.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.imageio import write_image  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def _stub_modules() -> dict:
+    qt = types.ModuleType("qt")
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls=None: cls
+    pnw.WithinRange = lambda low, high: ("WithinRange", low, high)
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__[: -len("Logic")]
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        def delayDisplay(self, message, msec=None):
+            pass
+
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+    return {"qt": qt, "slicer.parameterNodeWrapper": pnw, "slicer.ScriptedLoadableModule": slm}
+
+
+class FakeApp:
+    """The two things the logic asks of ``slicer.app``."""
+
+    events = 0
+
+    def testingEnabled(self):
+        return True
+
+    def processEvents(self):
+        FakeApp.events += 1
+
+
+@pytest.fixture(scope="module")
+def HiMatchAD():
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in _stub_modules().items():
+            if name not in sys.modules:
+                mp.setitem(sys.modules, name, module)
+        mp.setattr(slicer, "app", FakeApp(), raising=False)
+        mp.setattr(slicer.util, "startupEnvironment", lambda: dict(os.environ), raising=False)
+        mp.syspath_prepend(str(ROOT))
+        sys.modules.pop("HiMatchAD", None)
+        module = importlib.import_module("HiMatchAD")
+        mp.setattr(module.HiMatchADLogic, "pythonSlicerExecutable", staticmethod(lambda: sys.executable))
+        yield module
+        sys.modules.pop("HiMatchAD", None)
+
+
+@pytest.fixture
+def scene(monkeypatch):
+    s = slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "mrmlScene", s, raising=False)
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_model, cache_dir, fitted):
+    fitted("himatch")  # the bank is in the shared cache before the worker asks for it
+    return {"model": tiny_model, "k": 4, "resolution": RESOLUTION, "cache_dir": str(cache_dir)}
+
+
+@pytest.fixture(scope="module")
+def logic(HiMatchAD):
+    lg = HiMatchAD.HiMatchADLogic()
+    yield lg
+    lg.shutdown()
+
+
+def add_case(scene, lesion_case, name="case"):
+    img, _ = lesion_case
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    m = np.eye(4)
+    m[:3, :3] = np.array([[-0.9, 0.3, 0.0], [-0.3, -0.9, 0.0], [0.0, 0.0, 1.0]]) @ np.diag([1.0, 1.0, 2.5])
+    m[:3, 3] = (4.0, -8.0, 30.0)
+    node.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(m))
+    slicer.util.updateVolumeFromArray(node, img.array.astype(np.int16))
+    return node
+
+
+def test_dependencies_are_found_and_a_missing_one_is_named(HiMatchAD, logic, monkeypatch):
+    logic.ensureDependencies(interactive=False)
+    assert logic.dependenciesReady
+    from HiMatchADLib import dependencies
+
+    monkeypatch.setattr(dependencies, "missing", lambda reqs: ["torch>=2.1"])
+    with pytest.raises(RuntimeError, match="torch>=2.1"):  # testing mode: nothing is installed
+        logic.ensureDependencies(interactive=False)
+    assert not logic.dependenciesReady
+
+
+def test_process_runs_in_the_worker_and_reuses_it(HiMatchAD, logic, scene, settings, normals_dir, lesion_case):
+    node = add_case(scene, lesion_case)
+    messages = []
+    out = logic.process(node, normals_dir, progress=lambda m, d, t: messages.append(m), **settings)
+    pid = logic.lastRunInfo["workerPid"]
+    assert pid != os.getpid() and messages
+    assert np.allclose(mrml.ijk_to_ras_matrix(out.heatmap), mrml.ijk_to_ras_matrix(node))
+    assert out.segmentation.GetSegmentation().GetSegmentIdBySegmentName("Anomaly") == out.segment_id
+    assert int(mrml.segment_to_array(out.segmentation, node).sum()) == out.anomalous_voxels
+
+    again = logic.process(node, normals_dir, **settings)
+    assert logic.lastRunInfo["detectorReused"] and logic.lastRunInfo["workerPid"] == pid
+    assert not any("bank" in m.lower() for m in logic.lastRunInfo["messages"])
+    assert (again.heatmap.GetID(), again.segmentation.GetID()) == (out.heatmap.GetID(), out.segmentation.GetID())
+    assert logic.setThreshold(float(out.result.heatmap.max()) + 1.0) == 0
+    assert "mL" in HiMatchAD.HiMatchADLogic.anomalousSizeText(again)
+
+
+def test_inputs_are_checked_and_cancel_leaves_the_scene(HiMatchAD, logic, scene, settings, normals_dir, lesion_case, tmp_path):
+    node = add_case(scene, lesion_case)
+    with pytest.raises(ValueError):
+        logic.process(node, tmp_path / "missing", **settings)
+    with pytest.raises(ValueError):
+        logic.process(None, normals_dir, **settings)
+    before = scene.GetNumberOfNodes()
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        logic.process(node, normals_dir, cancelEvent=cancel, **dict(settings, cache_dir=str(tmp_path / "c")))
+    assert scene.GetNumberOfNodes() == before and not logic.isRunning
+
+    logic.startProcessing(node, normals_dir, **dict(settings, cache_dir=str(tmp_path / "c")))
+    assert logic.isRunning
+    with pytest.raises(HiMatchADError, match="already running"):
+        logic.startProcessing(node, normals_dir, **settings)
+    assert logic.cancel() and not logic.isRunning
+    assert logic.pollJob() == [] and scene.GetNumberOfNodes() == before
+
+    # A scene close while running: the job is cancelled, nothing is imported later.
+    logic.startProcessing(node, normals_dir, **settings)
+    assert logic.discardJob() is True and not logic.isRunning
+    assert logic.pollJob() == [] and scene.GetNumberOfNodes() == before
+
+
+def test_a_worker_error_reaches_the_panel_and_the_worker_goes_on(HiMatchAD, logic, scene, settings, normals_dir, lesion_case):
+    node = add_case(scene, lesion_case)
+    logic.startProcessing(node, normals_dir, **dict(settings, method="nonsense"))
+    deadline = time.monotonic() + TIMEOUT
+    events = []
+    while not events and time.monotonic() < deadline:
+        events = [e for e in logic.pollJob() if e[0] != "progress"]
+        time.sleep(0.02)
+    (kind, job, message), = events
+    assert kind == "error" and "unknown method" in message
+    assert not logic.isRunning
+    out = logic.process(node, normals_dir, **settings)  # the panel is usable again
+    assert out.heatmap is not None
+
+
+def read_summary(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_process_folder_is_the_command_line_batch(HiMatchAD, logic, settings, normals_dir, lesion_case, tmp_path):
+    from HiMatchADLib.cli import main
+
+    img, _ = lesion_case
+    incoming = tmp_path / "incoming"
+    write_image(img.array, img.geometry, incoming / "a.nii.gz")
+    write_image(img.array[:, ::-1].copy(), img.geometry, incoming / "site2" / "b.nrrd")
+    (incoming / "broken.nii.gz").write_bytes(b"not an image")
+
+    rows = logic.processFolder(incoming, normals_dir, tmp_path / "from-slicer", method="himatch", **settings)
+    assert {r["case"]: r["status"] for r in rows} == {"a.nii.gz": "ok", "broken.nii.gz": "failed", "site2/b.nrrd": "ok"}
+    assert (tmp_path / "from-slicer" / "site2" / "b_heatmap.nii.gz").exists()
+
+    argv = ["--quiet", "batch", str(incoming), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "from-cli"),
+            "--model", settings["model"], "--k", "4", "--resolution", str(RESOLUTION), "--cache-dir", settings["cache_dir"]]
+    assert main(argv) == 1  # one case failed
+    slicer_rows = read_summary(tmp_path / "from-slicer" / "summary.csv")
+    cli_rows = read_summary(tmp_path / "from-cli" / "summary.csv")
+    assert slicer_rows == cli_rows
+    for row in (r for r in slicer_rows if r["status"] == "ok"):  # the same numbers in both result sets
+        a = mrml_free_heatmap(tmp_path / "from-slicer" / row["heatmap"])
+        b = mrml_free_heatmap(tmp_path / "from-cli" / row["heatmap"])
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # Resumable, and in the background with progress.
+    job = logic.processFolder(incoming, normals_dir, tmp_path / "from-slicer", background=True, method="himatch", **settings)
+    assert logic.isRunning and job.kind == "batch"
+    event = logic.runner.wait(timeout=TIMEOUT)
+    assert event["counts"]["done earlier"] == 2
+
+
+def mrml_free_heatmap(path):
+    from HiMatchADLib.imageio import read_image
+
+    return read_image(path).array
+
+
+@pytest.mark.slow
+def test_module_self_test(HiMatchAD, scene, monkeypatch):
+    """The module's own self-test (what Slicer's CTest runs), on slicer-core, through the worker."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    test = HiMatchAD.HiMatchADTest("test_HiMatchAD1")
+    test.setUp()
+    test.test_HiMatchAD1()
