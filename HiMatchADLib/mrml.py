@@ -377,8 +377,10 @@ def labelmap_to_segmentation(
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
     if reference_node is not None:
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        # First under the volume's parent transform, then the reference geometry: the other way
+        # round Slicer folds the transform into the geometry, and the transform applies twice.
         segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
     segment_id = ensure_segment(segmentation_node, segment_name)
     _import_labelmap_into_segment(labelmap_node, segmentation_node, segment_id)
     display = segmentation_node.GetDisplayNode()
