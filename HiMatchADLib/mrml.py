@@ -19,7 +19,19 @@ heatmap, labelmap and segmentation overlay the input exactly, oblique volumes in
 segmentation's reference geometry is the input volume, which Slicer's DICOM SEG export relies on.
 
 Output nodes are tagged with the attribute ``HiMatchAD.Role`` and a node reference to their input
-volume, so a second run on the same input updates them instead of adding new ones.
+volume, so a second run on the same input updates them instead of adding new ones;
+:func:`is_input_candidate` keeps them (and labelmaps) out of the input choices.
+
+Safety rules
+------------
+- A result is attached only to the volume it was computed on: :func:`check_result_matches`
+  compares the node's grid with ``result.geometry``, and :func:`node_in_scene` tells whether a
+  node object still belongs to its scene (node IDs are reused after a scene close).
+- The "Anomaly" segment is tagged for DICOM SEG export (algorithm AUTOMATIC "HiMatch-AD", a coded
+  terminology of Slicer's DICOM master list).
+- Each import records what it put into the segment; replacing a segment edited since then (new
+  threshold, second run) raises :class:`SegmentEditedError` unless the caller says to keep a copy
+  of the edits or to overwrite them (``if_edited``).
 """
 
 from __future__ import annotations

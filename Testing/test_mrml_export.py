@@ -449,6 +449,37 @@ def test_threshold_keeps_a_copy_of_the_edits(scene, slicer_modules):
     assert segment_names(nodes)[-1] == "Anomaly (edited) 3" and not mrml.segment_was_edited(nodes)
 
 
+def test_keep_with_a_segment_sharing_the_labelmap_layer(scene):
+    """Segment Editor often puts segments into one shared labelmap layer: the copy of the edits and
+    the other segment keep their own voxels."""
+    node = add_volume(scene, synthetic_array(), oblique_ijk_to_ras())
+    result = make_result(mrml.image_from_volume_node(node))
+    nodes = mrml.result_to_nodes(result, node)
+    segmentation = nodes.segmentation.GetSegmentation()
+    note_id = segmentation.AddEmptySegment("", "Note", [0.0, 1.0, 0.0])
+    labels = result.labelmap.astype(np.uint8)
+    labels[7, 1:3, 2:4] = 1  # added to Anomaly
+    labels[0, 0:2, 0:3] = 2  # the Note segment
+    source = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "painted")
+    source.CopyOrientation(node)
+    slicer.util.updateVolumeFromArray(source, labels)
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(nodes.segment_id)
+    ids.InsertNextValue(note_id)
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(source, nodes.segmentation, ids)
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    assert segmentation.GetSegment(nodes.segment_id).GetRepresentation(labelmap_name) is \
+        segmentation.GetSegment(note_id).GetRepresentation(labelmap_name)  # one shared layer
+
+    assert mrml.segment_was_edited(nodes)
+    nodes.set_threshold(4.0, if_edited="keep")
+    assert segment_names(nodes) == ["Anomaly", "Note", "Anomaly (edited)"]
+    assert np.array_equal(mrml.segment_to_array(nodes.segmentation, node), result.labelmap_at(4.0))
+    assert np.array_equal(mrml.segment_to_array(nodes.segmentation, node, "Anomaly (edited)"), (labels == 1).astype(np.uint8))
+    assert np.array_equal(mrml.segment_to_array(nodes.segmentation, node, "Note"), (labels == 2).astype(np.uint8))
+    assert not mrml.segment_was_edited(nodes)
+
+
 def test_threshold_overwrites_edits_when_asked(scene, slicer_modules):
     node = add_volume(scene, synthetic_array(), oblique_ijk_to_ras(flip=True))
     result = make_result(mrml.image_from_volume_node(node))
