@@ -128,8 +128,7 @@ def test_segmentation_of_a_transformed_oblique_volume_exports_the_labelmap(scene
         exported = exported_labelmap_node(nodes.segmentation, nodes.segment_id, node)
         assert np.allclose(ijk(exported), m, atol=1e-6)
         assert np.array_equal(slicer.util.arrayFromVolume(exported) != 0, expected != 0)
-        exported_world = exported.GetParentTransformNode()
-        assert exported_world is None or exported_world.GetID() == transform.GetID()
+        assert exported.GetTransformNodeID() == transform.GetID()  # so it overlays the input in world space too
         # The segment's voxels sit, in world coordinates, where the lesion voxels of the input do.
         ks, js, is_ = np.nonzero(expected)
         lesion_local = (m @ np.stack([is_, js, ks, np.ones_like(ks)]).astype(float))[:3].T
@@ -382,6 +381,32 @@ def test_edits_are_detected(scene, slicer_modules):
     assert not mrml.segment_was_edited(nodes)
     scene.RemoveNode(nodes.segmentation)
     assert not mrml.segment_was_edited(nodes)
+
+
+def test_edit_record_survives_saving_the_segmentation(scene, tmp_path, slicer_modules):
+    """Tags, and what the last import wrote, are saved with the segmentation (.seg.nrrd)."""
+    node, _, _ = transformed_volume(scene)
+    result = make_result(mrml.image_from_volume_node(node))
+    nodes = mrml.result_to_nodes(result, node)
+    path = str(tmp_path / "anomaly.seg.nrrd")
+    writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    writer.SetFileName(path)
+    assert writer.WriteData(nodes.segmentation)
+
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(path)
+    assert reader.ReadData(loaded)
+    loaded.SetAndObserveTransformNodeID(node.GetTransformNodeID())
+    segment_id = loaded.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
+    segment = loaded.GetSegmentation().GetSegment(segment_id)
+    assert tag(segment, "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
+    assert tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()) == mrml.SEGMENT_TERMINOLOGY
+    reloaded = mrml.ResultNodes(result, node, segmentation=loaded, segment_id=segment_id)
+    assert np.array_equal(mrml.segment_to_array(loaded, node), result.labelmap)
+    assert not mrml.segment_was_edited(reloaded)
+    edited(reloaded)
+    assert mrml.segment_was_edited(reloaded)
 
 
 def test_threshold_refuses_to_erase_edits(scene, slicer_modules):
