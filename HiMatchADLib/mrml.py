@@ -19,17 +19,32 @@ heatmap, labelmap and segmentation overlay the input exactly, oblique volumes in
 segmentation's reference geometry is the input volume, which Slicer's DICOM SEG export relies on.
 
 Output nodes are tagged with the attribute ``HiMatchAD.Role`` and a node reference to their input
-volume, so a second run on the same input updates them instead of adding new ones.
+volume, so a second run on the same input updates them instead of adding new ones;
+:func:`is_input_candidate` keeps them (and labelmaps) out of the input choices.
+
+Safety rules
+------------
+- A result is attached only to the volume it was computed on: :func:`check_result_matches`
+  compares the node's grid with ``result.geometry``, and :func:`node_in_scene` tells whether a
+  node object still belongs to its scene (node IDs are reused after a scene close).
+- The "Anomaly" segment is tagged for DICOM SEG export (algorithm AUTOMATIC "HiMatch-AD", a coded
+  terminology of Slicer's DICOM master list).
+- Each import records what it put into the segment; replacing a segment edited since then (new
+  threshold, second run) raises :class:`SegmentEditedError` unless the caller says to keep a copy
+  of the edits or to overwrite them (``if_edited``).
 """
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import slicer
 import vtk
+from vtk.util.numpy_support import vtk_to_numpy
 
 from .errors import HiMatchADError
 from .imageio import Geometry, Image
@@ -49,12 +64,48 @@ ROLE_CHART = "scoreChart"
 
 SEGMENT_NAME = "Anomaly"
 SEGMENT_COLOR = (1.0, 0.35, 0.1)
-#: DICOM terminology of the "Anomaly" segment (category "Morphologically Altered Structure", type
-#: "Lesion", SNOMED CT), so that DICOM SEG export has a coded segment description.
-SEGMENT_TERMINOLOGY = (
-    "Segmentation category and type - DICOM master list"
-    "~SCT^49755003^Morphologically Altered Structure~SCT^52988006^Lesion~^^"
-    "~Anatomic codes - DICOM master list~^^~^^"
+#: Colour of the copies that keep a user's edits of the "Anomaly" segment (``if_edited="keep"``).
+EDITED_SEGMENT_COLOR = (0.95, 0.85, 0.2)
+
+#: Segment tags read by Slicer's DICOM SEG export (``DICOMSegmentationPlugin``): without them the
+#: SEG says the segment was drawn by hand (MANUAL).
+SEGMENT_ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
+SEGMENT_ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
+ALGORITHM_NAME = "HiMatch-AD"
+#: Digest of the labelmap the last import put into the segment; a segment whose content no longer
+#: has this digest was edited (see :func:`segment_was_edited`).
+LABELMAP_DIGEST_TAG = "HiMatchAD.LabelmapDigest"
+IF_EDITED_CHOICES = ("raise", "keep", "overwrite")
+
+#: Terminology of the "Anomaly" segment, from Slicer's DICOM master list
+#: (Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-DICOM-Master.json):
+#: category SCT 49755003 "Morphologically Altered Structure" (CID 7150), type SCT 4147007 "Mass"
+#: (CID 7159, context group LesionSegmentationTypes). Codes are (scheme, value, meaning).
+TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
+REGION_CONTEXT = "Anatomic codes - DICOM master list"
+SEGMENT_CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
+SEGMENT_TYPE = ("SCT", "4147007", "Mass")
+
+
+def serialize_terminology(category, type_, modifier=None, context: str = TERMINOLOGY_CONTEXT,
+                          region_context: str = REGION_CONTEXT, region=None, region_modifier=None) -> str:
+    """A segment terminology entry in the serialized form of Slicer 5.x.
+
+    The same string as ``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``: seven
+    ``~``-separated fields (context, category, type, type modifier, region context, region, region
+    modifier), each code written ``scheme^value^meaning`` (``^^`` when absent).
+    """
+
+    def code(c) -> str:
+        return "^".join(c) if c else "^^"
+
+    return "~".join([context, code(category), code(type_), code(modifier), region_context, code(region), code(region_modifier)])
+
+
+SEGMENT_TERMINOLOGY = serialize_terminology(SEGMENT_CATEGORY, SEGMENT_TYPE)
+#: Terminologies that earlier versions of this module gave the segment; replaced on the next import.
+FORMER_SEGMENT_TERMINOLOGIES = (
+    serialize_terminology(("SCT", "49755003", "Morphologically Altered Structure"), ("SCT", "52988006", "Lesion")),
 )
 
 #: Perceptual colour maps for the heatmap, best first: Slicer's Inferno, ColdToHotRainbow, then
@@ -146,15 +197,103 @@ def image_from_volume_node(node, name: Optional[str] = None) -> Image:
     return image
 
 
+#: Largest difference accepted between a result's geometry and its volume node's: mm for spacing
+#: and origin, unitless for the direction cosines (plus float32 rounding, as NIfTI stores them).
+GEOMETRY_TOLERANCE = 1e-4
+
+
+def geometry_differences(expected: Geometry, actual: Geometry, tol: float = GEOMETRY_TOLERANCE) -> list[str]:
+    """What differs between two grids: size, spacing, origin, directions (empty when they match)."""
+
+    def close(a, b) -> bool:
+        return bool(np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-6, atol=tol))
+
+    def fmt(v) -> str:
+        return "(" + ", ".join(f"{x:.6g}" for x in np.asarray(v, dtype=float).reshape(-1)) + ")"
+
+    differences = []
+    if tuple(expected.size) != tuple(actual.size):
+        differences.append(f"size {tuple(expected.size)} != {tuple(actual.size)}")
+    if not close(expected.spacing, actual.spacing):
+        differences.append(f"spacing {fmt(expected.spacing)} != {fmt(actual.spacing)} mm")
+    if not close(expected.origin, actual.origin):
+        shift = float(np.linalg.norm(np.subtract(expected.origin, actual.origin)))
+        differences.append(f"origin {fmt(expected.origin)} != {fmt(actual.origin)} (LPS, {shift:.4g} mm apart)")
+    if not close(expected.direction, actual.direction):
+        angle = float(np.abs(np.asarray(expected.direction) - np.asarray(actual.direction)).max())
+        differences.append(f"axis directions differ (largest cosine difference {angle:.4g})")
+    return differences
+
+
+def volume_geometry(node) -> Geometry:
+    """LPS :class:`Geometry` of a volume node's voxel grid (its parent transform excluded)."""
+    size = volume_size(node)
+    return geometry_from_ijk_to_ras(ijk_to_ras_matrix(node), size, is_2d=(size[2] == 1))
+
+
 def check_result_matches(result: DetectionResult, reference_node) -> None:
-    """Raise :class:`HiMatchADError` unless ``result`` lies on ``reference_node``'s voxel grid."""
-    size = volume_size(reference_node)
-    shape = (size[2], size[1], size[0])
-    if tuple(result.heatmap.shape) != shape:
+    """Raise :class:`HiMatchADError` unless ``result`` was computed on ``reference_node``'s voxel grid.
+
+    The node's local geometry (size, spacing, origin and directions of its ``IJKToRAS``; its parent
+    transform excluded) must be the result's :attr:`~DetectionResult.geometry` within
+    :data:`GEOMETRY_TOLERANCE`. A result of another volume (another patient loaded after the scene
+    was closed, a resampled or cropped copy) is refused, never attached.
+    """
+    if reference_node is None:
+        raise HiMatchADError("no input volume node to compare the result with; select the volume that was analysed")
+    name = reference_node.GetName()
+    geometry = volume_geometry(reference_node)
+    differences = geometry_differences(result.geometry, geometry)
+    if not differences and tuple(np.shape(result.heatmap)) != geometry.shape:
+        differences.append(f"heatmap array {tuple(np.shape(result.heatmap))} != voxel grid {geometry.shape}")
+    if differences:
         raise HiMatchADError(
-            f"the result ({result.heatmap.shape}) was not computed on '{reference_node.GetName()}' {shape}; "
-            "run the detection on this volume again"
+            f"the result '{result.name}' was not computed on the volume '{name}' (result vs volume: "
+            + "; ".join(differences)
+            + "); run the detection on this volume again"
         )
+
+
+def node_in_scene(node, scene=None) -> bool:
+    """True while ``node`` (this very object) belongs to ``scene`` (default: the node's own scene).
+
+    False after the node was removed or the scene was closed, even when the scene now holds another
+    node with the same ID (IDs are reused after a scene close): keep node objects, not node IDs, to
+    find a job's input volume again.
+    """
+    if node is None:
+        return False
+    own = node.GetScene()
+    if own is None or (scene is not None and own is not scene):
+        return False
+    node_id = node.GetID()
+    return bool(node_id) and own.GetNodeByID(node_id) is node
+
+
+def _require_in_scene(node, what: str) -> None:
+    if not node_in_scene(node):
+        name = node.GetName() if node is not None else "?"
+        raise HiMatchADError(
+            f"the {what} '{name}' is no longer in the scene (it was removed or the scene was closed); "
+            "select a volume and run the detection again"
+        )
+
+
+def is_input_candidate(node) -> bool:
+    """True for volumes this module can analyse: scalar volumes (and RGB vector volumes), not
+    labelmaps, not tensor or diffusion volumes, and not outputs of this module (``HiMatchAD.Role``)."""
+    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
+        return False
+    if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(ROLE_ATTRIBUTE):
+        return False
+    if node.IsA("vtkMRMLTensorVolumeNode"):  # vector (RGB) volumes derive from it, as diffusion tensors do
+        return node.IsA("vtkMRMLVectorVolumeNode")
+    return not node.IsA("vtkMRMLDiffusionWeightedVolumeNode") and not node.IsA("vtkMRMLMultiVolumeNode")
+
+
+def input_candidates(scene) -> list:
+    """The volume nodes of ``scene`` that :func:`is_input_candidate` accepts, in scene order."""
+    return [node for node in _nodes_by_class(scene, "vtkMRMLVolumeNode") if is_input_candidate(node)]
 
 
 def _place_like(node, reference_node, result: Optional[DetectionResult]) -> None:
@@ -297,9 +436,10 @@ def heatmap_to_volume_node(result: DetectionResult, reference_node, node=None, s
 
 def _write_volume_node(result: DetectionResult, reference_node, node, scene, class_name: str, role: str, label: str, array: np.ndarray):
     """The output node of ``role`` (reused or added), placed on the reference grid, holding ``array``."""
-    scene = _scene_of(scene, node, reference_node)
     if reference_node is not None:
+        _require_in_scene(reference_node, "input volume")
         check_result_matches(result, reference_node)
+    scene = _scene_of(scene, node, reference_node)
     node = _output_node(scene, class_name, role, reference_node, node, label)
     _place_like(node, reference_node, result)
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
@@ -329,8 +469,36 @@ def ensure_segmentation_converters() -> None:
     factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
 
 
+class SegmentEditedError(HiMatchADError):
+    """The segment holds edits made since the detector last wrote it; replacing it would lose them."""
+
+
+def _segment_tag(segment, name: str) -> Optional[str]:
+    value = vtk.mutable("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+def _default_terminology() -> Optional[str]:
+    """The terminology this Slicer version gives a new segment."""
+    return _segment_tag(slicer.vtkSegment(), slicer.vtkSegment.GetTerminologyEntryTagName())
+
+
+def _tag_segment(segment, algorithm_type: str = "AUTOMATIC") -> None:
+    """DICOM SEG algorithm tags, and :data:`SEGMENT_TERMINOLOGY` unless a user chose another one.
+
+    A terminology counts as chosen when it is neither missing, nor Slicer's default for new
+    segments, nor one that an earlier version of this module wrote.
+    """
+    segment.SetTag(SEGMENT_ALGORITHM_TYPE_TAG, algorithm_type)
+    segment.SetTag(SEGMENT_ALGORITHM_NAME_TAG, ALGORITHM_NAME)
+    tag = slicer.vtkSegment.GetTerminologyEntryTagName()
+    current = _segment_tag(segment, tag)
+    if not current or current in FORMER_SEGMENT_TERMINOLOGIES or current == _default_terminology():
+        segment.SetTag(tag, SEGMENT_TERMINOLOGY)
+
+
 def ensure_segment(segmentation_node, name: str = SEGMENT_NAME, color=SEGMENT_COLOR) -> str:
-    """ID of the segment called ``name`` (added, with colour and terminology, if missing)."""
+    """ID of the segment called ``name`` (added, with colour, terminology and algorithm tags, if missing)."""
     ensure_segmentation_converters()
     segmentation = segmentation_node.GetSegmentation()
     segment_id = segmentation.GetSegmentIdBySegmentName(name)
@@ -340,17 +508,131 @@ def ensure_segment(segmentation_node, name: str = SEGMENT_NAME, color=SEGMENT_CO
     if not segment_id:
         raise RuntimeError(f"could not add segment '{name}' to '{segmentation_node.GetName()}'")
     segment = segmentation.GetSegment(segment_id)
-    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), SEGMENT_TERMINOLOGY)
+    _tag_segment(segment)
     if hasattr(segment, "SetNameAutoGenerated"):
         segment.SetNameAutoGenerated(False)
     return segment_id
 
 
+@contextmanager
+def _temporary_labelmap(scene):
+    """A labelmap volume node that is removed (with its display and storage nodes) afterwards."""
+    temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__HiMatchAD_temporary__")
+    try:
+        yield temp
+    finally:
+        for helper in (temp.GetDisplayNode(), temp.GetStorageNode()):
+            if helper is not None:
+                scene.RemoveNode(helper)
+        scene.RemoveNode(temp)
+
+
+def _segment_array(segmentation_node, segment_id: str, reference_node) -> np.ndarray:
+    """Copy of a segment as a ``(k, j, i)`` uint8 array on ``reference_node``'s grid."""
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    with _temporary_labelmap(_scene_of(segmentation_node, reference_node)) as temp:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, temp, reference_node):
+            raise RuntimeError(f"exporting segment '{segment_id}' of '{segmentation_node.GetName()}' failed")
+        return np.array(slicer.util.arrayFromVolume(temp), dtype=np.uint8, copy=True)
+
+
+def _segment_digest(segmentation_node, segment_id: str) -> tuple[str, bool]:
+    """Digest of a segment's voxels on the segmentation's reference geometry, and whether it has any.
+
+    The segment is read as Slicer's DICOM SEG export reads it (merged labelmap on the reference
+    geometry), in the segmentation's own coordinates: parent transforms play no part, so moving the
+    volume and its outputs under another transform is not an edit.
+    """
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    image = slicer.vtkOrientedImageData()
+    if not segmentation_node.GenerateMergedLabelmapForAllSegments(image, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, None, ids):
+        # Slicer cannot merge an empty segment of a segmentation without reference geometry.
+        return "unreadable", False
+    matrix = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(matrix)
+    scalars = image.GetPointData().GetScalars()
+    mask = np.zeros(0, dtype=bool) if scalars is None else vtk_to_numpy(scalars) != 0
+    digest = hashlib.sha256(repr((tuple(image.GetExtent()), np.round(slicer.util.arrayFromVTKMatrix(matrix), 6).tolist())).encode())
+    digest.update(np.packbits(mask, axis=None).tobytes())
+    return digest.hexdigest(), bool(mask.any())
+
+
 def _import_labelmap_into_segment(labelmap_node, segmentation_node, segment_id: str) -> None:
+    """Replace the segment's content with the labelmap node's, tag it and record what it holds."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_node, segmentation_node, ids):
         raise RuntimeError(f"importing the labelmap into '{segmentation_node.GetName()}' failed")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    _tag_segment(segment)
+    # The digest of the content as read back (what segment_was_edited compares with), not of the
+    # labelmap that went in, so that any resampling of the import cannot look like an edit.
+    segment.SetTag(LABELMAP_DIGEST_TAG, _segment_digest(segmentation_node, segment_id)[0])
+
+
+def _is_edited(segmentation_node, segment_id: str) -> bool:
+    """True if the segment does not hold what the last import put there.
+
+    A non-empty segment that no import of this module wrote (no digest) counts as edited.
+    """
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    if segment is None:
+        return False
+    digest, has_voxels = _segment_digest(segmentation_node, segment_id)
+    recorded = _segment_tag(segment, LABELMAP_DIGEST_TAG)
+    return has_voxels if recorded is None else digest != recorded
+
+
+def _unique_segment_name(segmentation, base: str) -> str:
+    name, n = base, 1
+    while segmentation.GetSegmentIdBySegmentName(name):
+        n += 1
+        name = f"{base} {n}"
+    return name
+
+
+def _keep_edited_copy(segmentation_node, segment_id: str) -> str:
+    """Copy an edited segment into a new one, "<name> (edited)", marked SEMIAUTOMATIC. Returns its ID."""
+    segmentation = segmentation_node.GetSegmentation()
+    source = segmentation.GetSegment(segment_id)
+    copy = slicer.vtkSegment()
+    copy.DeepCopy(source)  # content, terminology and tags; as vtkSegmentation::CopySegmentFromSegmentation does
+    name = _unique_segment_name(segmentation, f"{source.GetName()} (edited)")
+    copy.SetName(name)
+    copy.SetColor(*EDITED_SEGMENT_COLOR)
+    if hasattr(copy, "SetNameAutoGenerated"):
+        copy.SetNameAutoGenerated(False)
+    copy.RemoveTag(LABELMAP_DIGEST_TAG)
+    copy.SetTag(SEGMENT_ALGORITHM_TYPE_TAG, "SEMIAUTOMATIC")
+    copy.SetTag(SEGMENT_ALGORITHM_NAME_TAG, ALGORITHM_NAME)
+    copy_id = segmentation.GenerateUniqueSegmentID(name)
+    if not segmentation.AddSegment(copy, copy_id):
+        raise RuntimeError(f"could not copy segment '{source.GetName()}' in '{segmentation_node.GetName()}'")
+    return copy_id
+
+
+def _resolve_edits(segmentation_node, segment_name: str, if_edited: str) -> Optional[str]:
+    """Before an import replaces segment ``segment_name``: what to do with edits made to it.
+
+    ``"raise"``: :class:`SegmentEditedError`; ``"keep"``: copy the edited segment (returns the copy's
+    ID); ``"overwrite"``: nothing.
+    """
+    if if_edited not in IF_EDITED_CHOICES:
+        raise ValueError(f"if_edited must be one of {IF_EDITED_CHOICES}, not {if_edited!r}")
+    if segmentation_node is None or if_edited == "overwrite":
+        return None
+    segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
+    if not _is_edited(segmentation_node, segment_id):
+        return None
+    if if_edited == "raise":
+        raise SegmentEditedError(
+            f"the segment '{segment_name}' of '{segmentation_node.GetName()}' was edited since the detector "
+            "wrote it; updating it would replace the edits: keep a copy of them (if_edited='keep') or "
+            "discard them (if_edited='overwrite')"
+        )
+    return _keep_edited_copy(segmentation_node, segment_id)
 
 
 def labelmap_to_segmentation(
@@ -361,28 +643,46 @@ def labelmap_to_segmentation(
     scene=None,
     segment_name: str = SEGMENT_NAME,
     name: Optional[str] = None,
+    if_edited: str = "raise",
 ):
     """Import ``result.labelmap`` into segment ``segment_name`` of a segmentation node.
 
     The labelmap goes through a labelmap volume node (``labelmap_node``, reused or created, see
-    :func:`labelmap_to_volume_node`). The segmentation's reference image geometry is the input
-    volume (needed for DICOM SEG export and for editing on the input's grid). Returns
+    :func:`labelmap_to_volume_node`). The segmentation lies under the input volume's parent
+    transform and its reference image geometry is the input volume (needed for DICOM SEG export and
+    for editing on the input's grid). The segment is tagged for DICOM SEG (AUTOMATIC, algorithm
+    "HiMatch-AD", :data:`SEGMENT_TERMINOLOGY`).
+
+    A segment edited since the last import is handled by ``if_edited`` (see
+    :func:`update_segmentation_threshold`) before anything changes. Returns
     ``(segmentation_node, segment_id, labelmap_node)``.
     """
     scene = _scene_of(scene, segmentation_node, reference_node)
+    if reference_node is not None:
+        _require_in_scene(reference_node, "input volume")
+        check_result_matches(result, reference_node)
+    if segmentation_node is None:
+        segmentation_node = find_output_node(scene, "vtkMRMLSegmentationNode", ROLE_SEGMENTATION, reference_node)
     ensure_segmentation_converters()
+    _resolve_edits(segmentation_node, segment_name, if_edited)
     labelmap_node = labelmap_to_volume_node(result, reference_node, node=labelmap_node, scene=scene)
     label = name or f"{_base_name(result, reference_node)} anomaly"
     segmentation_node = _output_node(scene, "vtkMRMLSegmentationNode", ROLE_SEGMENTATION, reference_node, segmentation_node, label)
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
     if reference_node is not None:
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+        # First under the volume's parent transform, then the reference geometry: the other way
+        # round Slicer folds the transform into the geometry, and the transform applies twice.
         segmentation_node.SetAndObserveTransformNodeID(reference_node.GetTransformNodeID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_node)
+    else:  # the result's own grid, where the labelmap node lies
+        segmentation_node.SetAndObserveTransformNodeID(labelmap_node.GetTransformNodeID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(labelmap_node)
+    is_new = not segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
     segment_id = ensure_segment(segmentation_node, segment_name)
     _import_labelmap_into_segment(labelmap_node, segmentation_node, segment_id)
     display = segmentation_node.GetDisplayNode()
-    if display is not None:
+    if is_new and display is not None:
         # Outline and a light fill, so the heatmap under the segment stays readable.
         display.SetSegmentOpacity2DFill(segment_id, 0.25)
         display.SetSegmentOpacity2DOutline(segment_id, 1.0)
@@ -396,45 +696,37 @@ def update_segmentation_threshold(
     labelmap_node=None,
     reference_node=None,
     segment_name: str = SEGMENT_NAME,
+    if_edited: str = "raise",
 ) -> int:
     """Re-threshold ``result`` (no recomputation of the maps) and replace the segment's content.
 
     ``result.threshold`` and ``result.labelmap`` are updated. The labelmap node (given, or the one
     of this result's reference volume) is updated too. Returns the number of anomalous voxels.
+
+    When the segment was edited (Segment Editor, or any change of its labelmap) since it was last
+    written, ``if_edited`` decides: ``"raise"`` raises :class:`SegmentEditedError` and changes
+    nothing; ``"keep"`` first copies the edited segment into a new segment "<name> (edited)"
+    (SEMIAUTOMATIC), ``"overwrite"`` discards the edits.
     """
-    result.set_threshold(float(threshold))
-    scene = _scene_of(segmentation_node)
+    _require_in_scene(segmentation_node, "segmentation")
     if reference_node is None:
         reference_node = segmentation_node.GetNodeReference(INPUT_REFERENCE_ROLE)
-    if labelmap_node is None:
-        labelmap_node = find_output_node(scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP, reference_node)
-    labelmap_node = labelmap_to_volume_node(result, reference_node, node=labelmap_node, scene=scene)
-    segment_id = ensure_segment(segmentation_node, segment_name)
-    _import_labelmap_into_segment(labelmap_node, segmentation_node, segment_id)
+    if reference_node is not None:
+        _require_in_scene(reference_node, "input volume")
+        check_result_matches(result, reference_node)
+    _resolve_edits(segmentation_node, segment_name, if_edited)
+    result.set_threshold(float(threshold))
+    labelmap_to_segmentation(result, reference_node, segmentation_node=segmentation_node, labelmap_node=labelmap_node,
+                             segment_name=segment_name, if_edited="overwrite")
     return int(result.labelmap.sum())
 
 
 def segment_to_array(segmentation_node, reference_node, segment_name: str = SEGMENT_NAME) -> np.ndarray:
     """Copy of segment ``segment_name`` as a ``(k, j, i)`` uint8 array on ``reference_node``'s grid."""
-    scene = _scene_of(segmentation_node, reference_node)
     segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
     if not segment_id:
         raise KeyError(f"no segment named '{segment_name}' in '{segmentation_node.GetName()}'")
-    ids = vtk.vtkStringArray()
-    ids.InsertNextValue(segment_id)
-    temp = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__HiMatchAD_export__")
-    try:
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, temp, reference_node):
-            raise RuntimeError("exporting the segment failed")
-        return np.array(slicer.util.arrayFromVolume(temp), dtype=np.uint8, copy=True)
-    finally:
-        display = temp.GetDisplayNode()
-        if display is not None:
-            scene.RemoveNode(display)
-        storage = temp.GetStorageNode()
-        if storage is not None:
-            scene.RemoveNode(storage)
-        scene.RemoveNode(temp)
+    return _segment_array(segmentation_node, segment_id, reference_node)
 
 
 # --------------------------------------------------------------------------- scores table and plot
@@ -610,11 +902,28 @@ class ResultNodes:
     def anomalous_voxels(self) -> int:
         return int(self.result.labelmap.sum())
 
-    def set_threshold(self, threshold: float) -> int:
-        """Re-threshold the result and update labelmap and segmentation; returns anomalous voxels."""
+    def set_threshold(self, threshold: float, if_edited: str = "raise") -> int:
+        """Re-threshold the result and update labelmap and segmentation; returns anomalous voxels.
+
+        ``if_edited`` says what happens to edits of the segment: see :func:`update_segmentation_threshold`.
+        """
+        _require_in_scene(self.input_volume, "input volume")
+        _require_in_scene(self.segmentation, "segmentation")
+        labelmap = self.labelmap if node_in_scene(self.labelmap, self.segmentation.GetScene()) else None
         return update_segmentation_threshold(
-            self.result, self.segmentation, threshold, labelmap_node=self.labelmap, reference_node=self.input_volume
+            self.result, self.segmentation, threshold, labelmap_node=labelmap, reference_node=self.input_volume,
+            if_edited=if_edited,
         )
+
+
+def segment_was_edited(nodes: ResultNodes, segment_name: str = SEGMENT_NAME) -> bool:
+    """True when segment ``segment_name`` no longer holds what the last import of a result put there
+    (Segment Editor, ``slicer.util.updateSegmentBinaryLabelmapFromArray``, or a direct change of its
+    binary labelmap). False when there is no such segment, or no segmentation left in the scene:
+    then an update loses nothing."""
+    if not node_in_scene(nodes.segmentation):
+        return False
+    return _is_edited(nodes.segmentation, nodes.segmentation.GetSegmentation().GetSegmentIdBySegmentName(segment_name))
 
 
 def result_to_nodes(
@@ -624,26 +933,34 @@ def result_to_nodes(
     scene=None,
     show: bool = True,
     heatmap_opacity: float = 0.5,
+    if_edited: str = "raise",
 ) -> ResultNodes:
     """Create (or update, on a second run) every output node of ``result`` for ``reference_node``.
 
     With ``show``, the input goes to the background and the heatmap to the foreground of every slice
-    view. Nodes of ``previous`` are reused when it belongs to the same input volume.
+    view. Nodes of ``previous`` are reused when it belongs to the same input volume node (the same
+    object, still in the scene). ``result`` must have been computed on ``reference_node``
+    (:func:`check_result_matches`), and an edited segment of an earlier run is handled by
+    ``if_edited`` (see :func:`update_segmentation_threshold`), both before any node changes.
     """
     if reference_node is None:
         raise HiMatchADError("no input volume node to attach the results to")
+    _require_in_scene(reference_node, "input volume")
     scene = _scene_of(scene, reference_node)
+    if reference_node.GetScene() is not scene:
+        raise HiMatchADError(f"the input volume '{reference_node.GetName()}' belongs to another scene")
     check_result_matches(result, reference_node)
-    same = previous is not None and previous.input_volume is not None and previous.input_volume.GetID() == reference_node.GetID()
+    same = previous is not None and previous.input_volume is reference_node
 
     def reuse(attr):
         node = getattr(previous, attr) if same else None
-        return node if node is not None and node.GetScene() is scene else None
+        return node if node_in_scene(node, scene) else None
 
-    heatmap = heatmap_to_volume_node(result, reference_node, node=reuse("heatmap"), scene=scene)
     segmentation, segment_id, labelmap = labelmap_to_segmentation(
-        result, reference_node, segmentation_node=reuse("segmentation"), labelmap_node=reuse("labelmap"), scene=scene
+        result, reference_node, segmentation_node=reuse("segmentation"), labelmap_node=reuse("labelmap"), scene=scene,
+        if_edited=if_edited,
     )
+    heatmap = heatmap_to_volume_node(result, reference_node, node=reuse("heatmap"), scene=scene)
     table = scores_to_table(result, table_node=reuse("table"), reference_node=reference_node, scene=scene)
     chart, series = scores_to_plot(table, chart_node=reuse("chart"), series_node=reuse("plot_series"), reference_node=reference_node, scene=scene)
     for node in (heatmap, labelmap, segmentation, table, chart):

@@ -7,6 +7,7 @@ the segmentation, the threshold update and the reuse of nodes on a second run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -43,8 +44,9 @@ def oblique_ijk_to_ras(flip: bool = False) -> np.ndarray:
     return m
 
 
-@pytest.fixture
-def scene():
+@contextlib.contextmanager
+def slicer_scene():
+    """A scene as the application starts with: default colour tables, three slice views."""
     s = slicer.vtkMRMLScene()
     colors = slicer.vtkMRMLColorLogic()  # default colour tables, as in the application
     colors.SetMRMLScene(s)
@@ -59,9 +61,17 @@ def scene():
         composite.SetLayoutName(name)
         composite.SetSingletonTag(name)
         s.AddNode(composite)
-    yield s
-    colors.SetMRMLScene(None)
-    s.Clear(1)
+    try:
+        yield s
+    finally:
+        colors.SetMRMLScene(None)
+        s.Clear(1)
+
+
+@pytest.fixture
+def scene():
+    with slicer_scene() as s:
+        yield s
 
 
 def add_volume(scene, array, ijk_to_ras, name="case", class_name="vtkMRMLScalarVolumeNode"):
@@ -309,7 +319,7 @@ def test_anomaly_segment_lies_over_the_lesion(scene, flip):
     segment = segmentation.GetSegmentation().GetSegment(segment_id)
     assert segment.GetName() == "Anomaly"
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
-    assert "Lesion" in segment.GetTerminology()
+    assert segment.GetTerminology() == mrml.SEGMENT_TERMINOLOGY
     # Reference geometry = the input volume (what DICOM SEG export and Segment Editor use).
     role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
     assert segmentation.GetNodeReference(role).GetID() == node.GetID()
