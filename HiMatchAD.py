@@ -395,8 +395,13 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showResult(self, job, result) -> None:
         pn = self._parameterNode
         volumeNode = job.volume_node
-        with slicer.util.tryWithErrorDisplay(_("Failed to show the results."), waitCursor=True):
-            nodes = self.logic.importResult(result, volumeNode, heatmapOpacity=pn.heatmapOpacity if pn else 0.5)
+        with slicer.util.tryWithErrorDisplay(_("Failed to show the results.")):
+            nodes = self._withEditsResolved(
+                lambda ifEdited: self.logic.importResult(result, volumeNode, heatmapOpacity=pn.heatmapOpacity if pn else 0.5, ifEdited=ifEdited)
+            )
+            if nodes is None:
+                self.ui.statusLabel.text = _("The new result was not shown: the edited Anomaly segment was left as it is.")
+                return
             if pn is not None:
                 with slicer.util.NodeModify(pn.parameterNode):
                     pn.resultVolume = volumeNode
@@ -417,6 +422,20 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.warning(f"HiMatch-AD: {warning}")
             self._updateResultWidgets()
             self.onSliceViewModified()
+
+    def _withEditsResolved(self, update):
+        """Run ``update(ifEdited)``; if the Anomaly segment was edited by hand, ask the user first.
+
+        Returns what ``update`` returns, or None when the user chose to leave the segment as it is.
+        No wait cursor is shown here, so the question appears with a normal cursor.
+        """
+        from HiMatchADLib.mrml import SegmentEditedError
+
+        try:
+            return update("raise")
+        except SegmentEditedError:
+            choice = self._askAboutEdits()
+            return None if choice is None else update(choice)
 
     # ------------------------------------------------------------------ results
     def _currentNodes(self):
@@ -472,21 +491,14 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._thresholdTimer.start()  # restarts while the slider moves
 
     def applyThreshold(self) -> None:
-        from HiMatchADLib.mrml import SegmentEditedError
-
         nodes = self._currentNodes()
         if nodes is None:
             return
         value = float(self.ui.thresholdSliderWidget.value)
-        with slicer.util.tryWithErrorDisplay(_("Failed to update the segmentation."), waitCursor=True):
-            try:
-                self.logic.setThreshold(value, nodes, ifEdited="raise")
-            except SegmentEditedError:
-                choice = self._askAboutEdits()
-                if choice is None:  # keep everything as it is
-                    self._setSliderSilently(nodes.threshold)
-                    return
-                self.logic.setThreshold(value, nodes, ifEdited=choice)
+        with slicer.util.tryWithErrorDisplay(_("Failed to update the segmentation.")):
+            if self._withEditsResolved(lambda ifEdited: self.logic.setThreshold(value, nodes, ifEdited=ifEdited)) is None:
+                self._setSliderSilently(nodes.threshold)  # the user kept the segment as it is
+                return
             if self._parameterNode is not None:
                 self._parameterNode.threshold = value
             self._updateResultWidgets()
@@ -496,7 +508,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         box = qt.QMessageBox(slicer.util.mainWindow())
         box.setIcon(qt.QMessageBox.Question)
         box.setWindowTitle(_("Edited segment"))
-        box.setText(_("The Anomaly segment was edited since it was computed. A new threshold replaces its content."))
+        box.setText(_("The Anomaly segment was edited since it was computed. The new result replaces its content."))
         box.setInformativeText(_("Keep your edits as a separate segment, overwrite them, or leave the segment as it is?"))
         keep = box.addButton(_("Keep edits as a new segment"), qt.QMessageBox.AcceptRole)
         overwrite = box.addButton(_("Overwrite"), qt.QMessageBox.DestructiveRole)
@@ -793,6 +805,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         show: bool = True,
         heatmapOpacity: float = 0.5,
         timeout: Optional[float] = None,
+        ifEdited: str = "raise",
         **detectorOptions,
     ):
         """Detect anomalies in ``volumeNode`` against the normal scans in ``normalsFolder`` and wait.
@@ -805,7 +818,8 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         Returns a ``HiMatchADLib.mrml.ResultNodes``: heatmap, labelmap, segmentation (segment
         "Anomaly"), score table and chart nodes, the ``DetectionResult`` (``.result``) and shortcuts
         ``.volume_score``, ``.slice_scores``, ``.most_anomalous_slice``. Errors raise
-        ``HiMatchADLib.HiMatchADError`` with the worker's message.
+        ``HiMatchADLib.HiMatchADError`` with the worker's message. If the Anomaly segment of an earlier
+        run was edited by hand, ``ifEdited`` decides (``"raise"``, ``"keep"`` or ``"overwrite"``).
         """
         self.ensureDependencies(interactive=False)
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
@@ -825,20 +839,25 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             "normalsFolder": os.fspath(normalsFolder),
             "workerPid": self.runner.client.pid,
         }
-        return self.importResult(result, volumeNode, show=show, heatmapOpacity=heatmapOpacity)
+        return self.importResult(result, volumeNode, show=show, heatmapOpacity=heatmapOpacity, ifEdited=ifEdited)
 
     @staticmethod
     def _logProgress(message: str, done: int, total: int) -> None:
         if done == 0 or done >= total:
             logging.info(f"HiMatch-AD: {message} {done}/{total}")
 
-    def importResult(self, result, volumeNode, show: bool = True, heatmapOpacity: float = 0.5):
-        """Create or update the output nodes of ``result`` (main thread)."""
+    def importResult(self, result, volumeNode, show: bool = True, heatmapOpacity: float = 0.5, ifEdited: str = "raise"):
+        """Create or update the output nodes of ``result`` (main thread).
+
+        If an earlier Anomaly segment of this volume was edited by hand, ``ifEdited`` says what to do
+        (see :meth:`setThreshold`); with ``"raise"`` nothing is changed.
+        """
         from HiMatchADLib import mrml
 
         previous = self.lastNodes
         nodes = mrml.result_to_nodes(
-            result, volumeNode, previous=previous, scene=volumeNode.GetScene(), show=show, heatmap_opacity=heatmapOpacity
+            result, volumeNode, previous=previous, scene=volumeNode.GetScene(), show=show, heatmap_opacity=heatmapOpacity,
+            if_edited=ifEdited,
         )
         self.lastNodes = nodes
         return nodes

@@ -184,7 +184,8 @@ class DetectionRunner:
             raise HiMatchADError("the input volume was removed, or its scene closed, while the detection ran; the result was discarded")
         result = load_result(event["scores"])
         got, sent = result.geometry, job.geometry
-        if got.size != sent.size or not np.allclose(got.spacing, sent.spacing, rtol=1e-5, atol=1e-6):
+        axes = slice(0, 2) if sent.is_2d else slice(0, 3)  # a 2D file has no slice thickness
+        if got.size != sent.size or not np.allclose(got.spacing[axes], sent.spacing[axes], rtol=1e-5, atol=1e-6):
             raise HiMatchADError("the worker's result is not on the grid of the volume it was given; run the detection again")
         result.geometry = sent  # exact placement, 2D slices included
         mrml.check_result_matches(result, job.volume_node)  # the node's grid may have changed meanwhile

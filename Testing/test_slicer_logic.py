@@ -28,6 +28,7 @@ from conftest import RESOLUTION  # noqa: E402
 from HiMatchADLib import Cancelled, mrml  # noqa: E402
 from HiMatchADLib.errors import HiMatchADError  # noqa: E402
 from HiMatchADLib.imageio import write_image  # noqa: E402
+from test_mrml_export import slicer_modules  # noqa: E402,F401  (fixture: slicer.modules for slicer.util)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -240,3 +241,22 @@ def test_module_self_test(HiMatchAD, scene, monkeypatch):
     test = HiMatchAD.HiMatchADTest("test_HiMatchAD1")
     test.setUp()
     test.test_HiMatchAD1()
+
+
+def test_a_rerun_over_a_hand_edited_segment_asks_first(HiMatchAD, logic, scene, slicer_modules, settings, normals_dir, lesion_case):
+    from HiMatchADLib.mrml import SegmentEditedError
+
+    node = add_case(scene, lesion_case)
+    out = logic.process(node, normals_dir, **settings)
+    edited = mrml.segment_to_array(out.segmentation, node)
+    edited[0] = 1  # the user paints a whole slice
+    slicer.util.updateSegmentBinaryLabelmapFromArray(edited, out.segmentation, out.segment_id, node)
+    with pytest.raises(SegmentEditedError):
+        logic.process(node, normals_dir, **settings)
+    assert np.array_equal(mrml.segment_to_array(out.segmentation, node), edited)  # nothing changed
+    with pytest.raises(SegmentEditedError):
+        logic.setThreshold(out.threshold * 2, out)
+    again = logic.process(node, normals_dir, ifEdited="keep", **settings)
+    kept = mrml.segment_to_array(again.segmentation, node, "Anomaly (edited)")
+    assert np.array_equal(kept, edited)
+    assert np.array_equal(mrml.segment_to_array(again.segmentation, node), again.result.labelmap)
