@@ -200,6 +200,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.plotWidget = slicer.qMRMLPlotWidget()
         self.plotWidget.setMRMLScene(slicer.mrmlScene)
         self.plotWidget.minimumHeight = 180
+        self.plotWidget.setVisible(False)  # until there is a result
         self.ui.resultsFormLayout.addRow(self.plotWidget)
 
         # The worker's events are polled from the main thread; the computation runs in the worker process.
@@ -821,7 +822,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         ``HiMatchADLib.HiMatchADError`` with the worker's message. If the Anomaly segment of an earlier
         run was edited by hand, ``ifEdited`` decides (``"raise"``, ``"keep"`` or ``"overwrite"``).
         """
-        self.ensureDependencies(interactive=False)
+        self.ensureDependencies()
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
         messages = []
 
@@ -939,7 +940,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         ``background=True`` it returns the running job at once; follow it with :meth:`pollJob` and stop
         it with :meth:`cancel` (the module's panel shows its progress).
         """
-        self.ensureDependencies(interactive=False)
+        self.ensureDependencies()
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
         job = self.runner.start_batch(os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite)
         if background:
