@@ -19,7 +19,8 @@ and ``mmap_mode='r'``, plus ``manifest.json``):
 - ``manifest.json``: files (relative path, size, mtime), skipped files and why, model, settings,
   content fingerprint, ``"complete": true``. Written last, in a temporary folder renamed into place.
 
-The cache folder name hashes (normal folder, model, settings); the manifest's content fingerprint
+The cache folder name hashes (normal folder, the extractor's :meth:`FeatureExtractor.cache_key`
+(model, stage norm, precision, device type), settings); the manifest's content fingerprint
 hashes (file paths, sizes, modification times). A changed, added or removed file therefore
 invalidates the bank, which is rebuilt in place. An unreadable or inconsistent cache is rebuilt too.
 Extras fitted on a bank (the DPMM, the calibration) live in the same folder, named by the hash of
@@ -47,7 +48,7 @@ from .imageio import Image, list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group
 from .progress import Reporter
 
-BANK_FORMAT = 2
+BANK_FORMAT = 3
 
 
 def default_cache_root() -> Path:
@@ -257,7 +258,7 @@ class NormalBank:
 
 
 def bank_key(folder: Path, extractor: FeatureExtractor, settings: BankSettings) -> str:
-    return _json_hash({"folder": str(folder.resolve()), "model": extractor.fingerprint, "settings": asdict(settings), "format": BANK_FORMAT})[:20]
+    return _json_hash({"folder": str(folder.resolve()), "features": extractor.cache_key(), "settings": asdict(settings), "format": BANK_FORMAT})[:20]
 
 
 def scan_normals(folder: str | os.PathLike) -> tuple[Path, list[Path], list[dict]]:
@@ -415,6 +416,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "content": content,
             "model": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,
+            "features": extractor.cache_key(),
             "settings": {**asdict(settings), "stages": stages},
             "n_slices": len(cls_rows),
             "codebook_sizes": codebook_sizes,

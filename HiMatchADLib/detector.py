@@ -41,8 +41,10 @@ class HiMatchDetector:
         modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
         slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
         resolution: longer side of the model input in pixels (rounded to the patch size).
-        stages: transformer layers used by ``himatch`` (default four, evenly spaced, the last after
-            the final layer norm). ``knn`` and ``dpmm`` use the last.
+        stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
+            ``dpmm`` use the last.
+        stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
+            ``get_intermediate_layers(norm=True)``); False keeps the intermediate hidden states raw.
         threshold: ``"auto"`` (calibrated on held-out normal slices at ``target_fpr``) or a number.
         target_fpr: pixel false-positive rate on held-out normal foreground for ``threshold="auto"``.
         min_component_size: components of the labelmap smaller than this many voxels are removed
@@ -84,6 +86,7 @@ class HiMatchDetector:
         calibration_slices: int = 48,
         device: str = "auto",
         batch_size: int = 8,
+        stage_norm: bool = True,
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: int = 0,
         progress: Optional[ProgressCallback] = None,
@@ -132,6 +135,7 @@ class HiMatchDetector:
         self.calibration_slices = int(calibration_slices)
         self.device = device
         self.batch_size = int(batch_size)
+        self.stage_norm = bool(stage_norm)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.seed = int(seed)
         self.reporter = Reporter(progress, cancel_event)
@@ -182,6 +186,7 @@ class HiMatchDetector:
             "dpmm_covariance": self.dpmm_covariance,
             "calibration_slices": self.calibration_slices,
             "device": self.extractor.device if self.extractor else self.device,
+            "stage_norm": self.stage_norm,
             "seed": self.seed,
         }
 
@@ -198,7 +203,9 @@ class HiMatchDetector:
     def _ensure_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
             self.reporter("Loading model", 0, 1)
-            self.extractor = FeatureExtractor(self.model, self.device, self.stages, self.resolution, self.batch_size)
+            self.extractor = FeatureExtractor(
+                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm
+            )
             self.reporter("Loading model", 1, 1)
         return self.extractor
 

@@ -2,8 +2,11 @@
 
 One batched forward pass per batch of slices returns, for each selected stage (transformer layer),
 the L2-normalised patch tokens (CLS and register tokens skipped) and the L2-normalised CLS token of
-the last stage as the global descriptor. Intermediate stages are the raw outputs of their layer; the
-last stage is taken after the model's final layer norm (``last_hidden_state``).
+the last stage as the global descriptor. Every stage, intermediate ones included, is passed through
+the model's own final layer norm before the L2 normalisation, as DINOv3's
+``get_intermediate_layers(norm=True)`` and transformers' ``DINOv3ViTBackbone`` /
+``Dinov2Backbone`` (``apply_layernorm``) do; the last stage is therefore the model's
+``last_hidden_state``.
 """
 
 from __future__ import annotations
@@ -116,6 +119,15 @@ def _model_fingerprint(model: str, path: Optional[Path], config) -> str:
     return h.hexdigest()[:16]
 
 
+def final_norm(net):
+    """The model's final layer norm module (``norm`` in DINOv3, ``layernorm`` in DINOv2)."""
+    for name in ("norm", "layernorm"):
+        mod = getattr(net, name, None)
+        if mod is not None and callable(mod):
+            return mod
+    raise HiMatchADError(f"{type(net).__name__} has no final layer norm ('norm' or 'layernorm'); pass a DINOv3 or DINOv2 ViT")
+
+
 def default_stages(num_layers: int, n: int = 4) -> list[int]:
     """``n`` layers evenly spaced through the network, ending with the last one (1-based)."""
     n = max(1, min(n, num_layers))
@@ -141,7 +153,10 @@ class FeatureExtractor:
         stages: Optional[Sequence[int]] = None,
         resolution: int = 448,
         batch_size: int = 8,
+        stage_norm: bool = True,
     ):
+        """``stage_norm``: pass the intermediate stages through the model's final layer norm (as
+        DINOv3's ``get_intermediate_layers(norm=True)``); False keeps their raw hidden states."""
         self.model_id = str(model)
         self.device = resolve_device(device)
         self.net, self.info = load_backbone(self.model_id, self.device)
@@ -155,6 +170,8 @@ class FeatureExtractor:
             raise HiMatchADError(f"resolution {resolution} is smaller than the patch size {self.patch_size}")
         self.resolution = int(resolution)
         self.batch_size = max(1, int(batch_size))
+        self.stage_norm = bool(stage_norm)
+        self._norm = final_norm(self.net)
 
     @property
     def patch_size(self) -> int:
@@ -167,6 +184,10 @@ class FeatureExtractor:
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]
+
+    def cache_key(self) -> dict:
+        """Everything about this extractor that changes the features (part of a bank's cache key)."""
+        return {"model": self.fingerprint, "stage_norm": self.stage_norm}
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         from .preprocess import model_grid
@@ -187,7 +208,10 @@ class FeatureExtractor:
             hs = out.hidden_states  # embeddings + one per layer
             stage_tokens = []
             for s in self.stages:
-                h = out.last_hidden_state if s == self.info["num_layers"] else hs[s]
+                if s == self.info["num_layers"]:
+                    h = out.last_hidden_state  # = norm(hs[L])
+                else:
+                    h = self._norm(hs[s]) if self.stage_norm else hs[s]
                 tok = h[:, n_pre:, :].float()
                 if tok.shape[1] != gh * gw:
                     raise HiMatchADError(f"unexpected token count {tok.shape[1]} for a {gh}x{gw} patch grid")
