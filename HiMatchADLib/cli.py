@@ -67,7 +67,11 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
-    if with_method:
+    if with_method:  # detect, batch, demo: read by detector_from_args
+        g.add_argument(
+            "--precision", default="fp32", metavar="{fp32,bf16}",
+            help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
+        )
         from .detector import METHODS
 
         m = p.add_argument_group("detection")
@@ -94,6 +98,7 @@ def detector_from_args(args, progress=None):
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,
+        precision=getattr(args, "precision", "fp32"),
         cache_dir=args.cache_dir,
         progress=progress,
     )

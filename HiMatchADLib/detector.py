@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
 from .errors import HiMatchADError
-from .features import DEFAULT_MODEL, FeatureExtractor
+from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
 from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, patch_foreground, prepare_volume
 from .progress import ProgressCallback, Reporter
@@ -57,6 +57,8 @@ class HiMatchDetector:
         dpmm_components, dpmm_max_tokens, dpmm_covariance: the mixture's settings.
         calibration_slices: number of held-out normal slices used for calibration.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
+        precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
+            refused (DINOv3 does not support it). Banks are cached per precision and device type.
         cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
         progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
     """
@@ -87,6 +89,7 @@ class HiMatchDetector:
         device: str = "auto",
         batch_size: int = 8,
         stage_norm: bool = True,
+        precision: str = "fp32",
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: int = 0,
         progress: Optional[ProgressCallback] = None,
@@ -136,6 +139,7 @@ class HiMatchDetector:
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
+        self.precision = check_precision(precision)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.seed = int(seed)
         self.reporter = Reporter(progress, cancel_event)
@@ -187,6 +191,7 @@ class HiMatchDetector:
             "calibration_slices": self.calibration_slices,
             "device": self.extractor.device if self.extractor else self.device,
             "stage_norm": self.stage_norm,
+            "precision": self.precision,
             "seed": self.seed,
         }
 
@@ -204,7 +209,7 @@ class HiMatchDetector:
         if self.extractor is None:
             self.reporter("Loading model", 0, 1)
             self.extractor = FeatureExtractor(
-                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm
+                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm, precision=self.precision
             )
             self.reporter("Loading model", 1, 1)
         return self.extractor

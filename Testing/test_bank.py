@@ -160,3 +160,37 @@ def test_bank_codebooks_and_stage_matching(fitted):
         want = np.stack([(q @ bank.slice_centroids(st, i).T).max(1) for i in slices], axis=1)
         assert np.allclose(got, want, atol=1e-6)
     assert bank.clustered_nbytes() < sum(a.nbytes for a in bank.codebooks.values()) + 8 * bank.n_slices * 2000
+
+
+def test_precision_and_device_type_are_part_of_the_bank_key(tiny_model, normals_dir, tmp_path):
+    folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
+    cache = tmp_path / "cache"
+    msgs = []
+    d32 = _det(tiny_model, cache, progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert "Building normal bank" in msgs
+    msgs.clear()
+    d16 = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert "Building normal bank" in msgs  # never the fp32 bank
+    assert d16.bank.root != d32.bank.root
+    assert d16.bank.manifest["features"]["precision"] == "bf16"
+    assert d32.bank.manifest["features"] == {**d16.bank.manifest["features"], "precision": "fp32"}
+    assert d32.bank.manifest["features"]["device_type"] == "cpu"
+    # the bf16 bank holds bf16 features: close to, not equal to, the fp32 ones
+    t32 = np.asarray(d32.bank.tokens, np.float32)
+    t16 = np.asarray(d16.bank.tokens, np.float32)
+    assert t32.shape == t16.shape and not np.array_equal(t32, t16)
+    assert (t32 * t16).sum(1).mean() > 0.98
+    msgs.clear()
+    again = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert again.bank.root == d16.bank.root and "Building normal bank" not in msgs
+    # a bank made on another device type is another cache entry
+    from HiMatchADLib.bank import bank_key
+
+    ex = d32.extractor
+    key_cpu = bank_key(folder, ex, d32._bank_settings())
+    original = ex.cache_key
+    try:
+        ex.cache_key = lambda: {**original(), "device_type": "cuda"}
+        assert bank_key(folder, ex, d32._bank_settings()) != key_cpu
+    finally:
+        del ex.cache_key

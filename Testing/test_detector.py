@@ -143,3 +143,19 @@ def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
         det.fit(normals_dir)
     # nothing half-built is left where a bank would be loaded from
     assert not list((tmp_path / "banks").glob("*/manifest.json"))
+
+
+def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_case):
+    from HiMatchADLib.cli import build_parser, detector_from_args, main
+    from HiMatchADLib.imageio import write_image
+
+    img, _ = lesion_case
+    case = tmp_path / "case.nii.gz"
+    write_image(img.array, img.geometry, case)
+    code = main(["--quiet", "detect", str(case), "--normals", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--model", tiny_model, "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: precision fp16 is not supported") and len(err.strip().splitlines()) == 1
+    args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--precision", "bf16"])
+    assert detector_from_args(args).precision == "bf16"
+    args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model])
+    assert detector_from_args(args).precision == "fp32"

@@ -114,3 +114,29 @@ def test_dinov2_stages_go_through_its_layernorm(tmp_path, registers):
         np.testing.assert_allclose(got, want, atol=2e-5)
         assert np.abs(got - unnormed).max() > 0.05
     np.testing.assert_allclose(feats.cls, cls, atol=2e-5)
+
+
+def test_bf16_features_are_float32_and_close_to_fp32(normed_model):
+    ex32 = FeatureExtractor(str(normed_model), device="cpu", resolution=64)
+    ex16 = FeatureExtractor(str(normed_model), device="cpu", resolution=64, precision="bf16")
+    assert next(ex16.net.parameters()).dtype == torch.bfloat16
+    assert next(ex32.net.parameters()).dtype == torch.float32  # a separate model instance, not recast
+    x = _pixels(seed=4)
+    f32, f16 = ex32.forward(x), ex16.forward(x)
+    for a, b in zip(f32.stages, f16.stages):
+        assert b.dtype == np.float32
+        cos = (a * b).sum(-1)
+        assert cos.mean() > 0.99 and not np.array_equal(a, b)  # bfloat16 rounding, not the fp32 model
+    assert f16.cls.dtype == np.float32
+    k32, k16 = ex32.cache_key(), ex16.cache_key()
+    assert (k32["precision"], k16["precision"]) == ("fp32", "bf16") and k32["device_type"] == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float16", "half", "int8"])
+def test_float16_and_unknown_precisions_are_refused(normed_model, bad):
+    from HiMatchADLib import HiMatchADError, HiMatchDetector
+
+    with pytest.raises(HiMatchADError, match="fp16 is not supported" if bad != "int8" else "unknown precision"):
+        FeatureExtractor(str(normed_model), device="cpu", precision=bad)
+    with pytest.raises(HiMatchADError, match="fp32"):
+        HiMatchDetector(model=str(normed_model), precision=bad)
