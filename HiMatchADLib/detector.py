@@ -28,7 +28,9 @@ from .result import DetectionResult
 from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
 
 METHODS = ("himatch", "knn", "dpmm")
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
+#: Version of the cached mixture file (2: with soft and hard component counts).
+DPMM_FORMAT = 2
 
 
 class HiMatchDetector:
@@ -54,7 +56,10 @@ class HiMatchDetector:
         clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
         codebook_factor: the shared codebook of a stage has ``codebook_factor * sqrt(m)`` entries for
             ``m`` slice centroids (it grows as the square root of the normal set).
-        dpmm_components, dpmm_max_tokens, dpmm_covariance: the mixture's settings.
+        dpmm_components, dpmm_max_tokens, dpmm_covariance, dpmm_concentration: the mixture's
+            settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
+            50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
+            reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
         calibration_slices: number of held-out normal slices used for calibration.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
         precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
@@ -82,9 +87,10 @@ class HiMatchDetector:
         clusters_per_slice: int = 64,
         codebook_factor: float = 8.0,
         slice_step: int = 1,
-        dpmm_components: int = 100,
-        dpmm_max_tokens: int = 20000,
+        dpmm_components: int = 200,
+        dpmm_max_tokens: int = 50000,
         dpmm_covariance: str = "diag",
+        dpmm_concentration: Optional[float] = 2.0,
         calibration_slices: int = 48,
         device: str = "auto",
         batch_size: int = 8,
@@ -135,6 +141,9 @@ class HiMatchDetector:
         self.dpmm_components = int(dpmm_components)
         self.dpmm_max_tokens = int(dpmm_max_tokens)
         self.dpmm_covariance = dpmm_covariance
+        self.dpmm_concentration = None if dpmm_concentration is None else float(dpmm_concentration)
+        if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
+            raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
         self.calibration_slices = int(calibration_slices)
         self.device = device
         self.batch_size = int(batch_size)
@@ -188,6 +197,7 @@ class HiMatchDetector:
             "dpmm_components": self.dpmm_components,
             "dpmm_max_tokens": self.dpmm_max_tokens,
             "dpmm_covariance": self.dpmm_covariance,
+            "dpmm_concentration": self.dpmm_concentration,
             "calibration_slices": self.calibration_slices,
             "device": self.extractor.device if self.extractor else self.device,
             "stage_norm": self.stage_norm,
@@ -200,7 +210,7 @@ class HiMatchDetector:
         if self.method == "himatch":
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
-            keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance"]
+            keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance", "dpmm_concentration"]
         s = self.settings()
         return {"format": CALIBRATION_FORMAT, **{k: s[k] for k in keys}}
 
@@ -284,11 +294,13 @@ class HiMatchDetector:
         bank = self.bank
         key = {k: v for k, v in self._method_key().items() if k.startswith("dpmm") or k == "seed"}
         key["held_out"] = [int(g) for g in cal_groups]
+        key["dpmm_format"] = DPMM_FORMAT
         path = bank.extra_path("dpmm", key, ".npz")
+        fields = ("means", "weights", "soft_counts", "hard_counts")
         if path.exists():
             try:
                 z = np.load(path, allow_pickle=False)
-                return DpmmScorer(z["means"], z["weights"])
+                return DpmmScorer(*(z[f] for f in fields))
             except Exception as exc:
                 warnings.warn(f"cached mixture {path} unreadable ({exc}); refitting")
         self.reporter("Fitting Dirichlet-process mixture", 0, 1)
@@ -297,14 +309,24 @@ class HiMatchDetector:
         rng = np.random.default_rng(self.seed)
         if rows.size > self.dpmm_max_tokens:
             rows = np.sort(rng.choice(rows, self.dpmm_max_tokens, replace=False))
-        means, weights, converged, n_iter = DpmmScorer.fit(
-            np.asarray(bank.tokens[rows], dtype=np.float32), self.dpmm_components, self.dpmm_covariance, seed=self.seed
+        fit = DpmmScorer.fit(
+            np.asarray(bank.tokens[rows], dtype=np.float32),
+            self.dpmm_components,
+            self.dpmm_covariance,
+            seed=self.seed,
+            concentration=self.dpmm_concentration,
         )
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, means=means, weights=weights, converged=np.asarray(converged), n_iter=np.asarray(n_iter), n_tokens=np.asarray(rows.size))
+        np.savez(
+            tmp,
+            **{f: fit[f] for f in fields},
+            converged=np.asarray(fit["converged"]),
+            n_iter=np.asarray(fit["n_iter"]),
+            n_tokens=np.asarray(rows.size),
+        )
         os.replace(tmp, path)
         self.reporter("Fitting Dirichlet-process mixture", 1, 1)
-        return DpmmScorer(means, weights)
+        return DpmmScorer(*(fit[f] for f in fields))
 
     def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
         """Score held-out normal slices (each against the bank without its own subject)."""

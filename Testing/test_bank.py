@@ -113,6 +113,10 @@ def test_dpmm_mixture_is_cached_with_the_bank(fitted):
     z = np.load(det.bank.root / files[0], allow_pickle=False)
     assert z["means"].shape[1] == det.extractor.dim
     assert (det.scorer.weights > 1e-6).all()
+    # only components with tokens assigned are scored against, and the counts cover the fitted tokens
+    used = (z["weights"] > 1e-6) & (z["soft_counts"] >= 1) & (z["hard_counts"] >= 1)
+    assert det.scorer.means.shape[0] == used.sum() >= 1
+    assert z["hard_counts"].sum() == int(z["n_tokens"])
 
 
 def test_codebook_assigns_each_row_to_its_most_similar_entry():
