@@ -163,8 +163,9 @@ def cmd_detect(args) -> int:
         raise HiMatchADError(f"input not found: {inp}")
     out = _check_out_dir(args.out_dir)
     det = detector_from_args(args, _progress(args))
+    img = det.check_query(inp)  # a bad input fails now, not after minutes of bank building
     _fit(det, args.normals, args)
-    res = det.predict(inp)
+    res = det.predict(img)
     paths = det.save(res, out)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)

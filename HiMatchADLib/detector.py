@@ -158,6 +158,7 @@ class HiMatchDetector:
         self.calibration: Optional[dict] = None
         self.normals_dir: Optional[Path] = None
         self.fit_info: dict = {}
+        self._checked: Optional[dict] = None  # the query last read by check_query
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
@@ -407,17 +408,41 @@ class HiMatchDetector:
         if self.bank is None or self.scorer is None:
             raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
 
+    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
+        """Read a query and check that it can be analysed, without the model or the normal bank.
+
+        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D,
+        and this detector's modality preset must find finite, non-constant values and a foreground
+        in it; otherwise :class:`HiMatchADError` says why. Returns the :class:`Image`; passing it to
+        :meth:`predict` reuses the reading and the preparation. Call it before :meth:`fit` so that a
+        bad input is reported before the normal bank is built.
+        """
+        t = time.perf_counter()
+        img = image if isinstance(image, Image) else read_image(image)
+        t_read = time.perf_counter() - t
+        t = time.perf_counter()
+        prep = prepare_volume(img, self.modality, self.slice_axis)
+        self._checked = {"image": img, "prep": prep, "settings": (self.modality, self.slice_axis), "read": t_read, "preprocess": time.perf_counter() - t}
+        return img
+
+    def _prepared(self, image: Union[str, os.PathLike, Image], timings: dict) -> tuple[Image, PreparedVolume]:
+        """The query read and prepared: by an earlier :meth:`check_query` of this very image (used
+        once), else now. ``timings`` gets the read and preprocess seconds either way."""
+        checked, self._checked = self._checked, None
+        if checked is None or checked["image"] is not image or checked["settings"] != (self.modality, self.slice_axis):
+            self.check_query(image)
+            checked, self._checked = self._checked, None
+        timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
+        return checked["image"], checked["prep"]
+
     def predict(self, image: Union[str, os.PathLike, Image]) -> DetectionResult:
         """Detect anomalies in a 3D volume or 2D image (path or :class:`Image`)."""
         self._check_fitted()
         t_start = time.perf_counter()
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
-        img = image if isinstance(image, Image) else read_image(image)
-        timings["read"] = time.perf_counter() - t
-        t = time.perf_counter()
-        prep = prepare_volume(img, self.modality, self.slice_axis)
-        timings["preprocess"] = time.perf_counter() - t
+        img, prep = self._prepared(image, timings)
+        t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.canonical.shape, np.float32)
         n = prep.n_slices
