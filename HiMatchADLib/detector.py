@@ -54,8 +54,10 @@ class HiMatchDetector:
         sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
         position_window: slice-position prior for volumes (relative position distance), None = off.
         clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
-        codebook_factor: the shared codebook of a stage has ``codebook_factor * sqrt(m)`` entries for
-            ``m`` slice centroids (it grows as the square root of the normal set).
+        shared_codebook: replace every slice centroid by its entry in a codebook shared by the normal
+            set (opt-in; default False: the stage maps compare with each support slice's own centroids).
+        codebook_factor: with ``shared_codebook``, the codebook of a stage has ``codebook_factor *
+            sqrt(m)`` entries for ``m`` slice centroids (it grows as the square root of the normal set).
         dpmm_components, dpmm_max_tokens, dpmm_covariance, dpmm_concentration: the mixture's
             settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
             50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
@@ -86,6 +88,7 @@ class HiMatchDetector:
         alpha: float = 0.5,
         clusters_per_slice: int = 64,
         codebook_factor: float = 8.0,
+        shared_codebook: bool = False,
         slice_step: int = 1,
         dpmm_components: int = 200,
         dpmm_max_tokens: int = 50000,
@@ -135,6 +138,7 @@ class HiMatchDetector:
         self.alpha = float(alpha)
         self.clusters_per_slice = int(clusters_per_slice)
         self.codebook_factor = float(codebook_factor)
+        self.shared_codebook = bool(shared_codebook)
         if self.clusters_per_slice < 1 or self.codebook_factor <= 0:
             raise HiMatchADError("clusters_per_slice and codebook_factor must be positive")
         self.slice_step = int(slice_step)
@@ -172,6 +176,7 @@ class HiMatchDetector:
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
             codebook_factor=self.codebook_factor,
+            shared_codebook=self.shared_codebook,
             slice_step=self.slice_step,
             seed=self.seed,
         )
@@ -194,6 +199,7 @@ class HiMatchDetector:
             "alpha": self.alpha,
             "clusters_per_slice": self.clusters_per_slice,
             "codebook_factor": self.codebook_factor,
+            "shared_codebook": self.shared_codebook,
             "slice_step": self.slice_step,
             "dpmm_components": self.dpmm_components,
             "dpmm_max_tokens": self.dpmm_max_tokens,

@@ -25,11 +25,11 @@ mean; the weight cut alone would keep them and make the average token look perfe
    :math:`r_n = \alpha g_n + (1 - \alpha) p_n` and the top :math:`K` are the supports.
 2. Stage maps. For each stage :math:`s` and support :math:`k`,
    :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
-   features :math:`C_k^{(s)}`, computed when the bank was built: the slice's foreground tokens are
-   summarised by spherical k-means centroids, and each centroid is replaced by its entry in a
-   codebook shared by the whole normal set (spherical k-means over all slice centroids of the stage,
-   :math:`8\sqrt{m}` entries for :math:`m` centroids), so :math:`C_k^{(s)}` is the set of codebook
-   entries slice :math:`k` uses. The stage score is the
+   features :math:`C_k^{(s)}`, computed when the bank was built: the spherical k-means centroids
+   (64 per slice) of the support slice's own foreground tokens at stage :math:`s`. (Opt-in
+   ``shared_codebook``: each centroid is replaced by its entry in a codebook shared by the whole
+   normal set, spherical k-means over all slice centroids of the stage with :math:`8\sqrt{m}`
+   entries for :math:`m` centroids.) The stage score is the
    distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and its uncertainty the
    spread across supports, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
 3. Calibration. Each stage is standardised against its own normal-score distribution, measured on
@@ -121,10 +121,16 @@ def _segment_max(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def _max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) -> np.ndarray:
     """(n, len(slices)): for each query token, max cosine to each slice's clustered features.
 
-    The codebook entries of all the slices are gathered once (deduplicated), so the product costs
-    ``n x (#distinct entries)`` however many slices share them.
+    Per-slice centroids (default): only the rows of ``slices`` are read from the memory-mapped
+    bank. Shared codebooks: the entries of all the slices are gathered once (deduplicated), so the
+    product costs ``n x (#distinct entries)`` however many slices share them.
     """
     offs = bank.cent_offsets[stage]
+    if not bank.uses_codebook:
+        cents = bank.centroids[stage]
+        segs = [np.asarray(cents[offs[c] : offs[c + 1]], dtype=np.float32) for c in slices]
+        seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
+        return _segment_max(tokens @ np.concatenate(segs).T, seg_off)
     codes = bank.codes[stage]
     segs = [codes[offs[c] : offs[c + 1]] for c in slices]
     seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
