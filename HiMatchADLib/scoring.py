@@ -26,7 +26,8 @@ mean; the weight cut alone would keep them and make the average token look perfe
 2. Stage maps. For each stage :math:`s` and support :math:`k`,
    :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
    features :math:`C_k^{(s)}`, computed when the bank was built: the spherical k-means centroids
-   (64 per slice) of the support slice's own foreground tokens at stage :math:`s`. (Opt-in
+   (64 per slice) of the support slice's own foreground tokens at stage :math:`s`, as in HiMatch-AD,
+   which compares the query with the clustered features of the retrieved references. (Opt-in
    ``shared_codebook``: each centroid is replaced by its entry in a codebook shared by the whole
    normal set, spherical k-means over all slice centroids of the stage with :math:`8\sqrt{m}`
    entries for :math:`m` centroids.) The stage score is the
