@@ -7,19 +7,22 @@ and ``mmap_mode='r'``, plus ``manifest.json``):
 - ``tokens.npy`` (n_tokens, D) float16: last-stage foreground patch tokens of every slice, slice
   after slice; ``tok_offsets.npy`` (n_slices + 1) int64 delimits each slice's rows.
 - Clustered features, per stage: every slice's foreground patch tokens are summarised by seeded
-  spherical k-means (``clusters_per_slice`` centroids), and all those centroids are quantised with
-  one shared codebook per stage (spherical k-means with ``codebook_factor * sqrt(#centroids)``
-  entries). ``codebook_<stage>.npy`` (M, D) float16 holds the codebook, ``codes_<stage>.npy`` (m,)
-  int32 the codebook entry of each slice centroid, and ``cent_offsets_<stage>.npy``
-  (n_slices + 1) int64 delimits each slice's rows of ``codes``. The codebook grows as the square
-  root of the normal set, so the clustered bank grows sublinearly with it (the per-slice codes
-  cost 4 bytes per centroid).
+  spherical k-means (``clusters_per_slice`` centroids). By default each slice keeps its own
+  centroids: ``centroids_<stage>.npy`` (m, D) float16 unit rows, slice after slice, memory-mapped
+  when loaded (only the rows of the retrieved supports are read), and ``cent_offsets_<stage>.npy``
+  (n_slices + 1) int64 delimits each slice's rows. With ``shared_codebook`` (opt-in) all those
+  centroids are instead quantised with one codebook per stage (spherical k-means with
+  ``codebook_factor * sqrt(#centroids)`` entries): ``codebook_<stage>.npy`` (M, D) float16 holds
+  the codebook and ``codes_<stage>.npy`` (m,) int32 the codebook entry of each slice centroid, so
+  the clustered bank grows sublinearly with the normal set at the price of matching against the
+  nearest shared entry rather than the slice's own centroid.
 - ``slices.npz``: per slice the source file index, slice index in its volume, subject group,
   relative position within the foreground extent (NaN for 2D images) and patch grid.
 - ``manifest.json``: files (relative path, size, mtime), skipped files and why, model, settings,
   content fingerprint, ``"complete": true``. Written last, in a temporary folder renamed into place.
 
-The cache folder name hashes (normal folder, model, settings); the manifest's content fingerprint
+The cache folder name hashes (normal folder, the extractor's :meth:`FeatureExtractor.cache_key`
+(model, stage norm, precision, device type), settings); the manifest's content fingerprint
 hashes (file paths, sizes, modification times). A changed, added or removed file therefore
 invalidates the bank, which is rebuilt in place. An unreadable or inconsistent cache is rebuilt too.
 Extras fitted on a bank (the DPMM, the calibration) live in the same folder, named by the hash of
@@ -47,7 +50,7 @@ from .imageio import Image, list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group
 from .progress import Reporter
 
-BANK_FORMAT = 2
+BANK_FORMAT = 4
 
 
 def default_cache_root() -> Path:
@@ -68,6 +71,7 @@ class BankSettings:
     stages: tuple = ()
     clusters_per_slice: int = 64
     codebook_factor: float = 8.0
+    shared_codebook: bool = False
     slice_step: int = 1
     min_foreground_patches: int = 4
     patch_foreground_fraction: float = 0.25
@@ -141,6 +145,7 @@ class NormalBank:
     slice_group: np.ndarray
     slice_pos: np.ndarray
     slice_grid: np.ndarray
+    centroids: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -170,14 +175,24 @@ class NormalBank:
     def slice_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i] : self.tok_offsets[i + 1]]
 
+    @property
+    def uses_codebook(self) -> bool:
+        """True when the slices' centroids were replaced by entries of shared codebooks."""
+        return bool(self.manifest["settings"].get("shared_codebook"))
+
     def slice_codes(self, stage: int, i: int) -> np.ndarray:
-        """Codebook entries (indices) that summarise slice ``i`` at ``stage``."""
+        """Codebook entries (indices) that summarise slice ``i`` at ``stage`` (shared codebooks only)."""
+        if not self.uses_codebook:
+            raise ValueError("this bank keeps each slice's own centroids; it has no codebook")
         o = self.cent_offsets[stage]
         return self.codes[stage][o[i] : o[i + 1]]
 
     def slice_centroids(self, stage: int, i: int) -> np.ndarray:
         """Clustered features of slice ``i`` at ``stage`` (float32 unit rows)."""
-        return self.codebook_f32(stage)[self.slice_codes(stage, i)]
+        if self.uses_codebook:
+            return self.codebook_f32(stage)[self.slice_codes(stage, i)]
+        o = self.cent_offsets[stage]
+        return np.asarray(self.centroids[stage][o[i] : o[i + 1]], dtype=np.float32)
 
     def codebook_f32(self, stage: int) -> np.ndarray:
         key = f"cb32_{stage}"
@@ -186,8 +201,9 @@ class NormalBank:
         return self._cache[key]
 
     def clustered_nbytes(self) -> int:
-        """Bytes of what ``himatch`` searches: CLS rows, codebooks, codes and offsets."""
-        arrays = [self.cls, *self.codebooks.values(), *self.codes.values(), *self.cent_offsets.values()]
+        """Bytes of what ``himatch`` searches: CLS rows, clustered features (per-slice centroids, or
+        codebooks and codes) and offsets."""
+        arrays = [self.cls, *self.centroids.values(), *self.codebooks.values(), *self.codes.values(), *self.cent_offsets.values()]
         return int(sum(a.nbytes for a in arrays))
 
     def cls_f32(self) -> np.ndarray:
@@ -222,6 +238,7 @@ class NormalBank:
             return np.load(root / name, mmap_mode="r", allow_pickle=False)
 
         stages = manifest["settings"]["stages"]
+        shared = bool(manifest["settings"].get("shared_codebook"))
         meta = np.load(root / "slices.npz", allow_pickle=False)
         bank = cls(
             root=root,
@@ -229,8 +246,9 @@ class NormalBank:
             cls=np.asarray(ld("cls.npy")),
             tokens=ld("tokens.npy"),
             tok_offsets=np.asarray(ld("tok_offsets.npy")),
-            codebooks={s: ld(f"codebook_{s}.npy") for s in stages},
-            codes={s: np.asarray(ld(f"codes_{s}.npy")) for s in stages},
+            codebooks={s: ld(f"codebook_{s}.npy") for s in stages} if shared else {},
+            codes={s: np.asarray(ld(f"codes_{s}.npy")) for s in stages} if shared else {},
+            centroids={} if shared else {s: ld(f"centroids_{s}.npy") for s in stages},
             cent_offsets={s: np.asarray(ld(f"cent_offsets_{s}.npy")) for s in stages},
             slice_file=meta["source"],
             slice_index=meta["index"],
@@ -243,10 +261,12 @@ class NormalBank:
             n == manifest["n_slices"]
             and bank.tok_offsets.shape == (n + 1,)
             and int(bank.tok_offsets[-1]) == bank.tokens.shape[0]
+            and all(bank.cent_offsets[s].shape == (n + 1,) for s in stages)
             and all(
-                bank.cent_offsets[s].shape == (n + 1,)
-                and int(bank.cent_offsets[s][-1]) == bank.codes[s].shape[0]
+                int(bank.cent_offsets[s][-1]) == bank.codes[s].shape[0]
                 and (bank.codes[s].size == 0 or 0 <= int(bank.codes[s].min()) <= int(bank.codes[s].max()) < bank.codebooks[s].shape[0])
+                if shared
+                else int(bank.cent_offsets[s][-1]) == bank.centroids[s].shape[0] and bank.centroids[s].shape[1:] == bank.cls.shape[1:]
                 for s in stages
             )
             and bank.slice_file.shape == (n,)
@@ -257,7 +277,7 @@ class NormalBank:
 
 
 def bank_key(folder: Path, extractor: FeatureExtractor, settings: BankSettings) -> str:
-    return _json_hash({"folder": str(folder.resolve()), "model": extractor.fingerprint, "settings": asdict(settings), "format": BANK_FORMAT})[:20]
+    return _json_hash({"folder": str(folder.resolve()), "features": extractor.cache_key(), "settings": asdict(settings), "format": BANK_FORMAT})[:20]
 
 
 def scan_normals(folder: str | os.PathLike) -> tuple[Path, list[Path], list[dict]]:
@@ -389,6 +409,9 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             reporter.check()
             reporter("Clustering normal features", si, len(stages))
             _save_npy(tmp / f"cent_offsets_{s}.npy", np.asarray(cent_off[s], np.int64))
+            if not settings.shared_codebook:  # each slice keeps its own centroids
+                os.replace(tmp / f"cent_{s}.npy", tmp / f"centroids_{s}.npy")
+                continue
             cents = np.load(tmp / f"cent_{s}.npy", mmap_mode="r")
             size = codebook_size(cents.shape[0], settings.codebook_factor)
             cb, codes = build_codebook(cents, size, seed=settings.seed, check=reporter.check)
@@ -415,6 +438,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "content": content,
             "model": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,
+            "features": extractor.cache_key(),
             "settings": {**asdict(settings), "stages": stages},
             "n_slices": len(cls_rows),
             "codebook_sizes": codebook_sizes,

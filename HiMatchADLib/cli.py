@@ -65,7 +65,11 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
-    if with_method:
+    if with_method:  # detect, batch, demo: read by detector_from_args
+        g.add_argument(
+            "--precision", default="fp32", metavar="{fp32,bf16}",
+            help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
+        )
         from .detector import METHODS
 
         m = p.add_argument_group("detection")
@@ -92,6 +96,7 @@ def detector_from_args(args, progress=None):
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,
+        precision=getattr(args, "precision", "fp32"),
         cache_dir=args.cache_dir,
         progress=progress,
     )
@@ -156,8 +161,9 @@ def cmd_detect(args) -> int:
         raise HiMatchADError(f"input not found: {inp}")
     out = _check_out_dir(args.out_dir)
     det = detector_from_args(args, _progress(args))
+    img = det.check_query(inp)  # a bad input fails now, not after minutes of bank building
     _fit(det, args.normals, args)
-    res = det.predict(inp)
+    res = det.predict(img)
     paths = det.save(res, out)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
 from .errors import HiMatchADError
-from .features import DEFAULT_MODEL, FeatureExtractor
+from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
 from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, patch_foreground, prepare_volume
 from .progress import ProgressCallback, Reporter
@@ -28,7 +28,9 @@ from .result import DetectionResult
 from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
 
 METHODS = ("himatch", "knn", "dpmm")
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
+#: Version of the cached mixture file (2: with soft and hard component counts).
+DPMM_FORMAT = 2
 
 
 class HiMatchDetector:
@@ -41,8 +43,10 @@ class HiMatchDetector:
         modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
         slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
         resolution: longer side of the model input in pixels (rounded to the patch size).
-        stages: transformer layers used by ``himatch`` (default four, evenly spaced, the last after
-            the final layer norm). ``knn`` and ``dpmm`` use the last.
+        stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
+            ``dpmm`` use the last.
+        stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
+            ``get_intermediate_layers(norm=True)``); False keeps the intermediate hidden states raw.
         threshold: ``"auto"`` (calibrated on held-out normal slices at ``target_fpr``) or a number.
         target_fpr: pixel false-positive rate on held-out normal foreground for ``threshold="auto"``.
         min_component_size: components of the labelmap smaller than this many voxels are removed
@@ -50,11 +54,18 @@ class HiMatchDetector:
         sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
         position_window: slice-position prior for volumes (relative position distance), None = off.
         clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
-        codebook_factor: the shared codebook of a stage has ``codebook_factor * sqrt(m)`` entries for
-            ``m`` slice centroids (it grows as the square root of the normal set).
-        dpmm_components, dpmm_max_tokens, dpmm_covariance: the mixture's settings.
+        shared_codebook: replace every slice centroid by its entry in a codebook shared by the normal
+            set (opt-in; default False: the stage maps compare with each support slice's own centroids).
+        codebook_factor: with ``shared_codebook``, the codebook of a stage has ``codebook_factor *
+            sqrt(m)`` entries for ``m`` slice centroids (it grows as the square root of the normal set).
+        dpmm_components, dpmm_max_tokens, dpmm_covariance, dpmm_concentration: the mixture's
+            settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
+            50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
+            reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
         calibration_slices: number of held-out normal slices used for calibration.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
+        precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
+            refused (DINOv3 does not support it). Banks are cached per precision and device type.
         cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
         progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
     """
@@ -77,13 +88,17 @@ class HiMatchDetector:
         alpha: float = 0.5,
         clusters_per_slice: int = 64,
         codebook_factor: float = 8.0,
+        shared_codebook: bool = False,
         slice_step: int = 1,
-        dpmm_components: int = 100,
-        dpmm_max_tokens: int = 20000,
+        dpmm_components: int = 200,
+        dpmm_max_tokens: int = 50000,
         dpmm_covariance: str = "diag",
+        dpmm_concentration: Optional[float] = 2.0,
         calibration_slices: int = 48,
         device: str = "auto",
         batch_size: int = 8,
+        stage_norm: bool = True,
+        precision: str = "fp32",
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: int = 0,
         progress: Optional[ProgressCallback] = None,
@@ -123,15 +138,21 @@ class HiMatchDetector:
         self.alpha = float(alpha)
         self.clusters_per_slice = int(clusters_per_slice)
         self.codebook_factor = float(codebook_factor)
+        self.shared_codebook = bool(shared_codebook)
         if self.clusters_per_slice < 1 or self.codebook_factor <= 0:
             raise HiMatchADError("clusters_per_slice and codebook_factor must be positive")
         self.slice_step = int(slice_step)
         self.dpmm_components = int(dpmm_components)
         self.dpmm_max_tokens = int(dpmm_max_tokens)
         self.dpmm_covariance = dpmm_covariance
+        self.dpmm_concentration = None if dpmm_concentration is None else float(dpmm_concentration)
+        if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
+            raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
         self.calibration_slices = int(calibration_slices)
         self.device = device
         self.batch_size = int(batch_size)
+        self.stage_norm = bool(stage_norm)
+        self.precision = check_precision(precision)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.seed = int(seed)
         self.reporter = Reporter(progress, cancel_event)
@@ -141,6 +162,7 @@ class HiMatchDetector:
         self.calibration: Optional[dict] = None
         self.normals_dir: Optional[Path] = None
         self.fit_info: dict = {}
+        self._checked: Optional[dict] = None  # the query last read by check_query
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
@@ -154,6 +176,7 @@ class HiMatchDetector:
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
             codebook_factor=self.codebook_factor,
+            shared_codebook=self.shared_codebook,
             slice_step=self.slice_step,
             seed=self.seed,
         )
@@ -176,12 +199,16 @@ class HiMatchDetector:
             "alpha": self.alpha,
             "clusters_per_slice": self.clusters_per_slice,
             "codebook_factor": self.codebook_factor,
+            "shared_codebook": self.shared_codebook,
             "slice_step": self.slice_step,
             "dpmm_components": self.dpmm_components,
             "dpmm_max_tokens": self.dpmm_max_tokens,
             "dpmm_covariance": self.dpmm_covariance,
+            "dpmm_concentration": self.dpmm_concentration,
             "calibration_slices": self.calibration_slices,
             "device": self.extractor.device if self.extractor else self.device,
+            "stage_norm": self.stage_norm,
+            "precision": self.precision,
             "seed": self.seed,
         }
 
@@ -190,7 +217,7 @@ class HiMatchDetector:
         if self.method == "himatch":
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
-            keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance"]
+            keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance", "dpmm_concentration"]
         s = self.settings()
         return {"format": CALIBRATION_FORMAT, **{k: s[k] for k in keys}}
 
@@ -198,7 +225,9 @@ class HiMatchDetector:
     def _ensure_extractor(self) -> FeatureExtractor:
         if self.extractor is None:
             self.reporter("Loading model", 0, 1)
-            self.extractor = FeatureExtractor(self.model, self.device, self.stages, self.resolution, self.batch_size)
+            self.extractor = FeatureExtractor(
+                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm, precision=self.precision
+            )
             self.reporter("Loading model", 1, 1)
         return self.extractor
 
@@ -272,11 +301,13 @@ class HiMatchDetector:
         bank = self.bank
         key = {k: v for k, v in self._method_key().items() if k.startswith("dpmm") or k == "seed"}
         key["held_out"] = [int(g) for g in cal_groups]
+        key["dpmm_format"] = DPMM_FORMAT
         path = bank.extra_path("dpmm", key, ".npz")
+        fields = ("means", "weights", "soft_counts", "hard_counts")
         if path.exists():
             try:
                 z = np.load(path, allow_pickle=False)
-                return DpmmScorer(z["means"], z["weights"])
+                return DpmmScorer(*(z[f] for f in fields))
             except Exception as exc:
                 warnings.warn(f"cached mixture {path} unreadable ({exc}); refitting")
         self.reporter("Fitting Dirichlet-process mixture", 0, 1)
@@ -285,14 +316,24 @@ class HiMatchDetector:
         rng = np.random.default_rng(self.seed)
         if rows.size > self.dpmm_max_tokens:
             rows = np.sort(rng.choice(rows, self.dpmm_max_tokens, replace=False))
-        means, weights, converged, n_iter = DpmmScorer.fit(
-            np.asarray(bank.tokens[rows], dtype=np.float32), self.dpmm_components, self.dpmm_covariance, seed=self.seed
+        fit = DpmmScorer.fit(
+            np.asarray(bank.tokens[rows], dtype=np.float32),
+            self.dpmm_components,
+            self.dpmm_covariance,
+            seed=self.seed,
+            concentration=self.dpmm_concentration,
         )
         tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, means=means, weights=weights, converged=np.asarray(converged), n_iter=np.asarray(n_iter), n_tokens=np.asarray(rows.size))
+        np.savez(
+            tmp,
+            **{f: fit[f] for f in fields},
+            converged=np.asarray(fit["converged"]),
+            n_iter=np.asarray(fit["n_iter"]),
+            n_tokens=np.asarray(rows.size),
+        )
         os.replace(tmp, path)
         self.reporter("Fitting Dirichlet-process mixture", 1, 1)
-        return DpmmScorer(means, weights)
+        return DpmmScorer(*(fit[f] for f in fields))
 
     def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
         """Score held-out normal slices (each against the bank without its own subject)."""
@@ -373,17 +414,41 @@ class HiMatchDetector:
         if self.bank is None or self.scorer is None:
             raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
 
+    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
+        """Read a query and check that it can be analysed, without the model or the normal bank.
+
+        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D,
+        and this detector's modality preset must find finite, non-constant values and a foreground
+        in it; otherwise :class:`HiMatchADError` says why. Returns the :class:`Image`; passing it to
+        :meth:`predict` reuses the reading and the preparation. Call it before :meth:`fit` so that a
+        bad input is reported before the normal bank is built.
+        """
+        t = time.perf_counter()
+        img = image if isinstance(image, Image) else read_image(image)
+        t_read = time.perf_counter() - t
+        t = time.perf_counter()
+        prep = prepare_volume(img, self.modality, self.slice_axis)
+        self._checked = {"image": img, "prep": prep, "settings": (self.modality, self.slice_axis), "read": t_read, "preprocess": time.perf_counter() - t}
+        return img
+
+    def _prepared(self, image: Union[str, os.PathLike, Image], timings: dict) -> tuple[Image, PreparedVolume]:
+        """The query read and prepared: by an earlier :meth:`check_query` of this very image (used
+        once), else now. ``timings`` gets the read and preprocess seconds either way."""
+        checked, self._checked = self._checked, None
+        if checked is None or checked["image"] is not image or checked["settings"] != (self.modality, self.slice_axis):
+            self.check_query(image)
+            checked, self._checked = self._checked, None
+        timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
+        return checked["image"], checked["prep"]
+
     def predict(self, image: Union[str, os.PathLike, Image]) -> DetectionResult:
         """Detect anomalies in a 3D volume or 2D image (path or :class:`Image`)."""
         self._check_fitted()
         t_start = time.perf_counter()
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
-        img = image if isinstance(image, Image) else read_image(image)
-        timings["read"] = time.perf_counter() - t
-        t = time.perf_counter()
-        prep = prepare_volume(img, self.modality, self.slice_axis)
-        timings["preprocess"] = time.perf_counter() - t
+        img, prep = self._prepared(image, timings)
+        t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.canonical.shape, np.float32)
         n = prep.n_slices

@@ -2,8 +2,11 @@
 
 One batched forward pass per batch of slices returns, for each selected stage (transformer layer),
 the L2-normalised patch tokens (CLS and register tokens skipped) and the L2-normalised CLS token of
-the last stage as the global descriptor. Intermediate stages are the raw outputs of their layer; the
-last stage is taken after the model's final layer norm (``last_hidden_state``).
+the last stage as the global descriptor. Every stage, intermediate ones included, is passed through
+the model's own final layer norm before the L2 normalisation, as DINOv3's
+``get_intermediate_layers(norm=True)`` and transformers' ``DINOv3ViTBackbone`` /
+``Dinov2Backbone`` (``apply_layernorm``) do; the last stage is therefore the model's
+``last_hidden_state``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import numpy as np
 from .errors import HiMatchADError
 
 DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
+#: Weight and activation precisions of the backbone. float16 is not offered: DINOv3's maintainers do
+#: not support it (activations overflow); bfloat16 has float32's range.
+PRECISIONS = ("fp32", "bf16")
 _MODEL_CACHE: dict = {}
 _MODEL_LOCK = threading.Lock()
 
@@ -54,13 +60,37 @@ def _load_error(model: str, exc: Exception) -> HiMatchADError:
     )
 
 
-def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu"):
-    """Load (once per process) a DINOv3/DINOv2 ViT by Hub id or local folder; returns (model, info)."""
+def check_precision(precision: str) -> str:
+    """``"fp32"`` or ``"bf16"`` (also ``float32``/``bfloat16``); float16 is refused with the reason."""
+    p = str(precision or "fp32").lower()
+    p = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(p, p)
+    if p == "fp16":
+        raise HiMatchADError(
+            "precision fp16 is not supported: DINOv3 activations overflow in float16 (its maintainers do not "
+            "support it); use --precision fp32 (default) or bf16"
+        )
+    if p not in PRECISIONS:
+        raise HiMatchADError(f"unknown precision '{precision}'; choose fp32 (default) or bf16")
+    return p
+
+
+def _torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[check_precision(precision)]
+
+
+def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "fp32"):
+    """Load (once per process) a DINOv3/DINOv2 ViT by Hub id or local folder; returns (model, info).
+
+    The weights are cast to ``precision`` (``"fp32"`` default, or ``"bf16"``), whatever the device.
+    """
     import torch
     from transformers import AutoConfig, AutoModel
 
     model = str(model)
-    key = (model, device)
+    precision = check_precision(precision)
+    key = (model, device, precision)
     with _MODEL_LOCK:
         if key in _MODEL_CACHE:
             return _MODEL_CACHE[key]
@@ -84,7 +114,7 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu"):
                 f"{model}: model type '{getattr(config, 'model_type', '?')}' is not a DINOv2/DINOv3 ViT; "
                 "pass a DINOv3 (e.g. facebook/dinov3-vits16-pretrain-lvd1689m) or DINOv2 model"
             )
-        dtype = torch.float32 if device == "cpu" else torch.float16
+        dtype = _torch_dtype(precision)
         try:
             net = AutoModel.from_pretrained(str(path) if local else model, dtype=dtype, **kwargs)
         except Exception as exc:
@@ -95,6 +125,7 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu"):
         info = {
             "model": model,
             "model_type": config.model_type,
+            "precision": precision,
             "patch_size": int(config.patch_size),
             "hidden_size": int(config.hidden_size),
             "num_layers": int(config.num_hidden_layers),
@@ -114,6 +145,15 @@ def _model_fingerprint(model: str, path: Optional[Path], config) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def final_norm(net):
+    """The model's final layer norm module (``norm`` in DINOv3, ``layernorm`` in DINOv2)."""
+    for name in ("norm", "layernorm"):
+        mod = getattr(net, name, None)
+        if mod is not None and callable(mod):
+            return mod
+    raise HiMatchADError(f"{type(net).__name__} has no final layer norm ('norm' or 'layernorm'); pass a DINOv3 or DINOv2 ViT")
 
 
 def default_stages(num_layers: int, n: int = 4) -> list[int]:
@@ -141,10 +181,17 @@ class FeatureExtractor:
         stages: Optional[Sequence[int]] = None,
         resolution: int = 448,
         batch_size: int = 8,
+        stage_norm: bool = True,
+        precision: str = "fp32",
     ):
+        """``stage_norm``: pass the intermediate stages through the model's final layer norm (as
+        DINOv3's ``get_intermediate_layers(norm=True)``); False keeps their raw hidden states.
+        ``precision``: ``"fp32"`` (default) or ``"bf16"`` for the backbone; float16 is refused.
+        The returned features are float32 whatever the precision."""
         self.model_id = str(model)
+        self.precision = check_precision(precision)
         self.device = resolve_device(device)
-        self.net, self.info = load_backbone(self.model_id, self.device)
+        self.net, self.info = load_backbone(self.model_id, self.device, self.precision)
         L = self.info["num_layers"]
         self.stages = list(stages) if stages else default_stages(L)
         bad = [s for s in self.stages if not 1 <= int(s) <= L]
@@ -155,6 +202,8 @@ class FeatureExtractor:
             raise HiMatchADError(f"resolution {resolution} is smaller than the patch size {self.patch_size}")
         self.resolution = int(resolution)
         self.batch_size = max(1, int(batch_size))
+        self.stage_norm = bool(stage_norm)
+        self._norm = final_norm(self.net)
 
     @property
     def patch_size(self) -> int:
@@ -167,6 +216,17 @@ class FeatureExtractor:
     @property
     def fingerprint(self) -> str:
         return self.info["fingerprint"]
+
+    def cache_key(self) -> dict:
+        """Everything about this extractor that changes the features (part of a bank's cache key)."""
+        import torch
+
+        return {
+            "model": self.fingerprint,
+            "stage_norm": self.stage_norm,
+            "precision": self.precision,
+            "device_type": torch.device(self.device).type,
+        }
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         from .preprocess import model_grid
@@ -187,7 +247,10 @@ class FeatureExtractor:
             hs = out.hidden_states  # embeddings + one per layer
             stage_tokens = []
             for s in self.stages:
-                h = out.last_hidden_state if s == self.info["num_layers"] else hs[s]
+                if s == self.info["num_layers"]:
+                    h = out.last_hidden_state  # = norm(hs[L])
+                else:
+                    h = self._norm(hs[s]) if self.stage_norm else hs[s]
                 tok = h[:, n_pre:, :].float()
                 if tok.shape[1] != gh * gw:
                     raise HiMatchADError(f"unexpected token count {tok.shape[1]} for a {gh}x{gw} patch grid")

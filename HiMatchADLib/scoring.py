@@ -6,9 +6,14 @@ stage :math:`s`; :math:`\cos` is the inner product of unit vectors.
 ``knn`` (AnomalyDINO): :math:`a_i = 1 - \max_{b \in \mathcal{B}} \cos(q_i, b)` over every
 foreground patch token :math:`b` of every normal slice (last stage; exact, faiss ``IndexFlatIP``).
 
-``dpmm`` (AnomalyDINO-DPMM): a Dirichlet-process Gaussian mixture is fitted to (a subsample of) the
-normal last-stage tokens; with component means :math:`\mu_c` L2-normalised and only components of
-weight :math:`\pi_c > 10^{-6}` kept, :math:`a_i = 1 - \max_c \cos(q_i, \mu_c)`.
+``dpmm`` (AnomalyDINO-DPMM): a Dirichlet-process Gaussian mixture (truncated at 200 components,
+diagonal covariances, stick-breaking concentration prior 2) is fitted to a seeded sample of at most
+50 000 normal last-stage tokens; with component means :math:`\mu_c` L2-normalised,
+:math:`a_i = 1 - \max_c \cos(q_i, \mu_c)` over the components that explain normal tokens: weight
+:math:`\pi_c > 10^{-6}` (the reference's cut), summed responsibility of the fitted tokens
+:math:`\ge 1` and at least one token whose most likely component it is. The variational fit gives
+every unused component a weight of about :math:`1/n` and the prior mean (the mean of the data) as its
+mean; the weight cut alone would keep them and make the average token look perfectly normal.
 
 ``himatch``:
 
@@ -20,11 +25,12 @@ weight :math:`\pi_c > 10^{-6}` kept, :math:`a_i = 1 - \max_c \cos(q_i, \mu_c)`.
    :math:`r_n = \alpha g_n + (1 - \alpha) p_n` and the top :math:`K` are the supports.
 2. Stage maps. For each stage :math:`s` and support :math:`k`,
    :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
-   features :math:`C_k^{(s)}`, computed when the bank was built: the slice's foreground tokens are
-   summarised by spherical k-means centroids, and each centroid is replaced by its entry in a
-   codebook shared by the whole normal set (spherical k-means over all slice centroids of the stage,
-   :math:`8\sqrt{m}` entries for :math:`m` centroids), so :math:`C_k^{(s)}` is the set of codebook
-   entries slice :math:`k` uses. The stage score is the
+   features :math:`C_k^{(s)}`, computed when the bank was built: the spherical k-means centroids
+   (64 per slice) of the support slice's own foreground tokens at stage :math:`s`, as in HiMatch-AD,
+   which compares the query with the clustered features of the retrieved references. (Opt-in
+   ``shared_codebook``: each centroid is replaced by its entry in a codebook shared by the whole
+   normal set, spherical k-means over all slice centroids of the stage with :math:`8\sqrt{m}`
+   entries for :math:`m` centroids.) The stage score is the
    distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and its uncertainty the
    spread across supports, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
 3. Calibration. Each stage is standardised against its own normal-score distribution, measured on
@@ -116,10 +122,16 @@ def _segment_max(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 def _max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) -> np.ndarray:
     """(n, len(slices)): for each query token, max cosine to each slice's clustered features.
 
-    The codebook entries of all the slices are gathered once (deduplicated), so the product costs
-    ``n x (#distinct entries)`` however many slices share them.
+    Per-slice centroids (default): only the rows of ``slices`` are read from the memory-mapped
+    bank. Shared codebooks: the entries of all the slices are gathered once (deduplicated), so the
+    product costs ``n x (#distinct entries)`` however many slices share them.
     """
     offs = bank.cent_offsets[stage]
+    if not bank.uses_codebook:
+        cents = bank.centroids[stage]
+        segs = [np.asarray(cents[offs[c] : offs[c + 1]], dtype=np.float32) for c in slices]
+        seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
+        return _segment_max(tokens @ np.concatenate(segs).T, seg_off)
     codes = bank.codes[stage]
     segs = [codes[offs[c] : offs[c + 1]] for c in slices]
     seg_off = np.cumsum([0] + [s.shape[0] for s in segs])
@@ -206,20 +218,45 @@ class KnnScorer:
 
 
 class DpmmScorer:
-    """Distance to the nearest Dirichlet-process mixture component mean (AnomalyDINO-DPMM)."""
+    """Distance to the nearest used Dirichlet-process mixture component mean (AnomalyDINO-DPMM).
+
+    Only components that explain normal tokens are kept: weight above ``min_weight`` (the
+    reference's 1e-6), at least one token's worth of responsibility (``soft_counts >= 1``) and at
+    least one token assigned to them (``hard_counts >= 1``). scikit-learn's variational mixture
+    leaves every unused stick component with a weight of about 1/n and the prior mean (the global
+    mean of the data) as its mean; keeping those would make "average tissue" match perfectly.
+    """
 
     name = "dpmm"
 
-    def __init__(self, means: np.ndarray, weights: np.ndarray, min_weight: float = 1e-6):
-        keep = weights > min_weight
+    def __init__(self, means: np.ndarray, weights: np.ndarray, soft_counts: np.ndarray, hard_counts: np.ndarray, min_weight: float = 1e-6):
+        hard_counts = np.asarray(hard_counts)
+        keep = (np.asarray(weights) > min_weight) & (np.asarray(soft_counts) >= 1.0) & (hard_counts >= 1)
+        if not keep.any():  # degenerate fit: the most used component(s)
+            keep = hard_counts == hard_counts.max()
         m = np.asarray(means[keep], dtype=np.float32)
         self.means = m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
         self.weights = np.asarray(weights[keep], dtype=np.float32)
+        self.n_fitted = int(len(weights))
         self.timings: dict = {}
 
     @staticmethod
-    def fit(tokens: np.ndarray, n_components: int = 100, covariance_type: str = "diag", max_iter: int = 200, seed: int = 0):
-        """Fit the mixture (scikit-learn ``BayesianGaussianMixture``, Dirichlet-process prior)."""
+    def fit(
+        tokens: np.ndarray,
+        n_components: int = 100,
+        covariance_type: str = "diag",
+        max_iter: int = 200,
+        seed: int = 0,
+        concentration: Optional[float] = None,
+        chunk: int = 8192,
+    ) -> dict:
+        """Fit the mixture (scikit-learn ``BayesianGaussianMixture``, Dirichlet-process prior).
+
+        ``concentration``: the stick-breaking concentration prior (None: scikit-learn's
+        ``1 / n_components``). Returns ``means``, ``weights``, ``soft_counts`` (summed
+        responsibilities of the fitted tokens per component), ``hard_counts`` (tokens whose most
+        likely component it is), ``converged`` and ``n_iter``.
+        """
         import warnings as _w
 
         from sklearn.exceptions import ConvergenceWarning
@@ -231,6 +268,7 @@ class DpmmScorer:
             n_components=n_components,
             covariance_type=covariance_type,
             weight_concentration_prior_type="dirichlet_process",
+            weight_concentration_prior=concentration,
             max_iter=max_iter,
             random_state=seed,
             init_params="kmeans",
@@ -238,7 +276,20 @@ class DpmmScorer:
         with _w.catch_warnings():
             _w.simplefilter("ignore", ConvergenceWarning)
             gm.fit(x)
-        return gm.means_.astype(np.float32), gm.weights_.astype(np.float32), bool(gm.converged_), int(gm.n_iter_)
+        soft = np.zeros(n_components, np.float64)
+        hard = np.zeros(n_components, np.int64)
+        for a in range(0, x.shape[0], chunk):
+            resp = gm.predict_proba(x[a : a + chunk])
+            soft += resp.sum(0)
+            hard += np.bincount(resp.argmax(1), minlength=n_components)
+        return {
+            "means": gm.means_.astype(np.float32),
+            "weights": gm.weights_.astype(np.float32),
+            "soft_counts": soft.astype(np.float32),
+            "hard_counts": hard,
+            "converged": bool(gm.converged_),
+            "n_iter": int(gm.n_iter_),
+        }
 
     def score(self, queries: list) -> list:
         t = time.perf_counter()

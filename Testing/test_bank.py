@@ -113,6 +113,10 @@ def test_dpmm_mixture_is_cached_with_the_bank(fitted):
     z = np.load(det.bank.root / files[0], allow_pickle=False)
     assert z["means"].shape[1] == det.extractor.dim
     assert (det.scorer.weights > 1e-6).all()
+    # only components with tokens assigned are scored against, and the counts cover the fitted tokens
+    used = (z["weights"] > 1e-6) & (z["soft_counts"] >= 1) & (z["hard_counts"] >= 1)
+    assert det.scorer.means.shape[0] == used.sum() >= 1
+    assert z["hard_counts"].sum() == int(z["n_tokens"])
 
 
 def test_codebook_assigns_each_row_to_its_most_similar_entry():
@@ -139,24 +143,114 @@ def test_codebook_assigns_each_row_to_its_most_similar_entry():
     assert small.shape[0] == 50 and np.array_equal(small_codes, np.arange(50))
 
 
-def test_bank_codebooks_and_stage_matching(fitted):
-    from HiMatchADLib.cluster import codebook_size
+def _check_stage_matching(bank, rng):
+    """Matching a query against several slices at once equals brute force slice by slice."""
     from HiMatchADLib.scoring import _max_cos_to_slices
 
-    det = fitted("himatch")
-    bank = det.bank
-    assert not [p for p in bank.root.iterdir() if p.name.startswith("cent_") and not p.name.startswith("cent_offsets_")]
-    rng = np.random.default_rng(0)
     for st in bank.stages:
-        m = int(bank.cent_offsets[st][-1])
-        assert bank.codebooks[st].dtype == np.float16
-        assert bank.codebooks[st].shape[0] <= codebook_size(m, det.codebook_factor)
-        assert bank.manifest["codebook_sizes"][str(st)] == bank.codebooks[st].shape[0]
-        # matching against the gathered, deduplicated entries equals brute force per slice
-        q = rng.standard_normal((7, bank.codebooks[st].shape[1])).astype(np.float32)
+        q = rng.standard_normal((7, bank.cls.shape[1])).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         slices = [0, 3, 3, bank.n_slices - 1]
         got = _max_cos_to_slices(bank, st, q, slices)
         want = np.stack([(q @ bank.slice_centroids(st, i).T).max(1) for i in slices], axis=1)
         assert np.allclose(got, want, atol=1e-6)
-    assert bank.clustered_nbytes() < sum(a.nbytes for a in bank.codebooks.values()) + 8 * bank.n_slices * 2000
+
+
+def test_stage_maps_use_each_slice_own_centroids(fitted):
+    """Default bank: per stage, each slice's own spherical k-means centroids (float16, memory-mapped)."""
+    from HiMatchADLib.cluster import spherical_kmeans
+    from HiMatchADLib.imageio import read_image
+    from HiMatchADLib.preprocess import prepare_volume
+
+    det = fitted("himatch")
+    bank = det.bank
+    assert not bank.uses_codebook and not bank.codebooks and not bank.codes
+    assert not [p for p in bank.root.iterdir() if p.name.startswith(("cent_", "codebook_")) and not p.name.startswith("cent_offsets_")]
+    for st in bank.stages:
+        assert isinstance(bank.centroids[st], np.memmap) and bank.centroids[st].dtype == np.float16
+    # Reference: re-extract a few normal slices and cluster their foreground tokens again.
+    for i in [0, bank.n_slices // 2, bank.n_slices - 1]:
+        prep = prepare_volume(read_image(bank.manifest["folder"] + "/" + bank.files[int(bank.slice_file[i])]), det.modality, det.slice_axis)
+        (q,), _ = det._queries(prep, np.asarray([int(bank.slice_index[i])]))
+        for si, st in enumerate(bank.stages):
+            want = spherical_kmeans(q.tokens[si], det.clusters_per_slice, seed=det.seed)
+            got = bank.slice_centroids(st, i)
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=2e-3)  # float16 storage
+        with pytest.raises(ValueError, match="no codebook"):
+            bank.slice_codes(bank.stages[-1], i)
+    _check_stage_matching(bank, np.random.default_rng(0))
+    per_slice = sum(bank.centroids[s].nbytes for s in bank.stages)
+    assert per_slice == sum(int(bank.cent_offsets[s][-1]) for s in bank.stages) * bank.cls.shape[1] * 2
+    assert bank.clustered_nbytes() >= per_slice
+
+
+def test_shared_codebook_is_opt_in(tiny_model, normals_dir, tmp_path):
+    from HiMatchADLib.cluster import codebook_size
+
+    folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
+    det = HiMatchDetector(model=tiny_model, resolution=RESOLUTION, cache_dir=tmp_path / "c", shared_codebook=True, k=2).fit(folder)
+    own = HiMatchDetector(model=tiny_model, resolution=RESOLUTION, cache_dir=tmp_path / "c", k=2).fit(folder)
+    bank = det.bank
+    assert bank.uses_codebook and bank.root != own.bank.root and not bank.centroids
+    for st in bank.stages:
+        m = int(bank.cent_offsets[st][-1])
+        assert m == int(own.bank.cent_offsets[st][-1])
+        assert bank.codebooks[st].dtype == np.float16
+        assert bank.codebooks[st].shape[0] <= codebook_size(m, det.codebook_factor)
+        assert bank.manifest["codebook_sizes"][str(st)] == bank.codebooks[st].shape[0]
+        # each slice centroid was replaced by its most similar codebook entry
+        cents = np.asarray(own.bank.centroids[st], np.float32)
+        cb = np.asarray(bank.codebooks[st], np.float32)
+        best = (cents @ cb.T).max(1)
+        assert np.allclose((cents * cb[bank.codes[st]]).sum(1), best, atol=2e-3)
+    _check_stage_matching(bank, np.random.default_rng(1))
+
+
+def test_bank_of_an_older_format_is_rebuilt(tiny_model, normals_dir, tmp_path):
+    from HiMatchADLib.bank import BANK_FORMAT
+
+    folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
+    root = _det(tiny_model, tmp_path / "c").fit(folder).bank.root
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["format"] = BANK_FORMAT - 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    msgs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = _det(tiny_model, tmp_path / "c", progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert "Building normal bank" in msgs and det.bank.manifest["format"] == BANK_FORMAT
+
+
+def test_precision_and_device_type_are_part_of_the_bank_key(tiny_model, normals_dir, tmp_path):
+    folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
+    cache = tmp_path / "cache"
+    msgs = []
+    d32 = _det(tiny_model, cache, progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert "Building normal bank" in msgs
+    msgs.clear()
+    d16 = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert "Building normal bank" in msgs  # never the fp32 bank
+    assert d16.bank.root != d32.bank.root
+    assert d16.bank.manifest["features"]["precision"] == "bf16"
+    assert d32.bank.manifest["features"] == {**d16.bank.manifest["features"], "precision": "fp32"}
+    assert d32.bank.manifest["features"]["device_type"] == "cpu"
+    # the bf16 bank holds bf16 features: close to, not equal to, the fp32 ones
+    t32 = np.asarray(d32.bank.tokens, np.float32)
+    t16 = np.asarray(d16.bank.tokens, np.float32)
+    assert t32.shape == t16.shape and not np.array_equal(t32, t16)
+    assert (t32 * t16).sum(1).mean() > 0.98
+    msgs.clear()
+    again = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    assert again.bank.root == d16.bank.root and "Building normal bank" not in msgs
+    # a bank made on another device type is another cache entry
+    from HiMatchADLib.bank import bank_key
+
+    ex = d32.extractor
+    key_cpu = bank_key(folder, ex, d32._bank_settings())
+    original = ex.cache_key
+    try:
+        ex.cache_key = lambda: {**original(), "device_type": "cuda"}
+        assert bank_key(folder, ex, d32._bank_settings()) != key_cpu
+    finally:
+        del ex.cache_key

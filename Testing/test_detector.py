@@ -143,3 +143,81 @@ def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
         det.fit(normals_dir)
     # nothing half-built is left where a bank would be loaded from
     assert not list((tmp_path / "banks").glob("*/manifest.json"))
+
+
+def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_case):
+    from HiMatchADLib.cli import build_parser, detector_from_args, main
+    from HiMatchADLib.imageio import write_image
+
+    img, _ = lesion_case
+    case = tmp_path / "case.nii.gz"
+    write_image(img.array, img.geometry, case)
+    code = main(["--quiet", "detect", str(case), "--normals", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--model", tiny_model, "--precision", "fp16"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: precision fp16 is not supported") and len(err.strip().splitlines()) == 1
+    args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--precision", "bf16"])
+    assert detector_from_args(args).precision == "bf16"
+    args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model])
+    assert detector_from_args(args).precision == "fp32"
+
+
+def _bad_inputs(d):
+    """A corrupt file, a 4D series, and a volume the CT preset finds no body in."""
+    import SimpleITK as sitk
+
+    from HiMatchADLib.imageio import Image, write_image
+
+    corrupt = d / "corrupt.nii.gz"
+    corrupt.write_bytes(b"\x00not an image")
+    four_d = d / "series.nii.gz"
+    vols = [sitk.GetImageFromArray(np.random.default_rng(t).random((4, 16, 16)).astype(np.float32)) for t in range(3)]
+    sitk.WriteImage(sitk.JoinSeries(vols), str(four_d))  # three time points
+    air = np.random.default_rng(1).uniform(-1000, -700, (6, 32, 32)).astype(np.float32)
+    write_image(air, Image.from_array(air).geometry, d / "air.nii.gz")
+    return [(corrupt, "auto", "not a readable image"), (four_d, "auto", "4D"), (d / "air.nii.gz", "ct", "no foreground")]
+
+
+def test_bad_query_is_reported_before_the_model_or_the_bank(tmp_path, monkeypatch):
+    import HiMatchADLib.detector as detector_mod
+
+    def untouchable(*a, **k):
+        raise AssertionError("the normal bank was touched before the query was checked")
+
+    monkeypatch.setattr(detector_mod, "build_or_load", untouchable)
+    monkeypatch.setattr(detector_mod, "FeatureExtractor", untouchable)
+    for path, modality, message in _bad_inputs(tmp_path):
+        det = HiMatchDetector(model="/nonexistent/model", modality=modality)
+        with pytest.raises(HiMatchADError, match=message):
+            det.check_query(path)
+
+
+def test_cli_detect_checks_the_input_before_building_the_bank(tiny_model, normals_dir, tmp_path, capsys, monkeypatch):
+    import HiMatchADLib.detector as detector_mod
+    from HiMatchADLib.cli import main
+
+    calls = []
+    real = detector_mod.build_or_load
+    monkeypatch.setattr(detector_mod, "build_or_load", lambda *a, **k: calls.append(a) or real(*a, **k))
+    cache = tmp_path / "cache"
+    for path, modality, message in _bad_inputs(tmp_path):
+        code = main(["--quiet", "detect", str(path), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "o"),
+                     "--model", tiny_model, "--modality", modality, "--cache-dir", str(cache)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and message in err and "Traceback" not in err, err
+    assert calls == [] and not cache.exists()  # no bank work at all
+
+
+def test_predict_reuses_the_checked_query(fitted, lesion_case, tmp_path):
+    from HiMatchADLib.imageio import write_image
+
+    det = fitted("knn")
+    img, _ = lesion_case
+    path = tmp_path / "case.nii.gz"
+    write_image(img.array, img.geometry, path)
+    checked = det.check_query(path)
+    assert checked.array.shape == PHANTOM_SHAPE
+    res_checked = det.predict(checked)
+    res_path = det.predict(path)
+    np.testing.assert_array_equal(res_checked.heatmap, res_path.heatmap)
+    assert res_checked.timings["read"] > 0 and res_checked.timings["total"] >= res_checked.timings["read"] + res_checked.timings["preprocess"]
+    assert det._checked is None  # used once, not kept

@@ -1,0 +1,116 @@
+"""Scoring steps against reference computations on constructed data where the answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from HiMatchADLib.scoring import DpmmScorer, QuerySlice
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _clusters_on_sphere(n=3000, d=32, k=5, spread=0.04, seed=0):
+    """``k`` well separated clusters of unit vectors (centres nearly orthogonal in ``d`` dims)."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.normal(size=(k, d)))
+    labels = rng.integers(0, k, n)
+    x = _unit(centres[labels] + spread * rng.normal(size=(n, d)))
+    return x.astype(np.float32), centres.astype(np.float32), labels
+
+
+def _query(tokens):
+    t = np.asarray(tokens, np.float32)
+    return QuerySlice(0, [t], t[0], np.ones(len(t), bool), (1, len(t)))
+
+
+def test_dpmm_keeps_exactly_the_used_components():
+    x, centres, labels = _clusters_on_sphere()
+    fit = DpmmScorer.fit(x, n_components=30, seed=0)
+    assert fit["hard_counts"].sum() == len(x) and fit["soft_counts"].sum() == pytest.approx(len(x), rel=1e-4)
+    scorer = DpmmScorer(fit["means"], fit["weights"], fit["soft_counts"], fit["hard_counts"])
+    # One kept component per true cluster, at the cluster's centre.
+    assert scorer.means.shape == (5, 32)
+    cos = scorer.means @ centres.T
+    assert sorted(cos.argmax(1).tolist()) == [0, 1, 2, 3, 4]
+    assert cos.max(1).min() > 0.99
+    # Reference (AnomalyDINO-DPMM): 1 - cosine to the nearest component mean; here the components are
+    # the cluster means, so the normal scores are 1 - max cosine to the true centres.
+    ref = 1.0 - (x @ _unit(np.stack([x[labels == c].mean(0) for c in range(5)])).T).max(1)
+    got = scorer.score([_query(x)])[0].patch
+    np.testing.assert_allclose(got, ref, atol=2e-3)
+    # "Average tissue": the global mean direction lies between the clusters and is anomalous.
+    g = _unit(x.mean(0))
+    s_mean = scorer.score([_query(g[None])])[0].patch[0]
+    assert s_mean == pytest.approx(1.0 - (centres @ g).max(), abs=0.01)
+    assert s_mean > 5 * np.quantile(got, 0.99)
+
+
+def test_unused_stick_components_sit_at_the_global_mean():
+    """What the count rule removes: sklearn gives unused components ~1/n weight and the data mean."""
+    x, _, _ = _clusters_on_sphere(seed=1)
+    fit = DpmmScorer.fit(x, n_components=30, seed=0)
+    unused = fit["hard_counts"] == 0
+    assert (fit["weights"][unused] > 1e-6).sum() > 5  # the weight cut alone keeps them
+    g = _unit(x.mean(0))
+    assert (_unit(fit["means"][unused & (fit["weights"] > 1e-6)]) @ g).min() > 0.99
+    weight_only = DpmmScorer(fit["means"], fit["weights"], np.ones(30), np.ones(30, int))
+    assert weight_only.score([_query(g[None])])[0].patch[0] < 0.01  # would call the mean normal
+
+
+def _hand_bank(tmp_path, centroids_per_slice: list, stages=(1, 2)):
+    """A NormalBank built in memory: per stage, each slice's centroids as given (float16 memmaps)."""
+    from HiMatchADLib.bank import NormalBank
+
+    n = len(centroids_per_slice)
+    d = centroids_per_slice[0].shape[1]
+    offs = np.cumsum([0] + [len(c) for c in centroids_per_slice]).astype(np.int64)
+    rows = np.concatenate(centroids_per_slice).astype(np.float16)
+    cents = {}
+    for s in stages:
+        path = tmp_path / f"centroids_{s}.npy"
+        np.save(path, rows)
+        cents[s] = np.load(path, mmap_mode="r")
+    return NormalBank(
+        root=tmp_path,
+        manifest={"settings": {"stages": list(stages), "shared_codebook": False}, "files": [{"path": "a"}], "n_slices": n},
+        cls=np.zeros((n, d), np.float16),
+        tokens=np.zeros((0, d), np.float16),
+        tok_offsets=np.zeros(n + 1, np.int64),
+        codebooks={},
+        codes={},
+        cent_offsets={s: offs for s in stages},
+        slice_file=np.zeros(n, np.int32),
+        slice_index=np.arange(n, dtype=np.int32),
+        slice_group=np.arange(n, dtype=np.int32),
+        slice_pos=np.full(n, np.nan, np.float32),
+        slice_grid=np.ones((n, 2), np.int32),
+        centroids=cents,
+    )
+
+
+def test_stage_scores_against_the_supports_own_centroids(tmp_path):
+    """a = min_k (1 - max_c cos(q, c in C_k)), v = Var_k of the same distances (population variance)."""
+    from HiMatchADLib.scoring import HiMatchScorer
+
+    rng = np.random.default_rng(0)
+    d = 16
+    slices = [_unit(rng.normal(size=(m, d))).astype(np.float16).astype(np.float32) for m in (3, 5, 4)]
+    bank = _hand_bank(tmp_path, slices)
+    scorer = HiMatchScorer(bank, k=3)
+    # query tokens: one equal to a centroid of slice 1 (distance 0 there), one random, one between two slices
+    q = np.stack([slices[1][2], _unit(rng.normal(size=d)), _unit(slices[0][0] + slices[2][1])]).astype(np.float32)
+    query = QuerySlice(0, [q, q], q[0], np.ones(3, bool), (1, 3))
+    supports = np.array([0, 1, 2])
+    a, v = scorer.stage_scores(query, supports)
+    dist = np.stack([1.0 - (q @ c.T).max(1) for c in slices], axis=1)  # (tokens, supports)
+    for s in range(2):
+        np.testing.assert_allclose(a[s], dist.min(1), atol=1e-6)
+        np.testing.assert_allclose(v[s], dist.var(1), atol=1e-6)
+    assert a[0, 0] == pytest.approx(0.0, abs=1e-3)  # float16 centroid: unit to 1e-4
+    # only the retrieved supports count: without slice 1 the first token is no longer matched exactly
+    a2, _ = scorer.stage_scores(query, np.array([0, 2]))
+    np.testing.assert_allclose(a2[0], dist[:, [0, 2]].min(1), atol=1e-6)
+    assert a2[0, 0] > 0.1
