@@ -42,7 +42,7 @@ PROTOCOL = 1
 #: Detector keywords a request may not set (the worker owns progress and cancellation).
 RESERVED_SETTINGS = ("progress", "cancel_event")
 #: Settings that decide the feature extractor; detectors that agree on them share one loaded model.
-EXTRACTOR_SETTINGS = ("model", "device", "stages", "resolution", "batch_size", "precision")
+EXTRACTOR_SETTINGS = ("model", "device", "stages", "resolution", "batch_size", "precision", "stage_norm")
 PROGRESS_INTERVAL_S = 0.2
 
 log = logging.getLogger("HiMatchAD.worker")
@@ -188,11 +188,13 @@ class Worker:
         inp = self._path(req, "input")
         out_dir = self._path(req, "out_dir")
         t0 = time.perf_counter()
+        # A bad input fails in seconds, before the model and the normal bank are loaded.
+        query = det.check_query(inp) if hasattr(det, "check_query") else inp
         _, loaded, fit_s = self._fit(rid, req, det)
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the result carries its own warnings
-            res = det.predict(inp)
+            res = det.predict(query)
         predict_s = time.perf_counter() - t
         t = time.perf_counter()
         paths = save_result(res, out_dir, foreground=bool(req.get("foreground", False)))
