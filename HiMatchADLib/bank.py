@@ -19,7 +19,10 @@ and ``mmap_mode='r'``, plus ``manifest.json``):
 - ``slices.npz``: per slice the source file index, slice index in its volume, subject group,
   relative position within the foreground extent (NaN for 2D images) and patch grid.
 - ``manifest.json``: files (relative path, size, mtime), skipped files and why, model, settings,
-  content fingerprint, ``"complete": true``. Written last, in a temporary folder renamed into place.
+  content fingerprint, a BLAKE2b checksum of every array file (verified before a cached bank is
+  used: a damaged array means a rebuild, never a wrong map), ``"complete": true``. Written last, in
+  a temporary folder renamed into place. Temporary folders of a build that was killed are removed by
+  a later build once they are stale.
 
 The cache folder name hashes (normal folder, the extractor's :meth:`FeatureExtractor.cache_key`
 (model, stage norm, precision, device type), settings); the manifest's content fingerprint
@@ -50,7 +53,7 @@ from .imageio import Image, list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group
 from .progress import Reporter
 
-BANK_FORMAT = 4
+BANK_FORMAT = 5
 
 
 def default_cache_root() -> Path:
@@ -80,6 +83,41 @@ class BankSettings:
 
 def _json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path, chunk: int = 1 << 23) -> str:
+    """BLAKE2b digest of a file's bytes (streamed): what the manifest records for each array."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def _array_files(folder: Path) -> list:
+    return sorted(p.name for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file() and _is_bank_array(p.name))
+
+
+def _is_bank_array(name: str) -> bool:
+    """Arrays of the bank itself (extras fitted later, such as ``dpmm_*.npz``, carry their own checks)."""
+    return not name.startswith(("dpmm_", "calib_", "."))
+
+
+def verify_checksums(root: Path, manifest: dict) -> None:
+    """Raise ``ValueError`` naming the first array whose bytes differ from the manifest's record
+    (a damaged disk, a truncated copy, a file overwritten by hand)."""
+    recorded = manifest.get("checksums")
+    if not isinstance(recorded, dict) or not recorded:
+        raise ValueError("the manifest records no checksums")
+    present = set(_array_files(root))
+    if present != set(recorded):
+        raise ValueError(f"array files differ from the manifest ({sorted(present ^ set(recorded))[:3]})")
+    for name, digest in sorted(recorded.items()):
+        if file_digest(root / name) != digest:
+            raise ValueError(f"{name} is damaged (checksum mismatch)")
 
 
 def _file_fingerprint(path: Path, root: Path) -> dict:
@@ -229,10 +267,14 @@ class NormalBank:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, root: Path) -> "NormalBank":
+    def load(cls, root: Path, verify: bool = True) -> "NormalBank":
+        """Open a cached bank (memory-mapped). With ``verify`` every array's checksum is compared
+        with the manifest first, so damaged content is never used; ``ValueError`` otherwise."""
         manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
         if not manifest.get("complete") or manifest.get("format") != BANK_FORMAT:
             raise ValueError("incomplete bank or other format")
+        if verify:
+            verify_checksums(root, manifest)
 
         def ld(name):
             return np.load(root / name, mmap_mode="r", allow_pickle=False)
@@ -306,8 +348,9 @@ def build_or_load(
     content = _json_hash(fps)
     if not rebuild and (dest / "manifest.json").exists():
         try:
-            bank = NormalBank.load(dest)
+            bank = NormalBank.load(dest, verify=False)
             if bank.manifest["content"] == content:
+                verify_checksums(dest, bank.manifest)  # damaged arrays are never used
                 return bank
         except Exception as exc:  # corrupt or partial cache: rebuild
             warnings.warn(f"normal bank cache at {dest} is unreadable ({exc}); rebuilding it")
@@ -337,9 +380,61 @@ def _estimate_slices(files: list[Path], settings: BankSettings) -> int:
     return max(1, total // max(1, settings.slice_step))
 
 
+#: A temporary bank folder left by a process that is gone is removed once nothing in it changed for
+#: this long; one whose process may be alive (or runs on another machine) only after ``_ABANDONED_S``.
+_STALE_S = 3600.0
+_ABANDONED_S = 24 * 3600.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _last_change(folder: Path) -> float:
+    times = [folder.stat().st_mtime]
+    for p in folder.iterdir():
+        try:
+            times.append(p.stat().st_mtime)
+        except OSError:
+            pass
+    return max(times)
+
+
+def clean_stale_temporaries(banks_dir: Path, now: Optional[float] = None) -> list:
+    """Remove temporary bank folders (``.KEY.tmp-PID-...``, ``.KEY.old-PID-...``) that a killed build
+    left behind; returns the removed paths. A folder of a live process is kept unless abandoned."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(banks_dir.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        name = p.name
+        if not name.startswith(".") or (".tmp-" not in name and ".old-" not in name) or not p.is_dir():
+            continue
+        try:
+            pid = int(name.rsplit("-", 2)[-2])
+            idle = now - _last_change(p)
+        except (ValueError, IndexError, OSError):
+            continue
+        if idle > _ABANDONED_S or (idle > _STALE_S and not _pid_alive(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            if not p.exists():
+                removed.append(p)
+    return removed
+
+
 def _build(root, files, fps, content, extractor, settings, dest: Path, reporter: Reporter) -> NormalBank:
     t0 = time.perf_counter()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(dest.parent)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{time.time_ns()}"
     tmp.mkdir()
     stages = list(extractor.stages)
@@ -444,6 +539,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "codebook_sizes": codebook_sizes,
             "dim": D,
             "build_seconds": round(time.perf_counter() - t0, 3),
+            "checksums": {name: file_digest(tmp / name) for name in _array_files(tmp)},
             "complete": True,
         }
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))
@@ -452,7 +548,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return NormalBank.load(dest)
+    return NormalBank.load(dest, verify=False)  # just written and hashed
 
 
 def _replace_dir(src: Path, dest: Path) -> None:
