@@ -267,9 +267,9 @@ def test_name_positions_and_normals_folder(tmp_path):
 
 
 def test_cli_subcommand_with_fake_detector(tiny_bmad, tmp_path, monkeypatch, capsys):
-    import HiMatchADLib.evaluate as ev
+    import HiMatchADLib.evaluate.runner as runner
 
-    monkeypatch.setattr(ev, "_detector_factory", lambda m, **kw: FakeDetector(m, **kw))
+    monkeypatch.setattr(runner, "_detector_factory", lambda m, **kw: FakeDetector(m, **kw))
     parser = argparse.ArgumentParser(prog="himatchad")
     add_subparser(parser.add_subparsers(dest="command"))
     out = tmp_path / "cli"

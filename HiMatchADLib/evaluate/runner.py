@@ -52,10 +52,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .datasets import LAYOUTS, SPLITS, TestCase, evenly_spaced, load_dataset
-from .errors import HiMatchADError
-from .imageio import Image, atomic_path, read_image, write_text_atomic
-from .metrics import PixelAccumulator, image_auroc, roc_points, top_fraction_mean
+from ..datasets import LAYOUTS, SPLITS, TestCase, evenly_spaced, load_dataset
+from ..errors import HiMatchADError
+from ..imageio import Image, atomic_path, read_image, write_text_atomic
+from ..metrics import PixelAccumulator, image_auroc, roc_points, top_fraction_mean
 
 DETECTOR_METHODS = ("himatch", "knn", "dpmm")
 BASELINES = ("intensity", "intensity-dev")
@@ -128,7 +128,7 @@ def name_positions(paths: Sequence[Path]) -> dict[str, float]:
     ``(n - min_n) / (max_n - min_n)`` over the slices of the same subject in ``paths``; NaN when a
     name has no trailing number or its subject has one slice number only.
     """
-    from .imageio import strip_suffix
+    from ..imageio import strip_suffix
 
     parsed: dict[str, tuple[str, int]] = {}
     for p in paths:
@@ -186,13 +186,13 @@ def normals_folder(paths: Sequence[Path], normal_dir: Path, cache_root: Optional
     (copies where links are not allowed) under the cache, named by the hash of the chosen files, so
     repeated runs reuse one cached bank.
     """
-    from .imageio import list_images
+    from ..imageio import list_images
 
     paths = [Path(p) for p in paths]
     if [str(p) for p in list_images(normal_dir)] == [str(p) for p in paths]:
         return normal_dir
     if cache_root is None:
-        from .bank import default_cache_root
+        from ..bank import default_cache_root
 
         cache_root = default_cache_root()
     digest = hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()[:16]
@@ -283,7 +283,7 @@ class IntensityBaselines:
         self.info: dict = {}
 
     def _prepare(self, image: Image):
-        from .preprocess import prepare_volume
+        from ..preprocess import prepare_volume
 
         return prepare_volume(image, self.modality, self.slice_axis)
 
@@ -506,7 +506,7 @@ def _display_view(image: Image, gt: Optional[np.ndarray], out: CaseOutput):
     if image.is_2d or image.array.shape[0] == 1:
         sx, sy = image.geometry.spacing[:2]
         return (None, 0, 0, sy / sx)
-    from .orientation import canonical_reorientation
+    from ..orientation import canonical_reorientation
 
     reo = canonical_reorientation(image.geometry.direction)
     c = list(reo.axes).index(out.slice_axis)
@@ -530,7 +530,7 @@ def _take(arr: np.ndarray, view) -> np.ndarray:
 
 
 def _detector_factory(method: str, **kwargs):
-    from .detector import HiMatchDetector
+    from ..detector import HiMatchDetector
 
     return HiMatchDetector(method=method, **kwargs)
 
@@ -543,7 +543,7 @@ class _Progress:
         self.quiet_detector = False
         self._cb = None
         if enabled:
-            from .progress import tqdm_callback
+            from ..progress import tqdm_callback
 
             self._cb = tqdm_callback()
 
@@ -967,7 +967,7 @@ def make_figure(path: Path, curves: dict, examples: _Examples, result: dict) -> 
 
 def add_subparser(subparsers) -> argparse.ArgumentParser:
     """Register ``himatchad evaluate``; the parsed namespace's ``func(args)`` returns the exit code."""
-    from .cli import _positive_int
+    from ..cli import _positive_int
 
     p = subparsers.add_parser(
         "evaluate",
