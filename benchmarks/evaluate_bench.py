@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from HiMatchADLib.bank import build_or_load  # noqa: E402
 from HiMatchADLib.datasets import evenly_spaced, load_dataset  # noqa: E402
-from HiMatchADLib.evaluate import _MemoryProbe, _environment, _md_table, normals_folder  # noqa: E402
+from HiMatchADLib.evaluate import MemoryProbe, environment, markdown_table, normals_folder  # noqa: E402
 from HiMatchADLib.imageio import read_image, write_text_atomic  # noqa: E402
 
 
@@ -151,7 +151,7 @@ def run(args) -> dict:
     load_backbone(args.model, resolve_device(args.device or "auto"))
     clock = _Clock()
     _instrument(clock)
-    mem = _MemoryProbe()
+    mem = MemoryProbe()
     rows_bank, rows_method = [], []
     try:
         for n in sizes:
@@ -231,7 +231,7 @@ def run(args) -> dict:
         "test_slices": len(queries),
         "bank": rows_bank,
         "methods": rows_method,
-        "environment": _environment(),
+        "environment": environment(),
         "command": " ".join(sys.argv),
     }
     write_text_atomic(out / "bench.json", json.dumps(result, indent=1) + "\n")
@@ -250,7 +250,7 @@ def render(result: dict) -> str:
         rows.append([str(b["normals"]), str(b["slices"]), str(b["tokens"]), f"{b['build_s']:.1f}", f"{b['build_s_per_slice']:.3f}",
                      f"{100 * b['features_s'] / tot:.0f} %", f"{100 * b['clustering_s'] / tot:.0f} %",
                      f"{100 * b['read_preprocess_s'] / tot:.0f} %", f"{b['disk_mb']:.1f}", f"{b['peak_rss_increase_mb']:.0f}"])
-    lines += [_md_table(head, rows), ""]
+    lines += [markdown_table(head, rows), ""]
     keys = sorted({k for r in result["methods"] for k in r["predict_shares"]})
     head = ["Normals", "Method", "Fit s", "Predict s/slice"] + keys + ["Peak RSS +MB", "Search state MB"]
     rows = []
@@ -258,7 +258,7 @@ def render(result: dict) -> str:
         rows.append([str(r["normals"]), f"`{r['method']}`", f"{r['fit_s']:.1f}", f"{r['predict_s_per_slice']:.3f}"]
                     + [f"{100 * r['predict_shares'][k]:.0f} %" if k in r["predict_shares"] else "–" for k in keys]
                     + [f"{r['peak_rss_increase_mb']:.0f}", "–" if r["state_mb"] is None else f"{r['state_mb']:.1f}"])
-    lines += [f"Per mode ({result['test_slices']} test slices; prediction time split as the detector reports it):", "", _md_table(head, rows), ""]
+    lines += [f"Per mode ({result['test_slices']} test slices; prediction time split as the detector reports it):", "", markdown_table(head, rows), ""]
     return "\n".join(lines)
 
 
