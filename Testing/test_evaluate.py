@@ -282,6 +282,27 @@ def test_cli_subcommand_with_fake_detector(tiny_bmad, tmp_path, monkeypatch, cap
         parser.parse_args(["evaluate", str(tiny_bmad), "--max-test", "0"])
 
 
+def test_package_api_and_the_helpers_the_benchmark_uses():
+    import HiMatchADLib.evaluate as ev
+    from HiMatchADLib.cli import build_parser
+
+    assert all(hasattr(ev, name) for name in ev.__all__)
+    # The himatchad parser registers the sub-command through the package's add_subparser.
+    args = build_parser().parse_args(["evaluate", "DATA", "--methods", "knn"])
+    assert args.func is ev.run_evaluate_cli and args.methods == "knn" and args.max_pixels == ev.DEFAULT_MAX_PIXELS
+    assert ev.markdown_table(["Method", "AUROC"], [["`knn`", "0.500"]]) == "| Method | AUROC |\n|---|---:|\n| `knn` | 0.500 |"
+    env = ev.environment()
+    assert env["numpy"] == np.__version__ and env["python"].count(".") == 2
+    probe = ev.MemoryProbe()
+    probe.reset()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, written
+    mem = probe.read()
+    del block
+    assert mem["peak_rss_mb"] >= mem["rss_at_start_mb"] > 0
+    if mem["peak_is_per_method"]:  # Linux: the high-water mark was reset, so the rise is this block's
+        assert 50 <= mem["peak_rss_increase_mb"] < 1000
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end with the real detector and a tiny random DINOv3
 
