@@ -59,3 +59,13 @@ def test_the_build_follows_the_current_extension_template():
     low, high = re.search(r"cmake_minimum_required\(VERSION ([\d.]+)\.\.\.([\d.]+)", text).groups()
     assert tuple(map(int, low.split("."))) >= (3, 20, 6)  # Slicer 5.10 and later
     assert "file(GLOB" not in text
+
+
+def test_the_python_package_installs_every_sub_package():
+    """``pip install .`` installs only the packages pyproject.toml names: a sub-package left out would
+    vanish from an installed copy (the command line skips an evaluate module it cannot import)."""
+    import tomllib
+
+    names = set(tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in LIB.rglob("__init__.py")}
+    assert found == names
