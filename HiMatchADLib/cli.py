@@ -131,7 +131,15 @@ def _fit(det, normals, args) -> None:
 
 def _say(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
-        print(msg, file=sys.stderr)
+        from .progress import print_line
+
+        print_line(msg)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .progress import print_line
+
+    print_line(f"warning: {message}", file)
 
 
 def _check_out_dir(out_dir: str) -> Path:
@@ -482,6 +490,7 @@ def main(argv: Optional[list] = None) -> int:
         except ImportError:  # pragma: no cover
             pass
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    warnings.showwarning = _show_warning
     try:
         if args.func is not cmd_worker:
             preflight(args)

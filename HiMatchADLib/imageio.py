@@ -22,7 +22,7 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -215,6 +215,11 @@ def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
             return
         positions.append(float(np.cross(o[:3], o[3:]) @ p))
     gaps = np.diff(np.sort(np.asarray(positions)))
+    if np.min(gaps) < 1e-3:
+        raise HiMatchADError(
+            f"the DICOM series in {folder} has several slices at one position ({len(files)} files; several echoes, "
+            "phases or a duplicated slice?). Put the slices of one volume in a folder of their own"
+        )
     step = float(np.median(gaps))
     if step <= 0 or np.max(np.abs(gaps - step)) > max(0.01 * step, 1e-3):
         odd = [i for i, g in enumerate(gaps) if abs(g - step) > max(0.01 * step, 1e-3)]
@@ -245,23 +250,44 @@ def real_path(path: Path) -> Optional[Path]:
         return None
 
 
-def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Every readable input under ``folder``: image files and DICOM series folders, sorted.
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
 
-    Hidden files and folders (our cache, ``.DS_Store``) are skipped. Symbolic links are followed,
-    but every real folder is entered once and every real input listed once (a link loop or two
-    links to one file give one input, reached by the shortest way).
+
+def walk_inputs(
+    root: Path,
+    *,
+    recursive: bool = True,
+    prune: Iterable[Path] = (),
+    skip_names: Optional[Callable[[list], set]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> tuple[list[Path], list[Path]]:
+    """The inputs under the folder ``root`` (image files and DICOM series folders), in the order
+    found, and the files left out by ``skip_names``.
+
+    Breadth first, links followed, but every real folder is entered once and every real input kept
+    once (of two ways to one input, the shorter). Skipped: hidden entries, link loops and dangling
+    links, anything whose real path lies in one of the real folders ``prune``, and in each folder the
+    file names returned by ``skip_names(entries)``. ``log(message)`` hears about loops and
+    duplicates. A DICOM series folder is one input; ``root`` itself is one when it holds nothing else.
     """
-    root = Path(folder)
-    if not root.exists():
-        raise HiMatchADError(f"folder not found: {root}")
-    if not root.is_dir():
-        raise HiMatchADError(f"not a folder: {root}")
-    found: list[Path] = []
+    say = log or (lambda message: None)
+    pruned = list(prune)
     root_real = real_path(root) or root
+    found: list[Path] = []
+    skipped: list[Path] = []
     seen_dirs = {root_real}
-    seen_inputs: set = set()
-    queue = deque([root])  # breadth first: of two ways to one input, the shorter is kept
+    seen_inputs: dict = {}
+
+    def add(path: Path, real: Path) -> None:
+        first = seen_inputs.get(real)
+        if first is not None:
+            say(f"{path} is the same input as {first}; processed once")
+            return
+        seen_inputs[real] = path
+        found.append(path)
+
+    queue = deque([root])
     while queue:
         d = queue.popleft()
         try:
@@ -269,24 +295,44 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         except OSError as exc:
             raise HiMatchADError(f"cannot list folder {d}: {exc.strerror or exc}") from exc
         if d != root and is_dicom_folder(d):
-            found.append(d)
+            add(d, real_path(d) or d)
             continue
+        names = skip_names(entries) if skip_names is not None else set()
         for p in entries:
             if p.name.startswith("."):
                 continue
             real = real_path(p)
             if real is None:
-                continue  # a link loop or a dangling link
+                say(f"{p} is a symbolic link loop or a broken link; skipped")
+                continue
+            if any(_inside(real, q) for q in pruned):
+                continue
             if p.is_dir():
                 if recursive and real not in seen_dirs:
                     seen_dirs.add(real)
                     queue.append(p)
-            elif is_image_file(p) and real not in seen_inputs:
-                seen_inputs.add(real)
-                found.append(p)
-        if d == root and not found and is_dicom_folder(d):
-            found.append(d)
-    return sorted(found)
+            elif is_image_file(p):
+                if p.name in names:
+                    skipped.append(p)
+                else:
+                    add(p, real)
+        if d == root and not found and is_dicom_folder(root):
+            add(root, root_real)
+    return found, skipped
+
+
+def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Every readable input under ``folder``: image files and DICOM series folders, sorted.
+
+    Hidden files and folders (our cache, ``.DS_Store``) are skipped. Symbolic links are followed,
+    but a link loop or two links to one file give one input (:func:`walk_inputs`).
+    """
+    root = Path(folder)
+    if not root.exists():
+        raise HiMatchADError(f"folder not found: {root}")
+    if not root.is_dir():
+        raise HiMatchADError(f"not a folder: {root}")
+    return sorted(walk_inputs(root, recursive=recursive)[0])
 
 
 @contextlib.contextmanager
@@ -489,7 +535,7 @@ STALE_TEMP_SECONDS = 6 * 3600
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
 # ".<final name>.<pid>@<host>.<random>.tmp<suffix>" (and ".<final name>.<random>.tmp<suffix>" from
 # earlier versions, which carry no owner).
-_TEMP_RE = re.compile(r"^\..+?(?:\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*))?\.[A-Za-z0-9_]{8}\.tmp(?:\.[A-Za-z0-9.]+)?$")
+_TEMP_RE = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*))?\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[A-Za-z0-9.]+)?$")
 _cleaned_folders: set = set()
 
 
@@ -530,8 +576,8 @@ def remove_stale_temporaries(folder: str | os.PathLike, now: Optional[float] = N
         return removed
     for e in entries:
         m = _TEMP_RE.match(e.name)
-        if m is None:
-            continue
+        if m is None or not m.group("name").lower().endswith((m.group("suffix") or "").lower()):
+            continue  # not named as atomic_path names its temporaries
         try:
             st = e.stat(follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):

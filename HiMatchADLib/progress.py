@@ -51,6 +51,21 @@ def close_bars() -> None:
             pass
 
 
+def print_line(text: str, stream=None) -> None:
+    """Print ``text`` on a line of its own while progress bars may be drawn (they are cleared,
+    then drawn again below it). ``stream`` defaults to ``sys.stderr``."""
+    import sys
+
+    stream = stream if stream is not None else sys.stderr
+    if _open_bars:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=stream):
+            print(text, file=stream, flush=True)
+    else:
+        print(text, file=stream, flush=True)
+
+
 def tqdm_callback(disable: bool = False, stream=None) -> ProgressCallback:
     """A callback for the command line: one tqdm bar per step message on a terminal; where the
     stream is not a terminal (a log file, a pipe, a batch system), one line per step instead.

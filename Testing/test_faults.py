@@ -182,7 +182,6 @@ def test_link_loops_and_duplicate_links_list_each_input_once(tmp_path):
     write_image(img.array, img.geometry, root / "a.nii.gz")
     write_image(img.array, img.geometry, root / "sub" / "b.nii.gz")
     (root / "sub" / "loop").symlink_to(root)  # sub/loop/sub/loop/... forever
-    (root / "sub" / "self").symlink_to(root / "sub")
     (root / "again.nii.gz").symlink_to(root / "sub" / "b.nii.gz")
     (root / "dangling.nii.gz").symlink_to(root / "nothere.nii.gz")
     found = list_images(root)
@@ -229,16 +228,16 @@ def _dicom_series(folder: Path, uid: str, slices, seed: int = 0, description: st
     folder.mkdir(parents=True, exist_ok=True)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    for z in slices:
+    for i, z in enumerate(slices):
         s = vol[:, :, z]
         position = "\\".join(str(v) for v in vol.TransformIndexToPhysicalPoint((0, 0, z)))
         for tag, value in {
-            "0008|0060": "MR", "0020|000d": uid + ".0", "0020|000e": uid, "0008|0018": f"{uid}.{z + 1}",
-            "0020|0013": str(z + 1), "0020|0032": position, "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2",
+            "0008|0060": "MR", "0020|000d": uid + ".0", "0020|000e": uid, "0008|0018": f"{uid}.{i + 1}",
+            "0020|0013": str(i + 1), "0020|0032": position, "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2",
             "0008|103e": description,
         }.items():
             s.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{uid[-3:]}_{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{uid[-3:]}_{i:03d}.dcm"))
         writer.Execute(s)
     return folder
 
@@ -263,6 +262,12 @@ def test_dicom_series_alone_reads_with_its_spacing(tmp_path):
 def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
     d = _dicom_series(tmp_path / "s", "1.2.826.0.1.3680043.2.1125.7.404", [0, 1, 2, 4, 5, 6, 7])
     with pytest.raises(HiMatchADError, match=r"not evenly spaced: slices are 2 mm apart except 4 mm after slice 3"):
+        read_image(d)
+
+
+def test_dicom_series_with_two_slices_at_one_position_is_refused(tmp_path):
+    d = _dicom_series(tmp_path / "s", "1.2.826.0.1.3680043.2.1125.7.606", [0, 1, 2, 3, 3, 4, 5, 6, 7])
+    with pytest.raises(HiMatchADError, match="several slices at one position"):
         read_image(d)
 
 
@@ -433,9 +438,11 @@ def test_error_after_a_progress_bar_starts_on_its_own_line(monkeypatch, tmp_path
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
 
+    held = []  # the callback outlives the command (a detector holds it), so its bar stays open
+
     def half_way(args):
-        cb = tqdm_callback()
-        cb("building the normal bank", 3, 10)
+        held.append(tqdm_callback())
+        held[0]("building the normal bank", 3, 10)
         raise HiMatchADError("something the user can fix")
 
     monkeypatch.setattr(cli_module, "cmd_bank", half_way)
@@ -452,8 +459,11 @@ def test_interrupted_starts_on_its_own_line(monkeypatch, tmp_path):
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
 
+    held = []
+
     def half_way(args):
-        tqdm_callback()("features", 1, 10)
+        held.append(tqdm_callback())
+        held[0]("features", 1, 10)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli_module, "cmd_bank", half_way)
