@@ -22,8 +22,6 @@ from . import __version__
 from .errors import Cancelled, HiMatchADError
 
 EXIT_USER_ERROR = 2
-
-
 EXIT_INTERRUPTED = 130
 #: Largest ``--resolution``. DINOv3 features stay usable up to about 4k pixels, and no medical slice
 #: needs more (CT/MRI matrices are at most 1024, OCT B-scans about 2048: beyond the image's own size
@@ -175,9 +173,9 @@ def _check_writable(folder: Path, option: str) -> None:
 def _check_cache_dir(args) -> None:
     """A cache folder that is a file is refused. A read-only cache is allowed (a complete bank can
     be read from it); building into it then fails with one clear message."""
-    cache = getattr(args, "cache_dir", None)
-    if cache is None and not hasattr(args, "rebuild"):
+    if not hasattr(args, "cache_dir"):
         return
+    cache = args.cache_dir
     from .bank import default_cache_root
 
     root = Path(cache).expanduser() if cache else default_cache_root()
@@ -206,7 +204,8 @@ def _check_out_dir_against_inputs(args) -> None:
         inputs.append(("the input folder", Path(args.input_dir).expanduser()))
     if isinstance(getattr(args, "input", None), str):
         inp = Path(args.input).expanduser()
-        inputs.append(("the input folder", inp) if inp.is_dir() else ("the folder of the input", inp.parent))
+        if inp.exists():
+            inputs.append(("the input folder", inp) if inp.is_dir() else ("the folder of the input", inp.parent))
     for what, folder in inputs:
         if folder.is_dir() and _real(folder) == out:
             raise HiMatchADError(f"--out-dir {args.out_dir} is {what} {folder}; choose another --out-dir (outputs and inputs must not mix)")
@@ -215,7 +214,7 @@ def _check_out_dir_against_inputs(args) -> None:
         real = _real(Path(normals).expanduser())
         if out == real or real in out.parents:
             raise HiMatchADError(
-                f"--out-dir {args.out_dir} is inside the normal scans' folder {normals}; the outputs would be read as normal "
+                f"--out-dir {args.out_dir} is, or is inside, the normal scans' folder {normals}; the outputs would be read as normal "
                 "scans next time. Choose an --out-dir outside it"
             )
 
