@@ -213,8 +213,19 @@ def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
             return
         if p.size != 3 or o.size != 6:
             return
-        positions.append(float(np.cross(o[:3], o[3:]) @ p))
-    gaps = np.diff(np.sort(np.asarray(positions)))
+        normal = np.cross(o[:3], o[3:])
+        positions.append((float(normal @ p), p, normal))
+    positions.sort(key=lambda t: t[0])
+    first, last = positions[0], positions[-1]
+    along = last[0] - first[0]
+    across = float(np.linalg.norm((last[1] - first[1]) - along * first[2]))
+    if across > max(0.01 * abs(along), 1e-3):
+        raise HiMatchADError(
+            f"the DICOM series in {folder} is sheared: its slices are shifted sideways by {across:.3g} mm over "
+            f"{abs(along):.3g} mm (a tilted gantry?), which an image grid cannot represent. Resample the series to "
+            "an orthogonal grid first (e.g. 3D Slicer's DICOM import with gantry-tilt correction) and save it as NIfTI/NRRD"
+        )
+    gaps = np.diff(np.asarray([t[0] for t in positions]))
     if np.min(gaps) < 1e-3:
         raise HiMatchADError(
             f"the DICOM series in {folder} has several slices at one position ({len(files)} files; several echoes, "

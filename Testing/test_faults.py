@@ -219,7 +219,7 @@ def test_sheared_input_is_refused_by_detect_before_any_work(cli, tmp_path, lesio
 
 
 # ------------------------------------------------------------------------------------ 5. DICOM
-def _dicom_series(folder: Path, uid: str, slices, seed: int = 0, description: str = "") -> Path:
+def _dicom_series(folder: Path, uid: str, slices, seed: int = 0, description: str = "", tilt_mm: float = 0.0) -> Path:
     import SimpleITK as sitk
 
     img, _ = make_phantom((8, 32, 32), seed=seed)
@@ -230,7 +230,8 @@ def _dicom_series(folder: Path, uid: str, slices, seed: int = 0, description: st
     writer.KeepOriginalImageUIDOn()
     for i, z in enumerate(slices):
         s = vol[:, :, z]
-        position = "\\".join(str(v) for v in vol.TransformIndexToPhysicalPoint((0, 0, z)))
+        x, y, zz = vol.TransformIndexToPhysicalPoint((0, 0, z))
+        position = "\\".join(str(v) for v in (x, y + tilt_mm * z, zz))  # tilt: each slice shifted in y
         for tag, value in {
             "0008|0060": "MR", "0020|000d": uid + ".0", "0020|000e": uid, "0008|0018": f"{uid}.{i + 1}",
             "0020|0013": str(i + 1), "0020|0032": position, "0020|0037": "1\\0\\0\\0\\1\\0", "0018|0050": "2",
@@ -262,6 +263,12 @@ def test_dicom_series_alone_reads_with_its_spacing(tmp_path):
 def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
     d = _dicom_series(tmp_path / "s", "1.2.826.0.1.3680043.2.1125.7.404", [0, 1, 2, 4, 5, 6, 7])
     with pytest.raises(HiMatchADError, match=r"not evenly spaced: slices are 2 mm apart except 4 mm after slice 3"):
+        read_image(d)
+
+
+def test_dicom_series_from_a_tilted_gantry_is_refused(tmp_path):
+    d = _dicom_series(tmp_path / "s", "1.2.826.0.1.3680043.2.1125.7.707", range(8), tilt_mm=0.5)
+    with pytest.raises(HiMatchADError, match="is sheared: its slices are shifted sideways by 3.5 mm over 14 mm"):
         read_image(d)
 
 
