@@ -564,6 +564,8 @@ def _umask() -> int:
 
 
 def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there; rely on the age rule
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
