@@ -189,7 +189,9 @@ def _dicom_series_files(folder: Path) -> list[str]:
 
 
 def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
-    """Refuse a series whose slice positions along the slice normal are not evenly spaced."""
+    """Refuse a series that ITK's series reader would place on a wrong grid: slices shifted sideways
+    (a tilted gantry), several slices at one position, or uneven steps along the slice normal (a
+    missing slice). Series without patient position and orientation are not checked."""
     import SimpleITK as sitk
 
     if len(files) < 3:
@@ -222,8 +224,9 @@ def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
     if across > max(0.01 * abs(along), 1e-3):
         raise HiMatchADError(
             f"the DICOM series in {folder} is sheared: its slices are shifted sideways by {across:.3g} mm over "
-            f"{abs(along):.3g} mm (a tilted gantry?), which an image grid cannot represent. Resample the series to "
-            "an orthogonal grid first (e.g. 3D Slicer's DICOM import with gantry-tilt correction) and save it as NIfTI/NRRD"
+            f"{abs(along):.3g} mm (a tilted gantry?); read as an orthogonal grid its voxels would be misplaced. Resample "
+            "it to an orthogonal grid first (e.g. 3D Slicer's DICOM import with acquisition geometry regularization) and save "
+            "it as NIfTI/NRRD"
         )
     gaps = np.diff(np.asarray([t[0] for t in positions]))
     if np.min(gaps) < 1e-3:

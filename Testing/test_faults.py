@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PHANTOM_SHAPE, RESOLUTION
+from conftest import RESOLUTION
 from HiMatchADLib import imageio
 from HiMatchADLib.cli import MAX_RESOLUTION, main
 from HiMatchADLib.errors import HiMatchADError
