@@ -164,6 +164,35 @@ def test_truncated_input_fails_detect_before_any_work(cli, tmp_path, case_file):
     assert not (tmp_path / "o").exists() and not cache.exists()  # refused before the bank was built
 
 
+@pytest.mark.parametrize("name, compress", [("x.nrrd", False), ("x.nrrd", True), ("x.mha", False), ("x.mha", True)])
+def test_truncated_nrrd_and_metaimage_are_refused(tmp_path, name, compress):
+    import SimpleITK as sitk
+
+    img = _random_volume()
+    sitk.WriteImage(imageio.to_sitk(img.array, img.geometry), str(tmp_path / name), compress)
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(HiMatchADError, match="cannot read"):
+        read_image(tmp_path / "cut" / name)
+
+
+def test_a_truncated_normal_scan_is_left_out_of_the_bank(tmp_path, tiny_model, normals_dir):
+    from HiMatchADLib import HiMatchDetector
+
+    folder = tmp_path / "normals"
+    folder.mkdir()
+    for p in sorted(normals_dir.iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    whole = (folder / "normal_0.nii.gz").read_bytes()
+    (folder / "normal_0.nii.gz").write_bytes(whole[: len(whole) // 2])
+    det = HiMatchDetector(model=tiny_model, method="knn", resolution=RESOLUTION, cache_dir=tmp_path / "cache")
+    with pytest.warns(UserWarning, match="normal_0.nii.gz.*truncated"):
+        det.fit(folder)
+    assert det.fit_info["skipped"] == 1 and det.bank.skipped[0]["path"].endswith("normal_0.nii.gz")
+    assert det.bank.groups and not any("normal_0" in str(g) for g in det.bank.groups)  # no slice of it
+
+
 def test_corrupt_gzip_data_is_refused(tmp_path):
     img = _random_volume()
     write_image(img.array, img.geometry, tmp_path / "x.nii.gz")
