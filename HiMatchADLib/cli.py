@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -20,15 +22,24 @@ from . import __version__
 from .errors import Cancelled, HiMatchADError
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+#: Largest ``--resolution``. DINOv3 features stay usable up to about 4k pixels, and no medical slice
+#: needs more (CT/MRI matrices are at most 1024, OCT B-scans about 2048: beyond the image's own size
+#: the model sees an upsampled image). At 4096 one slice is already 65 536 patch tokens; larger values
+#: only exhaust memory inside the model.
+MAX_RESOLUTION = 4096
 
 
 def _threshold(value: str):
     if value == "auto":
         return value
     try:
-        return float(value)
+        v = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be 'auto' or a number, not '{value}'") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number, not '{value}'")
+    return v
 
 
 def _positive_int(value: str) -> int:
@@ -38,6 +49,13 @@ def _positive_int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, not '{value}'") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def _resolution(value: str) -> int:
+    v = _positive_int(value)
+    if v > MAX_RESOLUTION:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_RESOLUTION} pixels, not {v}")
     return v
 
 
@@ -59,7 +77,7 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local model folder (default {DEFAULT_MODEL})")
     g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
     g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
-    g.add_argument("--resolution", type=_positive_int, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument("--resolution", type=_resolution, default=448, help="longer side of the model input in pixels (default 448)")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass (default 8)")
     g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
@@ -116,14 +134,175 @@ def _fit(det, normals, args) -> None:
 
 def _say(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
-        print(msg, file=sys.stderr)
+        from .progress import print_line
+
+        print_line(msg)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from .progress import print_line
+
+    print_line(f"warning: {message}", file)
 
 
 def _check_out_dir(out_dir: str) -> Path:
+    """The output folder, refused before any computation when it is a file or cannot be written."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise HiMatchADError(f"--out-dir {out} exists and is not a folder")
+    _check_writable(out, "--out-dir")
     return out
+
+
+def _check_writable(folder: Path, option: str) -> None:
+    """Refuse a folder this process cannot create files in (or, when it does not exist yet, whose
+    nearest existing parent it cannot create it in). Nothing is left behind."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HiMatchADError(f"{option} {folder} cannot be created: {probe} is a file, not a folder; choose another {option}")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".himatchad-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        where = "" if probe == folder else f" (its parent {probe})"
+        raise HiMatchADError(
+            f"{option} {folder}{where} is not writable: {exc.strerror or exc}; choose a folder you can write to"
+        ) from exc
+
+
+def _check_cache_dir(args) -> None:
+    """A cache folder that is a file is refused. A read-only cache is allowed (a complete bank can
+    be read from it); building into it then fails with one clear message."""
+    if not hasattr(args, "cache_dir"):
+        return
+    cache = args.cache_dir
+    from .bank import default_cache_root
+
+    root = Path(cache).expanduser() if cache else default_cache_root()
+    probe = root
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "--cache-dir" if cache else "the cache folder ($HIMATCHAD_CACHE or ~/.cache/himatchad)"
+        raise HiMatchADError(f"{what} {root} cannot be used: {probe} is a file, not a folder; give --cache-dir a folder")
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _check_out_dir_against_inputs(args) -> None:
+    """``--out-dir`` must not be the input folder (a batch would find nothing new to do, a DICOM
+    series folder would get NIfTI files among its slices), nor the normal scans' folder or a folder
+    inside it (the next bank would read the outputs as normal scans)."""
+    out = getattr(args, "out_dir", None)
+    if not isinstance(out, str):
+        return
+    out = _real(Path(out).expanduser())
+    inputs = []
+    if isinstance(getattr(args, "input_dir", None), str):
+        inputs.append(("the input folder", Path(args.input_dir).expanduser()))
+    if isinstance(getattr(args, "input", None), str):
+        inp = Path(args.input).expanduser()
+        if inp.exists():
+            inputs.append(("the input folder", inp) if inp.is_dir() else ("the folder of the input", inp.parent))
+    for what, folder in inputs:
+        if folder.is_dir() and _real(folder) == out:
+            raise HiMatchADError(f"--out-dir {args.out_dir} is {what} {folder}; choose another --out-dir (outputs and inputs must not mix)")
+    normals = getattr(args, "normals", None)
+    if isinstance(normals, str) and Path(normals).expanduser().is_dir():
+        real = _real(Path(normals).expanduser())
+        if out == real or real in out.parents:
+            raise HiMatchADError(
+                f"--out-dir {args.out_dir} is, or is inside, the normal scans' folder {normals}; the outputs would be read as normal "
+                "scans next time. Choose an --out-dir outside it"
+            )
+
+
+def _check_input_geometry(args) -> None:
+    """A ``detect`` input whose geometry the NIfTI outputs cannot store is refused before the work."""
+    inp = getattr(args, "input", None)
+    if args.func is not cmd_detect or not isinstance(inp, str):
+        return
+    path = Path(inp).expanduser()
+    if not path.is_file():
+        return
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .imageio import Geometry, _quiet_itk, check_complete, check_storable
+
+    check_complete(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with _quiet_itk():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return  # reading the input reports it
+    dim = reader.GetDimension()
+    if dim not in (2, 3):
+        return
+    d = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)
+    d3 = np.eye(3)
+    d3[:dim, :dim] = d
+    geo = Geometry((1, 1, 1), (1, 1, 1), (0, 0, 0), d3, is_2d=dim == 2)
+    check_storable(geo, "output.nii.gz")
+
+
+def preflight(args) -> None:
+    """Checks of a command's folders and input that fail fast, before any model or bank work."""
+    _check_cache_dir(args)
+    _check_out_dir_against_inputs(args)
+    _check_input_geometry(args)
+
+
+def _write_folders(args) -> list:
+    """The folders a command writes to, as the user named them (for messages)."""
+    found = []
+    if isinstance(getattr(args, "out_dir", None), str):
+        found.append(f"--out-dir {args.out_dir}")
+    if hasattr(args, "cache_dir"):
+        from .bank import default_cache_root
+
+        found.append(f"--cache-dir {args.cache_dir or default_cache_root()}")
+    return found
+
+
+def _os_error_message(exc: OSError, args=None) -> str:
+    """One line for an operating-system error: what failed, on which path, what to do."""
+    import errno
+
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename:
+        where = f" {exc.filename}"
+    else:
+        folders = _write_folders(args) if args is not None else []
+        where = f" (in {' or '.join(folders)})" if folders else ""
+    hint = {
+        errno.ENOSPC: "free disk space or choose another folder (--out-dir, --cache-dir)",
+        errno.EDQUOT: "free disk space or choose another folder (--out-dir, --cache-dir)",
+        errno.EROFS: "the file system is read-only; choose a writable folder (--out-dir, --cache-dir)",
+        errno.EACCES: "check the permissions or choose a folder you can write to (--out-dir, --cache-dir)",
+        errno.EPERM: "check the permissions or choose a folder you can write to (--out-dir, --cache-dir)",
+        errno.ENOTDIR: "a path that should be a folder is a file; check --out-dir and --cache-dir",
+        errno.EEXIST: "a file is in the way; check --out-dir and --cache-dir",
+    }.get(exc.errno, "check the path and try again")
+    return f"cannot read or write{where}: {what}; {hint}"
+
+
+def _print_error(message: str) -> None:
+    """One line on stderr, on a line of its own (any progress bar is taken down first)."""
+    from .progress import close_bars
+
+    close_bars()
+    sys.stdout.flush()
+    print(" ".join(str(message).split("\n")).strip(), file=sys.stderr, flush=True)
 
 
 def _summary_line(res, paths) -> str:
@@ -316,28 +495,36 @@ def main(argv: Optional[list] = None) -> int:
         except ImportError:  # pragma: no cover
             pass
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"
+    warnings.showwarning = _show_warning
     try:
+        if args.func is not cmd_worker:
+            preflight(args)
         return int(args.func(args) or 0)
     except Cancelled:
-        print("cancelled", file=sys.stderr)
-        return 130
+        _print_error("cancelled")
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        _print_error("interrupted")
+        return EXIT_INTERRUPTED
     except HiMatchADError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(f"error: {exc}")
+        return EXIT_USER_ERROR
+    except OSError as exc:  # a full disk, a read-only or missing folder: the user's to fix
+        if args.debug:
+            raise
+        _print_error(f"error: {_os_error_message(exc, args)}")
         return EXIT_USER_ERROR
     except MemoryError:
         if args.debug:
             raise
-        print("error: out of memory; try a smaller --resolution or --batch-size, or crop the volume", file=sys.stderr)
+        _print_error("error: out of memory; try a smaller --resolution or --batch-size, or crop the volume")
         return 1
     except Exception as exc:  # a bug: say so briefly; --debug shows the traceback
         if args.debug:
             raise
-        print(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback and report it)", file=sys.stderr)
+        _print_error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback and report it)")
         return 1
 
 

@@ -9,12 +9,20 @@ of index axis ``j`` (i, j, k), so that ``physical = origin + direction @ (spacin
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import re
+import socket
+import stat
+import struct
 import tempfile
+import time
 import warnings
+import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -134,17 +142,107 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and low.endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
 
 
-def _dicom_series_files(folder: Path) -> list[str]:
+def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    """The DICOM series directly in ``folder``: ``(series UID, files)`` pairs, largest first."""
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
     with _quiet_itk():
         ids = reader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
+        series = [(sid, list(reader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
+    return sorted((s for s in series if s[1]), key=lambda s: (-len(s[1]), s[0]))
+
+
+def _dicom_tag(reader, tag: str) -> str:
+    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
+
+
+def _dicom_series_files(folder: Path) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order.
+
+    A folder holding several series is refused with their list (which one is meant cannot be
+    guessed: a localiser, a second echo, a contrast phase), and so is a series whose slices are not
+    evenly spaced (a missing slice would otherwise be read with one uniform, wrong spacing).
+    """
+    import SimpleITK as sitk
+
+    series = _dicom_series(folder)
+    if not series:
         return []
-    # The largest series when a folder holds several (localisers are small).
-    best = max(ids, key=lambda sid: len(reader.GetGDCMSeriesFileNames(str(folder), sid)))
-    return list(reader.GetGDCMSeriesFileNames(str(folder), best))
+    if len(series) > 1:
+        lines = []
+        for sid, files in series:
+            r = sitk.ImageFileReader()
+            r.SetFileName(files[0])
+            desc = ""
+            with contextlib.suppress(RuntimeError), _quiet_itk():
+                r.ReadImageInformation()
+                desc = " ".join(v for v in (_dicom_tag(r, "0008|0060"), _dicom_tag(r, "0008|103e")) if v)
+            lines.append(f"{sid} ({len(files)} files{', ' + desc if desc else ''})")
+        raise HiMatchADError(
+            f"{folder} holds {len(series)} DICOM series: " + "; ".join(lines)
+            + ". Move the series to analyse into a folder of its own and give that folder"
+        )
+    files = series[0][1]
+    _check_dicom_spacing(folder, files)
+    return files
+
+
+def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
+    """Refuse a series that ITK's series reader would place on a wrong grid: slices shifted sideways
+    (a tilted gantry), several slices at one position, or uneven steps along the slice normal (a
+    missing slice). Series without patient position and orientation are not checked."""
+    import SimpleITK as sitk
+
+    if len(files) < 3:
+        return
+    positions = []
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            with _quiet_itk():
+                r.ReadImageInformation()
+        except RuntimeError as exc:
+            raise HiMatchADError(f"cannot read the DICOM file {f}: {str(exc).strip().splitlines()[-1][:200]}") from exc
+        pos, ori = _dicom_tag(r, "0020|0032"), _dicom_tag(r, "0020|0037")
+        if not pos or not ori:
+            return  # no patient geometry (e.g. secondary capture): nothing to check against
+        try:
+            p = np.array([float(v) for v in pos.split("\\")], dtype=float)
+            o = np.array([float(v) for v in ori.split("\\")], dtype=float)
+        except ValueError:
+            return
+        if p.size != 3 or o.size != 6:
+            return
+        normal = np.cross(o[:3], o[3:])
+        positions.append((float(normal @ p), p, normal))
+    positions.sort(key=lambda t: t[0])
+    first, last = positions[0], positions[-1]
+    along = last[0] - first[0]
+    across = float(np.linalg.norm((last[1] - first[1]) - along * first[2]))
+    if across > max(0.01 * abs(along), 1e-3):
+        raise HiMatchADError(
+            f"the DICOM series in {folder} is sheared: its slices are shifted sideways by {across:.3g} mm over "
+            f"{abs(along):.3g} mm (a tilted gantry?); read as an orthogonal grid its voxels would be misplaced. Resample "
+            "it to an orthogonal grid first (e.g. 3D Slicer's DICOM import with acquisition geometry regularization) and save "
+            "it as NIfTI/NRRD"
+        )
+    gaps = np.diff(np.asarray([t[0] for t in positions]))
+    if np.min(gaps) < 1e-3:
+        raise HiMatchADError(
+            f"the DICOM series in {folder} has several slices at one position ({len(files)} files; several echoes, "
+            "phases or a duplicated slice?). Put the slices of one volume in a folder of their own"
+        )
+    step = float(np.median(gaps))
+    if step <= 0 or np.max(np.abs(gaps - step)) > max(0.01 * step, 1e-3):
+        odd = [i for i, g in enumerate(gaps) if abs(g - step) > max(0.01 * step, 1e-3)]
+        detail = ", ".join(f"{gaps[i]:.3g} mm after slice {i + 1}" for i in odd[:5])
+        raise HiMatchADError(
+            f"the DICOM series in {folder} is not evenly spaced: slices are {step:.3g} mm apart except {detail} "
+            f"({len(files)} slices; a missing or duplicated slice?). Complete the series, or resample it to a "
+            "regular grid and save it as NIfTI/NRRD first"
+        )
 
 
 def is_dicom_folder(path: Path) -> bool:
@@ -155,41 +253,100 @@ def is_dicom_folder(path: Path) -> bool:
         return False
     if not any(p.suffix.lower() in DICOM_SUFFIXES or p.suffix == "" for p in files):
         return False
-    return bool(_dicom_series_files(path))
+    return bool(_dicom_series(path))
+
+
+def real_path(path: Path) -> Optional[Path]:
+    """``path`` with every link resolved, or None for a link loop or an unreachable target."""
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):  # "Symlink loop" is a RuntimeError before Python 3.13
+        return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def walk_inputs(
+    root: Path,
+    *,
+    recursive: bool = True,
+    prune: Iterable[Path] = (),
+    skip_names: Optional[Callable[[list], set]] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> tuple[list[Path], list[Path]]:
+    """The inputs under the folder ``root`` (image files and DICOM series folders), in the order
+    found, and the files left out by ``skip_names``.
+
+    Breadth first, links followed, but every real folder is entered once and every real input kept
+    once (of two ways to one input, the shorter). Skipped: hidden entries, link loops and dangling
+    links, anything whose real path lies in one of the real folders ``prune``, and in each folder the
+    file names returned by ``skip_names(entries)``. ``log(message)`` hears about loops and
+    duplicates. A DICOM series folder is one input; ``root`` itself is one when it holds nothing else.
+    """
+    say = log or (lambda message: None)
+    pruned = list(prune)
+    root_real = real_path(root) or root
+    found: list[Path] = []
+    skipped: list[Path] = []
+    seen_dirs = {root_real}
+    seen_inputs: dict = {}
+
+    def add(path: Path, real: Path) -> None:
+        first = seen_inputs.get(real)
+        if first is not None:
+            say(f"{path} is the same input as {first}; processed once")
+            return
+        seen_inputs[real] = path
+        found.append(path)
+
+    queue = deque([root])
+    while queue:
+        d = queue.popleft()
+        try:
+            entries = sorted(d.iterdir())
+        except OSError as exc:
+            raise HiMatchADError(f"cannot list folder {d}: {exc.strerror or exc}") from exc
+        if d != root and is_dicom_folder(d):
+            add(d, real_path(d) or d)
+            continue
+        names = skip_names(entries) if skip_names is not None else set()
+        for p in entries:
+            if p.name.startswith("."):
+                continue
+            real = real_path(p)
+            if real is None:
+                say(f"{p} is a symbolic link loop or a broken link; skipped")
+                continue
+            if any(_inside(real, q) for q in pruned):
+                continue
+            if p.is_dir():
+                if recursive and real not in seen_dirs:
+                    seen_dirs.add(real)
+                    queue.append(p)
+            elif is_image_file(p):
+                if p.name in names:
+                    skipped.append(p)
+                else:
+                    add(p, real)
+        if d == root and not found and is_dicom_folder(root):
+            add(root, root_real)
+    return found, skipped
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Every readable input under ``folder``: image files and DICOM series folders, sorted.
 
-    Hidden files and folders (our cache, ``.DS_Store``) are skipped.
+    Hidden files and folders (our cache, ``.DS_Store``) are skipped. Symbolic links are followed,
+    but a link loop or two links to one file give one input (:func:`walk_inputs`).
     """
     root = Path(folder)
     if not root.exists():
         raise HiMatchADError(f"folder not found: {root}")
     if not root.is_dir():
         raise HiMatchADError(f"not a folder: {root}")
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        try:
-            entries = sorted(d.iterdir())
-        except OSError as exc:
-            raise HiMatchADError(f"cannot list folder {d}: {exc}") from exc
-        if d != root and is_dicom_folder(d):
-            found.append(d)
-            continue
-        for p in entries:
-            if p.name.startswith("."):
-                continue
-            if p.is_dir():
-                if recursive:
-                    stack.append(p)
-            elif is_image_file(p):
-                found.append(p)
-        if d == root and not found and is_dicom_folder(d):
-            found.append(d)
-    return sorted(found)
+    return sorted(walk_inputs(root, recursive=recursive)[0])
 
 
 @contextlib.contextmanager
@@ -204,22 +361,99 @@ def _quiet_itk():
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _nifti_data_end(header: bytes) -> Optional[int]:
+    """Where the voxel data of a single-file NIfTI-1/-2 ends (bytes from the start), or None when
+    the header is not one this check understands (ITK then decides)."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dim = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dim = struct.unpack(endian + "8q", header[16:80])
+            offset = max(struct.unpack(endian + "q", header[168:176])[0], 544)
+            break
+    else:
+        return None
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or bitpix % 8:
+        return None
+    n = 1
+    for d in dim[1 : ndim + 1]:
+        n *= max(int(d), 1)
+    return int(offset) + n * bitpix // 8
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Refuse a truncated file that ITK would read without complaint.
+
+    ITK's NIfTI reader fills the missing part of a cut file with zeros and does not check the gzip
+    stream, so a partly copied or downloaded ``.nii``/``.nii.gz`` would be analysed as if it were
+    whole. Checked here: a gzip stream must be complete (end marker, CRC and length), and a NIfTI
+    file must hold as many bytes as its header declares. (NRRD and MetaImage readers already raise.)
+    """
+    p = Path(path)
+    low = p.name.lower()
+    if not (low.endswith(_NIFTI_SUFFIXES) or low.endswith(".gz")):
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(544)
+        size = p.stat().st_size
+        if low.endswith(".gz") and head[:2] == b"\x1f\x8b":  # not gzip at all: ITK's to judge
+            head, size = b"", 0
+            with gzip.open(p, "rb") as f:
+                while True:
+                    chunk = f.read(1 << 22)
+                    if not chunk:
+                        break
+                    if len(head) < 544:
+                        head += chunk[: 544 - len(head)]
+                    size += len(chunk)
+        elif low.endswith(".gz"):
+            return
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise HiMatchADError(
+            f"{p} is truncated or corrupt (its compressed data is incomplete or damaged: {exc}); copy or download it again"
+        ) from exc
+    except OSError as exc:
+        raise HiMatchADError(f"cannot read {p}: {exc.strerror or exc}") from exc
+    if low.endswith(_NIFTI_SUFFIXES):
+        need = _nifti_data_end(head)
+        if need is not None and size < need:
+            raise HiMatchADError(
+                f"{p} is truncated: its header declares {need:,} bytes but it holds {size:,} "
+                f"({100.0 * size / need:.0f} %); copy or download it again"
+            )
+
+
 def read_sitk(path: str | os.PathLike):
-    """Read a file or DICOM series folder into a ``SimpleITK.Image`` (clear errors, no tracebacks)."""
+    """Read a file or DICOM series folder into a ``SimpleITK.Image`` (clear errors, no tracebacks).
+
+    Truncated files (:func:`check_complete`), folders with several DICOM series and unevenly spaced
+    DICOM series are refused.
+    """
     import SimpleITK as sitk
 
     p = Path(path)
     if not p.exists():
         raise HiMatchADError(f"input not found: {p}")
     try:
-        with _quiet_itk():
-            if p.is_dir():
-                files = _dicom_series_files(p)
-                if not files:
-                    raise HiMatchADError(f"{p} is a folder but holds no DICOM series")
+        if p.is_dir():
+            files = _dicom_series_files(p)
+            if not files:
+                raise HiMatchADError(f"{p} is a folder but holds no DICOM series")
+            with _quiet_itk():
                 reader = sitk.ImageSeriesReader()
                 reader.SetFileNames(files)
                 return reader.Execute()
+        check_complete(p)
+        with _quiet_itk():
             return sitk.ReadImage(str(p))
     except HiMatchADError:
         raise
@@ -309,21 +543,99 @@ def to_sitk(array: np.ndarray, geometry: Geometry):
     return img
 
 
+#: A temporary file of :func:`atomic_path` older than this is an orphan (no single write takes so
+#: long) and is removed by the next write into its folder, whoever left it.
+STALE_TEMP_SECONDS = 6 * 3600
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32]
+# ".<final name>.<pid>@<host>.<random>.tmp<suffix>" (and ".<final name>.<random>.tmp<suffix>" from
+# earlier versions, which carry no owner).
+_TEMP_RE = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]*))?\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[A-Za-z0-9.]+)?$")
+_cleaned_folders: set = set()
+
+
+def _umask() -> int:
+    try:  # without changing the process's umask (other threads may be creating files)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill would terminate the process there; rely on the age rule
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, now: Optional[float] = None) -> list[Path]:
+    """Remove temporary files of :func:`atomic_path` in ``folder`` left by a killed process.
+
+    A temporary is stale when its owner process (recorded in its name) is gone from this host, or
+    when it is older than :data:`STALE_TEMP_SECONDS`. Returns the removed paths.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _TEMP_RE.match(e.name)
+        if m is None or not m.group("name").lower().endswith((m.group("suffix") or "").lower()):
+            continue  # not named as atomic_path names its temporaries
+        try:
+            st = e.stat(follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            pid = m.group("pid")
+            dead = pid is not None and m.group("host") == _HOST and int(pid) != os.getpid() and not _process_alive(int(pid))
+            if dead or now - st.st_mtime > STALE_TEMP_SECONDS:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+        except OSError:
+            continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``final`` (same extension); rename it to ``final`` on success.
 
-    On any error the temporary file is removed, so a reader never sees a half-written output.
+    On any error the temporary file is removed, so a reader never sees a half-written output. The
+    final file gets the permissions a plain ``open()`` would give it (those of the file it replaces,
+    else ``0666`` less the umask), not the private ``0600`` of a temporary file. The first write
+    into a folder removes the stale temporaries of killed runs there
+    (:func:`remove_stale_temporaries`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    folder = os.path.abspath(final.parent)
+    if folder not in _cleaned_folders:
+        remove_stale_temporaries(folder)
+        _cleaned_folders.add(folder)
     name = final.name
     suffix = next((s for s in VOLUME_SUFFIXES + IMAGE_SUFFIXES if name.lower().endswith(s)), final.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp" + suffix, dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}@{_HOST}.", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        try:
+            mode = stat.S_IMODE(final.stat().st_mode)
+        except OSError:
+            mode = 0o666 & ~_umask()
         yield tmp_path
+        os.chmod(tmp_path, mode)
         os.replace(tmp_path, final)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -331,16 +643,73 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
-    """Write ``array`` with ``geometry`` to ``path`` atomically (temporary name, then rename)."""
+def _orthogonality_error(direction: np.ndarray) -> float:
+    d = np.asarray(direction, dtype=float)
+    return float(np.max(np.abs(d.T @ d - np.eye(d.shape[0]))))
+
+
+def check_storable(geometry: Geometry, path: str | os.PathLike) -> None:
+    """Refuse a geometry that the format of ``path`` cannot store exactly (before any work is done).
+
+    NIfTI stores the orientation as a rotation: a sheared (non-orthogonal) direction matrix would
+    be silently made orthogonal, and the output would no longer overlay its input.
+    """
+    d = geometry.direction[:2, :2] if geometry.is_2d else geometry.direction
+    if str(path).lower().endswith(_NIFTI_SUFFIXES) and _orthogonality_error(d) > 1e-4:
+        cols = d / np.linalg.norm(d, axis=0, keepdims=True)
+        angles = np.degrees(np.arccos(np.clip(np.abs(cols.T @ cols), 0, 1)))
+        worst = float(np.min(angles[np.triu_indices(len(d), 1)]))
+        raise HiMatchADError(
+            f"the image's axes are not perpendicular (sheared grid, {worst:.2f} degrees between two axes); "
+            f"{Path(path).name} (NIfTI) cannot store such a geometry and the result would not overlay the input. "
+            "Resample the input onto an orthogonal grid first (e.g. 3D Slicer's Resample Scalar/Vector/DWI Volume)"
+        )
+
+
+def _verify_written(tmp: Path, img, geometry: Geometry, final: Path, lossy: bool) -> None:
+    """Read a written file back and compare it with what was meant (sizes, geometry, voxels)."""
     import SimpleITK as sitk
 
+    try:
+        back = read_sitk(tmp)
+    except HiMatchADError as exc:
+        raise HiMatchADError(f"writing {final} failed: the file read back is incomplete (disk full?): {exc}") from exc
+    problem = None
+    if back.GetSize() != img.GetSize() or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel():
+        problem = f"size {back.GetSize()} instead of {img.GetSize()}"
+    elif not np.allclose(back.GetSpacing(), img.GetSpacing(), rtol=1e-5, atol=1e-6):
+        problem = f"spacing {back.GetSpacing()} instead of {img.GetSpacing()}"
+    elif not np.allclose(back.GetOrigin(), img.GetOrigin(), rtol=1e-5, atol=1e-4):
+        problem = f"origin {back.GetOrigin()} instead of {img.GetOrigin()}"
+    elif not np.allclose(back.GetDirection(), img.GetDirection(), atol=1e-5):
+        problem = "a different direction matrix"
+    elif not lossy:
+        a, b = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(back)
+        same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
+        if not same:
+            problem = "different voxel values"
+    if problem is not None:
+        raise HiMatchADError(f"writing {final} failed: the file read back has {problem}; check the disk and write again")
+
+
+def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write ``array`` with ``geometry`` to ``path`` atomically and verified.
+
+    The file is written under a temporary name, read back and compared with ``array`` and
+    ``geometry`` (writers may not report a full disk: ITK's NIfTI writer does not), then renamed.
+    """
+    import SimpleITK as sitk
+
+    check_storable(geometry, path)
     img = to_sitk(array, geometry)
+    lossy = str(path).lower().endswith((".jpg", ".jpeg"))
     with atomic_path(path) as tmp:
         try:
-            sitk.WriteImage(img, str(tmp), compress)
+            with _quiet_itk():
+                sitk.WriteImage(img, str(tmp), compress)
         except RuntimeError as exc:
             raise HiMatchADError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
+        _verify_written(tmp, img, geometry, Path(path), lossy)
     return Path(path)
 
 
