@@ -152,7 +152,8 @@ def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_c
     img, _ = lesion_case
     case = tmp_path / "case.nii.gz"
     write_image(img.array, img.geometry, case)
-    code = main(["--quiet", "detect", str(case), "--normals", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--model", tiny_model, "--precision", "fp16"])
+    (tmp_path / "normals").mkdir()
+    code = main(["--quiet", "detect", str(case), "--normals", str(tmp_path / "normals"), "--out-dir", str(tmp_path / "o"), "--model", tiny_model, "--precision", "fp16"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: precision fp16 is not supported") and len(err.strip().splitlines()) == 1
     args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--precision", "bf16"])
