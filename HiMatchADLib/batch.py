@@ -35,14 +35,13 @@ import json
 import os
 import time
 import warnings
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional, Union
 
 from .errors import Cancelled, HiMatchADError
-from .imageio import is_dicom_folder, is_image_file, strip_suffix, write_text_atomic
-from .output import is_complete, output_paths
+from .imageio import real_path, strip_suffix, walk_inputs, write_text_atomic
+from .output import is_complete, output_paths, own_outputs
 
 SUMMARY_COLUMNS = (
     "case", "input", "status", "volume_score", "threshold", "anomalous_voxels",
@@ -60,7 +59,6 @@ VOLATILE_SETTINGS = frozenset({"version", "device", "batch_size", "cache_dir", "
 CASE_ERRORS = (HiMatchADError, OSError, ValueError, RuntimeError, MemoryError)
 
 _NOT_RECORDED = object()
-_MAX_SCORES_JSON_BYTES = 64 * 1024 * 1024
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,41 +78,8 @@ def _absolute(path: PathLike) -> Path:
     return Path(os.path.abspath(Path(path).expanduser()))
 
 
-def _real(path: Path) -> Optional[Path]:
-    """The path with every link resolved, or None for a broken link loop."""
-    try:
-        return path.resolve()
-    except (OSError, RuntimeError):  # "Symlink loop" (RuntimeError before Python 3.13)
-        return None
-
-
 def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
-
-
-def _own_outputs(entries: list) -> set:
-    """Names of files in one folder that are outputs of this tool, told by our scores JSON beside them.
-
-    A scores JSON of ours names itself and its sibling outputs under ``"outputs"`` and records
-    ``"settings"`` and ``"volume_score"``.
-    """
-    names: set = set()
-    for p in entries:
-        if not p.name.endswith("_scores.json") or p.name.startswith("."):
-            continue
-        try:
-            if not p.is_file() or p.stat().st_size > _MAX_SCORES_JSON_BYTES:
-                continue
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        outputs = data.get("outputs") if isinstance(data, dict) else None
-        if not isinstance(outputs, dict) or outputs.get("scores") != p.name:
-            continue
-        if "settings" not in data or "volume_score" not in data:
-            continue
-        names.update(v for v in outputs.values() if isinstance(v, str) and "/" not in v and "\\" not in v)
-    return names
 
 
 def find_cases(
@@ -146,7 +111,7 @@ def find_cases(
     for e in exclude:
         if e is None:
             continue
-        real = _real(_absolute(e))
+        real = real_path(_absolute(e))
         if real is not None:
             excluded.append(real)
     if _inside(root_real, out_real):
@@ -161,50 +126,7 @@ def find_cases(
             )
     pruned = [out_real] + excluded
 
-    found: list = []  # inputs, as reached from the input folder
-    seen_dirs = {root_real}
-    seen_inputs: dict = {}
-    own: list = []
-
-    def add(path: Path, real: Path) -> None:
-        first = seen_inputs.get(real)
-        if first is not None:
-            say(f"{path} is the same input as {first}; processed once")
-            return
-        seen_inputs[real] = path
-        found.append(path)
-
-    queue = deque([root])  # breadth first: of two ways to one input, the shorter is kept
-    while queue:
-        d = queue.popleft()
-        try:
-            entries = sorted(d.iterdir())
-        except OSError as exc:
-            raise HiMatchADError(f"cannot list folder {d}: {exc.strerror or exc}") from exc
-        if d != root and is_dicom_folder(d):
-            add(d, d.resolve())
-            continue
-        ours = _own_outputs(entries)
-        for p in entries:
-            if p.name.startswith("."):
-                continue
-            real = _real(p)
-            if real is None:
-                say(f"{p} is a symbolic link loop; skipped")
-                continue
-            if any(_inside(real, q) for q in pruned):
-                continue
-            if p.is_dir():
-                if real not in seen_dirs:
-                    seen_dirs.add(real)
-                    queue.append(p)
-            elif is_image_file(p):
-                if p.name in ours:
-                    own.append(p)
-                else:
-                    add(p, real)
-        if d == root and not found and is_dicom_folder(root):
-            add(root, root_real)
+    found, own = walk_inputs(root, prune=pruned, skip_names=own_outputs, log=say)
     if own:
         say(f"skipped {len(own)} outputs of this tool found in the input folder, e.g. {own[0]}")
     if not found:

@@ -338,7 +338,8 @@ def walk_inputs(
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
     """Every readable input under ``folder``: image files and DICOM series folders, sorted.
 
-    Hidden files and folders (our cache, ``.DS_Store``) are skipped. Symbolic links are followed,
+    Hidden files and folders (our cache, ``.DS_Store``) and outputs of this tool (heatmaps, labelmaps,
+    overlays named by one of our scores JSON beside them) are skipped. Symbolic links are followed,
     but a link loop or two links to one file give one input (:func:`walk_inputs`).
     """
     root = Path(folder)
@@ -346,7 +347,12 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
         raise HiMatchADError(f"folder not found: {root}")
     if not root.is_dir():
         raise HiMatchADError(f"not a folder: {root}")
-    return sorted(walk_inputs(root, recursive=recursive)[0])
+    from .output import own_outputs  # outputs of this tool are never inputs (e.g. an out-dir inside the folder)
+
+    found, own = walk_inputs(root, recursive=recursive, skip_names=own_outputs)
+    if own:
+        warn(f"{root}: skipped {len(own)} outputs of this tool (e.g. {own[0].name}); they are not input images")
+    return sorted(found)
 
 
 @contextlib.contextmanager

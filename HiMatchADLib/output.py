@@ -67,6 +67,34 @@ def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
     return all(v.exists() for v in need)
 
 
+_MAX_SCORES_JSON_BYTES = 64 * 1024 * 1024
+
+
+def own_outputs(entries: list) -> set:
+    """Names of files in one folder that are outputs of this tool, told by our scores JSON beside them.
+
+    A scores JSON of ours names itself and its sibling outputs under ``"outputs"`` and records
+    ``"settings"`` and ``"volume_score"``.
+    """
+    names: set = set()
+    for p in entries:
+        if not p.name.endswith("_scores.json") or p.name.startswith("."):
+            continue
+        try:
+            if not p.is_file() or p.stat().st_size > _MAX_SCORES_JSON_BYTES:
+                continue
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        outputs = data.get("outputs") if isinstance(data, dict) else None
+        if not isinstance(outputs, dict) or outputs.get("scores") != p.name:
+            continue
+        if "settings" not in data or "volume_score" not in data:
+            continue
+        names.update(v for v in outputs.values() if isinstance(v, str) and "/" not in v and "\\" not in v)
+    return names
+
+
 def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float, floor: float = 0.0) -> np.ndarray:
     """2D grey image + heatmap (inferno from ``floor`` up, transparent where low) + labelmap outline -> uint8 RGB."""
     from scipy import ndimage

@@ -524,3 +524,25 @@ def _render(text: str) -> list:
     if cur:
         lines.append(cur.rstrip())
     return [ln for ln in lines if ln]
+
+
+def test_outputs_of_this_tool_in_a_normal_folder_are_never_banked(fitted, normals_dir, lesion_case, tmp_path):
+    """An earlier run's heatmap and labelmap left inside the folder of normal scans (say, an out-dir put
+    there by hand) are recognised by their scores JSON and stay out of the bank."""
+    import shutil
+
+    from HiMatchADLib.imageio import list_images
+
+    normals = tmp_path / "normals"
+    shutil.copytree(normals_dir, normals)
+    before = list_images(normals)
+    det = fitted("knn")
+    det.save(det.predict(lesion_case[0]), normals / "results")
+    assert (normals / "results" / "case_heatmap.nii.gz").exists()
+    with pytest.warns(UserWarning, match="outputs of this tool"):
+        after = list_images(normals)
+    assert [p.name for p in after] == [p.name for p in before]
+    # A file that merely looks like an output (no scores JSON of ours beside it) is still an input.
+    shutil.copy(normals / "results" / "case_heatmap.nii.gz", normals / "other_heatmap.nii.gz")
+    with pytest.warns(UserWarning):
+        assert normals / "other_heatmap.nii.gz" in list_images(normals)
