@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict
@@ -22,13 +23,17 @@ from .bank import BankSettings, NormalBank, build_or_load
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
-from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, patch_foreground, prepare_volume
+from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, compile_subject_pattern, patch_foreground, prepare_volume, subject_of
 from .progress import ProgressCallback, Reporter
 from .result import DetectionResult
 from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
 
 METHODS = ("himatch", "knn", "dpmm")
-CALIBRATION_FORMAT = 2
+#: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
+#: ``calibration_slices`` held-out slices when the normal set has them, warnings kept with it).
+CALIBRATION_FORMAT = 3
+#: Fewer held-out calibration slices than this is reported as a warning (the threshold is uncertain).
+MIN_CALIBRATION_SLICES = 8
 #: Version of the cached mixture file (2: with soft and hard component counts).
 DPMM_FORMAT = 2
 
@@ -62,7 +67,12 @@ class HiMatchDetector:
             settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
             50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
             reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
-        calibration_slices: number of held-out normal slices used for calibration.
+        calibration_slices: number of held-out normal slices used for calibration (subjects are
+            added until there are this many, when the normal set has them).
+        subject_pattern: regular expression with one group naming the subject of a normal file,
+            searched in its path relative to the normal folder (e.g. ``r"^(TCGA_[A-Z0-9]+_[0-9]+)_"``).
+            Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
+            files named ``<subject>_<n>`` are grouped by ``<subject>``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
         precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
             refused (DINOv3 does not support it). Banks are cached per precision and device type.
@@ -95,6 +105,7 @@ class HiMatchDetector:
         dpmm_covariance: str = "diag",
         dpmm_concentration: Optional[float] = 2.0,
         calibration_slices: int = 48,
+        subject_pattern: Optional[str] = None,
         device: str = "auto",
         batch_size: int = 8,
         stage_norm: bool = True,
@@ -149,6 +160,10 @@ class HiMatchDetector:
         if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
             raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
         self.calibration_slices = int(calibration_slices)
+        if self.calibration_slices < 1:
+            raise HiMatchADError(f"calibration_slices must be at least 1, not {calibration_slices}")
+        compile_subject_pattern(subject_pattern)  # a bad pattern is a user error now, not after the bank
+        self.subject_pattern = subject_pattern or None
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
@@ -162,7 +177,11 @@ class HiMatchDetector:
         self.calibration: Optional[dict] = None
         self.normals_dir: Optional[Path] = None
         self.fit_info: dict = {}
+        self.slice_subject: Optional[np.ndarray] = None  # subject index of each bank slice
+        self.subjects: list = []  # subject names
+        self.fit_warnings: list = []
         self._checked: Optional[dict] = None  # the query last read by check_query
+        self._fitted_pattern: Optional[str] = None
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
@@ -206,6 +225,7 @@ class HiMatchDetector:
             "dpmm_covariance": self.dpmm_covariance,
             "dpmm_concentration": self.dpmm_concentration,
             "calibration_slices": self.calibration_slices,
+            "subject_pattern": self.subject_pattern,
             "device": self.extractor.device if self.extractor else self.device,
             "stage_norm": self.stage_norm,
             "precision": self.precision,
@@ -213,7 +233,7 @@ class HiMatchDetector:
         }
 
     def _method_key(self) -> dict:
-        keys = ["method", "target_fpr", "sigma", "calibration_slices", "seed"]
+        keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "seed"]
         if self.method == "himatch":
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
@@ -240,7 +260,12 @@ class HiMatchDetector:
         self._ensure_extractor()
         folder = Path(normals_dir).expanduser()
         bank = build_or_load(folder, self.extractor, self._bank_settings(), self.cache_dir, self.reporter, rebuild)
-        same = self.bank is not None and self.bank.root == bank.root and self.bank.manifest["content"] == bank.manifest["content"]
+        same = (
+            self.bank is not None
+            and self.bank.root == bank.root
+            and self.bank.manifest["content"] == bank.manifest["content"]
+            and self._fitted_pattern == self.subject_pattern
+        )
         if not same:
             self.bank = bank
             self.scorer = None
@@ -249,35 +274,97 @@ class HiMatchDetector:
         for s in self.bank.skipped:
             warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
         if self.scorer is None:
+            self.slice_subject, self.subjects, group_warnings = self._subject_groups()
+            self._fitted_pattern = self.subject_pattern
             self._prepare_method()
-        self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), **self.bank.describe()}
+            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", []))
+            for w in self.fit_warnings:
+                warnings.warn(w)
+        self.fit_info = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            **self.bank.describe(),
+            "subjects": len(self.subjects),
+            "calibration_slices": self.calibration.get("n_slices"),
+            "calibration_subjects": len(self.calibration.get("held_out_groups", [])),
+            "warnings": list(self.fit_warnings),
+        }
         return self
 
-    def _calibration_plan(self) -> tuple[list, list]:
-        """Held-out normal slices: (chosen bank slice ids, held-out group ids)."""
+    def _subject_groups(self) -> tuple[np.ndarray, list, list]:
+        """Subject of every bank slice: (index per slice, subject names, warnings).
+
+        With ``subject_pattern`` the pattern's group names the subject of each normal file (a file
+        it does not match is an error); otherwise the bank's grouping (a volume is its own subject;
+        2D files named ``<subject>_<n>`` share ``<subject>``).
+        """
         bank = self.bank
-        groups = np.unique(bank.slice_group)
+        warn: list = []
+        rx = compile_subject_pattern(self.subject_pattern)
+        if rx is not None:
+            files = bank.files
+            used = np.unique(bank.slice_file)
+            name_of = {int(f): subject_of(files[int(f)], rx) for f in used}
+            names = sorted(set(name_of.values()))
+            index = {n: i for i, n in enumerate(names)}
+            per_file = np.zeros(len(files), np.int64)
+            for f, n in name_of.items():
+                per_file[f] = index[n]
+            return per_file[np.asarray(bank.slice_file, np.int64)], names, warn
+        groups = np.asarray(bank.slice_group, np.int64)
+        flat = ~np.isfinite(np.asarray(bank.slice_pos, float))  # slices of 2D images (no position)
+        files_2d = np.unique(np.asarray(bank.slice_file)[flat])
+        if files_2d.size > 1:
+            subjects_2d = np.unique(groups[np.isin(bank.slice_file, files_2d)])
+            if subjects_2d.size == files_2d.size:
+                warn.append(
+                    f"every 2D normal file is its own subject ({files_2d.size} files, none named <subject>_<n>): slices of one "
+                    "patient can calibrate against each other and the threshold may be optimistic; give subject_pattern "
+                    "(--subject-pattern, a regular expression with one group) to group the files by subject"
+                )
+        return groups, list(bank.groups), warn
+
+    def _calibration_plan(self) -> tuple[list, list]:
+        """Held-out normal slices: (chosen bank slice ids, held-out subject ids).
+
+        Subjects are taken in a seeded random order: first ``max(2, n/5)`` of them (at most 12),
+        each giving up to ``ceil(calibration_slices / that number)`` slices spread evenly through
+        it; then more subjects, one slice budget each, until ``calibration_slices`` slices are held
+        out. Every held-out slice is scored against the normal model without its own subject. For
+        ``dpmm`` the mixture is fitted without all held-out subjects, so at most half of them are
+        held out.
+        """
+        subj = self.slice_subject
+        groups = np.unique(subj)
         rng = np.random.default_rng(self.seed)
-        n_cal_groups = len(groups) if len(groups) < 2 else max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
-        chosen_groups = sorted(rng.permutation(groups)[:n_cal_groups].tolist())
-        per_group = max(1, math.ceil(self.calibration_slices / len(chosen_groups)))
-        ids = []
-        for g in chosen_groups:
-            members = np.flatnonzero(bank.slice_group == g)
+        order = rng.permutation(groups)
+        if len(groups) < 2:
+            n_base, n_max = len(groups), len(groups)
+        else:
+            n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
+            n_max = max(1, len(groups) // 2) if self.method == "dpmm" else len(groups)
+            n_base = min(n_base, n_max)
+        per_group = max(1, math.ceil(self.calibration_slices / max(n_base, 1)))
+        ids: list = []
+        chosen: list = []
+        for n, g in enumerate(order[:n_max]):
+            if n >= n_base and len(ids) >= self.calibration_slices:
+                break
+            members = np.flatnonzero(subj == g)
             if members.size > per_group:  # evenly spread through the volume / subject
                 members = members[np.linspace(0, members.size - 1, per_group).round().astype(int)]
             ids.extend(members.tolist())
-        return ids[: max(self.calibration_slices, len(chosen_groups))], chosen_groups
+            chosen.append(int(g))
+        return ids[: max(self.calibration_slices, len(chosen))], sorted(chosen)
 
     def _prepare_method(self) -> None:
         bank = self.bank
         cal_ids, cal_groups = self._calibration_plan()
         if self.method == "knn":
-            scorer = KnnScorer(bank)
+            scorer = KnnScorer(bank, groups=self.slice_subject)
         elif self.method == "dpmm":
             scorer = self._fit_dpmm(cal_groups)
         else:
-            scorer = HiMatchScorer(bank, self.k, self.candidates, self.alpha, self.position_window)
+            scorer = HiMatchScorer(bank, self.k, self.candidates, self.alpha, self.position_window, groups=self.slice_subject)
         self.scorer = scorer
         key = self._method_key()
         path = bank.extra_path("calib", key, ".json")
@@ -300,7 +387,7 @@ class HiMatchDetector:
     def _fit_dpmm(self, cal_groups: list) -> DpmmScorer:
         bank = self.bank
         key = {k: v for k, v in self._method_key().items() if k.startswith("dpmm") or k == "seed"}
-        key["held_out"] = [int(g) for g in cal_groups]
+        key["held_out"] = [self.subjects[int(g)] for g in cal_groups]
         key["dpmm_format"] = DPMM_FORMAT
         path = bank.extra_path("dpmm", key, ".npz")
         fields = ("means", "weights", "soft_counts", "hard_counts")
@@ -311,7 +398,7 @@ class HiMatchDetector:
             except Exception as exc:
                 warnings.warn(f"cached mixture {path} unreadable ({exc}); refitting")
         self.reporter("Fitting Dirichlet-process mixture", 0, 1)
-        held = np.isin(bank.slice_group, cal_groups) if len(np.unique(bank.slice_group)) > 1 else np.zeros(bank.n_slices, bool)
+        held = np.isin(self.slice_subject, cal_groups) if len(self.subjects) > 1 else np.zeros(bank.n_slices, bool)
         rows = np.concatenate([np.arange(bank.tok_offsets[i], bank.tok_offsets[i + 1]) for i in np.flatnonzero(~held)])
         rng = np.random.default_rng(self.seed)
         if rows.size > self.dpmm_max_tokens:
@@ -338,7 +425,7 @@ class HiMatchDetector:
     def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
         """Score held-out normal slices (each against the bank without its own subject)."""
         bank = self.bank
-        single = len(np.unique(bank.slice_group)) < 2
+        single = len(np.unique(self.slice_subject)) < 2
         msg = "Calibrating on held-out normal slices"
         self.reporter(msg, 0, len(cal_ids))
         by_file: dict = {}
@@ -356,14 +443,17 @@ class HiMatchDetector:
                 sel = sl[b : b + self.batch_size]
                 qs, fgs = self._queries(prep, sel)
                 for q in qs:
-                    q.group = None if single else int(bank.slice_group[ids[0]])
+                    q.group = None if single else int(self.slice_subject[ids[0]])
                 queries += qs
                 masks += fgs
             scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
             collected += [(s, q, m) for s, q, m in zip(scores, queries, masks)]
             done += len(ids)
             self.reporter(msg, done, len(cal_ids))
-        cal: dict = {"n_slices": len(collected), "held_out_groups": [bank.groups[g] for g in cal_groups], "single_subject": single}
+        if not collected:
+            raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
+        cal_warn: list = []
+        cal: dict = {"n_slices": len(collected), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
         if isinstance(self.scorer, HiMatchScorer):
             a = np.concatenate([s.stage for s, _, _ in collected], axis=1)
             med = np.median(a, axis=1)
@@ -384,7 +474,17 @@ class HiMatchDetector:
         ss = np.asarray(slice_scores, dtype=float)
         cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
         if single:
-            warnings.warn("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+            cal_warn.append("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+        elif len(collected) < MIN_CALIBRATION_SLICES:
+            cal_warn.append(
+                f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "
+                "the threshold is uncertain; add normal scans"
+            )
+        if self.method == "himatch" and bank.uses_codebook:
+            cal_warn.append(
+                "the shared codebook was trained on every normal slice, the calibration subjects included: "
+                "the calibrated threshold may be optimistic"
+            )
         return cal
 
     # ------------------------------------------------------------------ predict
@@ -516,7 +616,7 @@ class HiMatchDetector:
             name=img.name,
             source_path=img.path,
             settings={**self.settings(), "modality_used": prep.modality, "normals": str(self.normals_dir) if self.normals_dir else None},
-            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped],
+            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped] + list(self.fit_warnings),
             threshold_info={
                 "mode": "auto" if self.threshold == "auto" else "fixed",
                 "target_fpr": self.target_fpr if self.threshold == "auto" else None,

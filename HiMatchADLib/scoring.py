@@ -149,8 +149,10 @@ class KnnScorer:
     max_index_bytes = 3 * 2**30
     chunk_rows = 262_144
 
-    def __init__(self, bank: NormalBank):
+    def __init__(self, bank: NormalBank, groups: Optional[np.ndarray] = None):
         self.bank = bank
+        # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
+        self.groups = bank.slice_group if groups is None else np.asarray(groups)
         self.timings: dict = {}
 
     def _index(self):
@@ -165,7 +167,7 @@ class KnnScorer:
         return self.bank._cache[key]
 
     def _excluded_rows(self, group: int) -> np.ndarray:
-        slices = np.flatnonzero(self.bank.slice_group == group)
+        slices = np.flatnonzero(self.groups == group)
         o = self.bank.tok_offsets
         return np.concatenate([np.arange(o[s], o[s + 1]) for s in slices]) if slices.size else np.zeros(0, np.int64)
 
@@ -314,8 +316,11 @@ class HiMatchScorer:
         alpha: float = 0.5,
         position_window: Optional[float] = 0.15,
         tau: float = 1.0,
+        groups: Optional[np.ndarray] = None,
     ):
         self.bank = bank
+        # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
+        self.groups = bank.slice_group if groups is None else np.asarray(groups)
         self.k = int(max(1, min(k, bank.n_slices)))
         self.candidates = int(max(self.k, candidates))
         self.alpha = float(alpha)
@@ -349,7 +354,7 @@ class HiMatchScorer:
             ids, sims = I[qi], D[qi]
             valid = ids >= 0
             if q.group is not None:
-                valid &= bank.slice_group[np.maximum(ids, 0)] != q.group
+                valid &= self.groups[np.maximum(ids, 0)] != q.group
             cand = ids[valid]
             csim = sims[valid]
             if use_pos and np.isfinite(q.pos):
@@ -359,7 +364,7 @@ class HiMatchScorer:
                     cand, csim = cand[near], csim[near]
             if cand.size < self.k and n_search < n_bank:  # everything was filtered: search all
                 Dall, Iall = self._search_cls(q.cls[None], n_bank)
-                ok = bank.slice_group[Iall[0]] != q.group if q.group is not None else np.ones(n_bank, bool)
+                ok = self.groups[Iall[0]] != q.group if q.group is not None else np.ones(n_bank, bool)
                 cand, csim = Iall[0][ok], Dall[0][ok]
             cand, csim = cand[: self.candidates], csim[: self.candidates]
             if cand.size == 0:
