@@ -68,6 +68,9 @@ class BankSettings:
     modality: str = "auto"
     slice_axis: str = "auto"
     resolution: int = 448
+    # In-plane pixel spacing (mm) of the model canvas every slice is resampled to (None: each slice
+    # stretched to ``resolution``; see preprocess.plan_plane).
+    pixel_spacing_mm: Optional[float] = None
     stages: tuple = ()
     clusters_per_slice: int = 64
     codebook_factor: float = 8.0
@@ -360,7 +363,9 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             reporter.check()
             try:
                 img = read_image(path)
-                prep = prepare_volume(img, settings.modality, settings.slice_axis)
+                prep = prepare_volume(
+                    img, settings.modality, settings.slice_axis, settings.pixel_spacing_mm, settings.resolution, extractor.patch_size
+                )
             except HiMatchADError as exc:
                 skipped.append({"path": fps[fi]["path"], "reason": str(exc)})
                 warnings.warn(f"skipping normal image {path}: {exc}")

@@ -60,6 +60,11 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
     g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
     g.add_argument("--resolution", type=_positive_int, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument(
+        "--pixel-spacing", default="auto", metavar="MM",
+        help="in-plane pixel spacing (mm) every slice is resampled to before the model: 'auto' (default: from the "
+        "normal set), a number, or 'off' (stretch each slice to --resolution)",
+    )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass (default 8)")
     g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
@@ -95,6 +100,7 @@ def detector_from_args(args, progress=None):
         modality=args.modality,
         slice_axis=args.slice_axis,
         resolution=args.resolution,
+        pixel_spacing=getattr(args, "pixel_spacing", "auto"),
         threshold=getattr(args, "threshold", "auto"),
         target_fpr=getattr(args, "fpr", 0.01),
         min_component_size=getattr(args, "min_size", None),

@@ -23,7 +23,17 @@ from .bank import BankSettings, NormalBank, build_or_load
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
-from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, compile_subject_pattern, patch_foreground, prepare_volume, subject_of
+from .preprocess import (
+    MODALITIES,
+    SLICE_AXES,
+    PreparedVolume,
+    common_spacing,
+    compile_subject_pattern,
+    in_plane_extent,
+    patch_foreground,
+    prepare_volume,
+    subject_of,
+)
 from .progress import ProgressCallback, Reporter
 from .result import DetectionResult
 from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
@@ -48,6 +58,12 @@ class HiMatchDetector:
         modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
         slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
         resolution: longer side of the model input in pixels (rounded to the patch size).
+        pixel_spacing: in-plane pixel spacing (mm) at which every slice is resampled before the
+            model, so one millimetre is the same number of model pixels in the normals and the query:
+            ``"auto"`` (default: the normal set's median field of view over the model's longer
+            side), a number, or None (stretch each slice's longer side to ``resolution``, the papers'
+            preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
+            have no recorded spacing and are always stretched.
         stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
             ``dpmm`` use the last.
         stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
@@ -88,6 +104,7 @@ class HiMatchDetector:
         modality: str = "auto",
         slice_axis: str = "auto",
         resolution: int = 448,
+        pixel_spacing: Union[str, float, None] = "auto",
         stages: Optional[Sequence[int]] = None,
         threshold: Union[str, float] = "auto",
         target_fpr: float = 0.01,
@@ -139,6 +156,16 @@ class HiMatchDetector:
         self.modality = str(modality).lower()
         self.slice_axis = slice_axis
         self.resolution = int(resolution)
+        if isinstance(pixel_spacing, str) and pixel_spacing.lower() in ("none", "off"):
+            pixel_spacing = None
+        if isinstance(pixel_spacing, str) and pixel_spacing != "auto":
+            try:
+                pixel_spacing = float(pixel_spacing)
+            except ValueError:
+                raise HiMatchADError(f"pixel spacing must be 'auto', 'off' or a number of mm, not '{pixel_spacing}'") from None
+        if pixel_spacing not in (None, "auto") and not (math.isfinite(float(pixel_spacing)) and float(pixel_spacing) > 0):
+            raise HiMatchADError(f"pixel spacing must be a positive number of mm, not {pixel_spacing}")
+        self.pixel_spacing = pixel_spacing if pixel_spacing in (None, "auto") else float(pixel_spacing)
         self.stages = list(stages) if stages else None
         self.threshold = threshold
         self.target_fpr = float(target_fpr)
@@ -187,11 +214,33 @@ class HiMatchDetector:
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
         self.reporter = Reporter(progress, cancel_event)
 
-    def _bank_settings(self) -> BankSettings:
+    def _resolve_spacing(self, folder: Optional[Path]) -> Optional[float]:
+        """The bank's in-plane pixel spacing (mm) for ``pixel_spacing`` (see the class docstring)."""
+        if self.pixel_spacing is None:
+            return None
+        if self.pixel_spacing != "auto":
+            return float(self.pixel_spacing)
+        if folder is None:
+            return None
+        from .bank import scan_normals
+
+        _, files, _ = scan_normals(folder)
+        extents = []
+        for f in files:
+            try:
+                extents.append(in_plane_extent(f, self.modality, self.slice_axis))
+            except Exception:  # unreadable: the bank build skips it and says why
+                extents.append(None)
+        sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
+        return None if sp is None else float(f"{sp:.6g}")
+
+    def _bank_settings(self, folder: Optional[Union[str, os.PathLike]] = None) -> BankSettings:
+        """Settings of the normal bank of ``folder`` (``pixel_spacing="auto"`` needs the folder)."""
         return BankSettings(
             modality=self.modality,
             slice_axis=self.slice_axis,
             resolution=self.resolution,
+            pixel_spacing_mm=self._resolve_spacing(Path(folder).expanduser() if folder is not None else None),
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
             codebook_factor=self.codebook_factor,
@@ -209,6 +258,7 @@ class HiMatchDetector:
             "modality": self.modality,
             "slice_axis": self.slice_axis,
             "resolution": self.resolution,
+            "pixel_spacing": self.pixel_spacing,
             "stages": list(self.extractor.stages) if self.extractor else self.stages,
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
@@ -259,7 +309,7 @@ class HiMatchDetector:
         t0 = time.perf_counter()
         self._ensure_extractor()
         folder = Path(normals_dir).expanduser()
-        bank = build_or_load(folder, self.extractor, self._bank_settings(), self.cache_dir, self.reporter, rebuild)
+        bank = build_or_load(folder, self.extractor, self._bank_settings(folder), self.cache_dir, self.reporter, rebuild)
         same = (
             self.bank is not None
             and self.bank.root == bank.root
@@ -432,11 +482,11 @@ class HiMatchDetector:
         for i in cal_ids:
             by_file.setdefault(int(bank.slice_file[i]), []).append(i)
         root = Path(bank.manifest["folder"])
-        collected = []  # (SliceScores, QuerySlice, pixel fg mask)
+        collected = []  # (SliceScores, QuerySlice, native pixel fg mask, (plane, native slice shape))
         done = 0
         for fi, ids in by_file.items():
             img = read_image(root / bank.files[fi])
-            prep = prepare_volume(img, self.modality, self.slice_axis)
+            prep = prepare_volume(img, **self._prep_settings())
             sl = np.asarray([int(bank.slice_index[i]) for i in ids])
             queries, masks = [], []
             for b in range(0, len(sl), self.batch_size):
@@ -447,7 +497,8 @@ class HiMatchDetector:
                 queries += qs
                 masks += fgs
             scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
-            collected += [(s, q, m) for s, q, m in zip(scores, queries, masks)]
+            where = (prep.plane, prep.native.shape[1:])
+            collected += [(s, q, m, where) for s, q, m in zip(scores, queries, masks)]
             done += len(ids)
             self.reporter(msg, done, len(cal_ids))
         if not collected:
@@ -455,16 +506,16 @@ class HiMatchDetector:
         cal_warn: list = []
         cal: dict = {"n_slices": len(collected), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
         if isinstance(self.scorer, HiMatchScorer):
-            a = np.concatenate([s.stage for s, _, _ in collected], axis=1)
+            a = np.concatenate([c[0].stage for c in collected], axis=1)
             med = np.median(a, axis=1)
             sig = np.maximum(1.4826 * np.median(np.abs(a - med[:, None]), axis=1), 1e-6)
             cal["stages"] = {"stages": list(self.scorer.stages), "median": med.tolist(), "sigma": sig.tolist()}
             self.scorer.calibration = cal["stages"]
-            for s, _, _ in collected:
+            for s, *_ in collected:
                 s.patch = self.scorer.fuse(s.stage, s.var).astype(np.float32)
         values, slice_scores = [], []
-        for s, q, m in collected:
-            pix = self._pixel_map(s.patch, q, m.shape)
+        for s, q, m, where in collected:
+            pix = self._pixel_map(s.patch, q, *where)
             values.append(pix[m])
             slice_scores.append(top_percent_mean(s.patch))
         vals = np.concatenate(values) if values else np.zeros(1, np.float32)
@@ -498,17 +549,34 @@ class HiMatchDetector:
             if not m.any():
                 continue
             qs.append(QuerySlice(int(si), [t[n][m] for t in feats.stages], feats.cls[n], m, feats.grid, float(prep.positions[si])))
-            masks.append(prep.foreground[si])
+            masks.append(prep.native_foreground[si])
         return qs, masks
 
-    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, out_hw: tuple) -> np.ndarray:
+    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, plane, native_hw: tuple) -> np.ndarray:
+        """Patch scores of one slice -> smoothed pixel map on the slice's native grid. With a common
+        pixel spacing (``plane``) the map is made on the model canvas (sigma in model pixels, as in
+        AnomalyDINO) and resampled back to the native grid."""
         p = self.extractor.patch_size
-        pix = patch_to_pixels(patch, q.fg, q.grid, out_hw, self.sigma, (q.grid[0] * p, q.grid[1] * p))
+        model_hw = (q.grid[0] * p, q.grid[1] * p)
+        if plane is None:
+            pix = patch_to_pixels(patch, q.fg, q.grid, native_hw, self.sigma, model_hw)
+        else:
+            pix = plane.to_native(patch_to_pixels(patch, q.fg, q.grid, plane.canvas_hw, self.sigma, model_hw)[None])[0]
         if self.method == "himatch":
             # softplus: positive (background, 0, stays lowest), monotone (no ties among foreground
             # pixels, so ranking metrics see the whole score), ~identity above 2 standard deviations.
             np.logaddexp(0.0, pix, out=pix)
         return pix
+
+    def _prep_settings(self) -> dict:
+        """How images are prepared: with the bank's pixel spacing once a bank is loaded."""
+        spacing = None
+        if self.bank is not None and self.extractor is not None:
+            spacing = self.bank.manifest["settings"].get("pixel_spacing_mm")
+        out = {"modality": self.modality, "slice_axis": self.slice_axis, "spacing_mm": spacing}
+        if spacing is not None:
+            out.update(resolution=self.resolution, patch_size=self.extractor.patch_size)
+        return out
 
     def _check_fitted(self) -> None:
         if self.bank is None or self.scorer is None:
@@ -527,15 +595,16 @@ class HiMatchDetector:
         img = image if isinstance(image, Image) else read_image(image)
         t_read = time.perf_counter() - t
         t = time.perf_counter()
-        prep = prepare_volume(img, self.modality, self.slice_axis)
-        self._checked = {"image": img, "prep": prep, "settings": (self.modality, self.slice_axis), "read": t_read, "preprocess": time.perf_counter() - t}
+        settings = self._prep_settings()
+        prep = prepare_volume(img, **settings)
+        self._checked = {"image": img, "prep": prep, "settings": settings, "read": t_read, "preprocess": time.perf_counter() - t}
         return img
 
     def _prepared(self, image: Union[str, os.PathLike, Image], timings: dict) -> tuple[Image, PreparedVolume]:
         """The query read and prepared: by an earlier :meth:`check_query` of this very image (used
         once), else now. ``timings`` gets the read and preprocess seconds either way."""
         checked, self._checked = self._checked, None
-        if checked is None or checked["image"] is not image or checked["settings"] != (self.modality, self.slice_axis):
+        if checked is None or checked["image"] is not image or checked["settings"] != self._prep_settings():
             self.check_query(image)
             checked, self._checked = self._checked, None
         timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
@@ -550,7 +619,7 @@ class HiMatchDetector:
         img, prep = self._prepared(image, timings)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
-        heat = np.zeros(prep.canonical.shape, np.float32)
+        heat = np.zeros(prep.native.shape, np.float32)
         n = prep.n_slices
         slice_scores = np.full(n, np.nan, np.float32)
         supports: list = [[] for _ in range(n)]
@@ -568,8 +637,8 @@ class HiMatchDetector:
                 scores = self.scorer.score(queries)
                 t = time.perf_counter()
                 for q, s in zip(queries, scores):
-                    pix = self._pixel_map(s.patch, q, heat.shape[1:])
-                    heat[q.index] = pix * prep.foreground[q.index]
+                    pix = self._pixel_map(s.patch, q, prep.plane, heat.shape[1:])
+                    heat[q.index] = pix * prep.native_foreground[q.index]
                     slice_scores[q.index] = top_percent_mean(s.patch)
                     supports[q.index] = s.supports
                     all_patch.append(s.patch)
@@ -580,7 +649,7 @@ class HiMatchDetector:
             timings[key] = val - scorer_t0.get(key, 0.0)
         t = time.perf_counter()
         heat_in = prep.to_input_grid(heat)
-        fg_in = prep.to_input_grid(prep.foreground)
+        fg_in = prep.to_input_grid(prep.native_foreground)
         order = np.arange(n)
         if prep.reorientation.flips[prep.slice_axis_canonical]:
             order = order[::-1]  # slice i of the canonical stack is input index n-1-i
@@ -595,8 +664,13 @@ class HiMatchDetector:
             if grid_px is None:
                 min_size = 1
             else:
-                h, w = heat.shape[1:]
-                min_size = max(1, int(round((h / grid_px[0]) * (w / grid_px[1]))))
+                p = self.extractor.patch_size
+                if prep.plane is None:  # native pixels per model pixel, per axis
+                    fy, fx = heat.shape[1] / (grid_px[0] * p), heat.shape[2] / (grid_px[1] * p)
+                else:
+                    r0, r1, c0, c1 = prep.plane.box
+                    fy, fx = (r1 - r0) / prep.plane.scaled_hw[0], (c1 - c0) / prep.plane.scaled_hw[1]
+                min_size = max(1, int(round(p * fy * p * fx)))
         volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
         warn = list(prep.warnings)
         if not all_patch:
