@@ -376,12 +376,13 @@ class HiMatchDetector:
     def _calibration_plan(self) -> tuple[list, list]:
         """Held-out normal slices: (chosen bank slice ids, held-out subject ids).
 
-        Subjects are taken in a seeded random order: first ``max(2, n/5)`` of them (at most 12),
-        each giving up to ``ceil(calibration_slices / that number)`` slices spread evenly through
-        it; then more subjects, one slice budget each, until ``calibration_slices`` slices are held
-        out. Every held-out slice is scored against the normal model without its own subject. For
-        ``dpmm`` the mixture is fitted without all held-out subjects, so at most half of them are
-        held out.
+        Subjects are taken in a seeded random order: first ``min(n - 1, 12)`` of them (``dpmm``:
+        ``max(2, n/5)``, at most 12), each giving up to ``ceil(calibration_slices / that number)``
+        slices spread evenly through it; then more subjects, with the same budget each, until
+        ``calibration_slices`` slices are held out. Every held-out slice is scored against the
+        normal model without its own subject, so for ``himatch`` and ``knn`` holding out more
+        subjects costs nothing and spreads the threshold over more anatomy. The ``dpmm`` mixture is
+        fitted without all held-out subjects, so at most half of them are held out.
         """
         subj = self.slice_subject
         groups = np.unique(subj)
@@ -390,8 +391,12 @@ class HiMatchDetector:
         if len(groups) < 2:
             n_base, n_max = len(groups), len(groups)
         else:
-            n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
-            n_max = max(1, len(groups) // 2) if self.method == "dpmm" else len(groups)
+            if self.method == "dpmm":  # the mixture is fitted without every held-out subject
+                n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
+                n_max = max(1, len(groups) // 2)
+            else:  # each held-out slice excludes only its own subject: spread over up to 12 subjects
+                n_base = min(len(groups) - 1, 12)
+                n_max = len(groups)
             n_base = min(n_base, n_max)
         per_group = max(1, math.ceil(self.calibration_slices / max(n_base, 1)))
         ids: list = []
