@@ -20,10 +20,14 @@ from .orientation import IDENTITY, Reorientation, canonical_reorientation
 
 PRESETS: dict[str, dict] = {
     # Robust percentile scaling: the background level (0.5th percentile of all voxels) -> 0 and the
-    # foreground median -> 0.5, clipped to [0, 1]. A median, unlike a high percentile, does not
-    # move when a large bright lesion is present, so normal tissue keeps the same grey levels as in
-    # the normal scans. Foreground: above half the Otsu threshold, holes filled slice by slice.
-    "mri": {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.5, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
+    # foreground median (voxels above half the Otsu threshold, the foreground rule: Otsu alone can
+    # fall between tissue and a large bright lesion) -> 0.25, clipped to [0, 1]: saturation
+    # starts at 4 times the median's distance from the background, so bright normal tissue (CSF on
+    # T2, enhancement on T1ce, fat) keeps its contrast instead of merging with lesions, and a median,
+    # unlike a high percentile, does not move when a large bright lesion is present. Padding values
+    # are excluded first (see padding_values). Foreground: above half the Otsu threshold, holes
+    # filled slice by slice.
+    "mri": {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.25, "stats_otsu_factor": 0.5, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
     # Hounsfield window (soft tissue, level 40 / width 400); body = HU > -500, largest component.
     "ct": {"scaling": "window", "level": 40.0, "width": 400.0, "foreground": "hu", "hu_min": -500.0, "slice_axis": "axial"},
     # OCT: percentile scaling; B-scans are the slices, stacked along the most widely spaced axis.
@@ -74,6 +78,33 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centers[int(np.argmax(between[:-1]))]) if bins > 1 else lo
 
 
+def padding_values(array: np.ndarray, min_fraction: float = 1e-3, min_count: int = 100) -> list:
+    """Values that pad an image rather than image it (e.g. -32768 / 32767 outside the scanned field).
+
+    The lowest or the highest value of the image is padding when it covers at least
+    ``min_fraction`` of the voxels (and ``min_count`` voxels) and lies further from the rest of the values (their 0.5-99.5th
+    percentile range) than that range is wide. A background of zeros or a saturated 8-bit maximum
+    is not: it lies next to the other values.
+    """
+    vals = array[np.isfinite(array)]
+    if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
+        vals = vals[:: vals.size // 2_000_000 + 1]
+    if vals.size < 10:
+        return []
+    step = array.size / max(vals.size, 1)  # voxels per sampled value
+    candidates = [v for v in {float(vals.min()), float(vals.max())} if (vals == v).mean() >= min_fraction and (vals == v).sum() * step >= min_count]
+    if not candidates:
+        return []
+    rest = vals[~np.isin(vals, np.asarray(candidates, vals.dtype))]  # both ends may be padded
+    if rest.size == 0:
+        return []
+    lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
+    if hi <= lo:  # the other values are (nearly) constant: nothing to compare a gap with
+        return []
+    span = hi - lo
+    return sorted(v for v in candidates if v < lo - span or v > hi + span)
+
+
 def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
     """Map intensities to [0, 1] by the preset's rule; non-finite voxels become 0."""
     finite = np.isfinite(array)
@@ -89,7 +120,7 @@ def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
         if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
             vals = vals[:: vals.size // 2_000_000 + 1]
         lo = float(np.percentile(vals, preset["low"]))
-        fg_vals = vals[vals > otsu_threshold(vals)]
+        fg_vals = vals[vals > otsu_threshold(vals) * float(preset.get("stats_otsu_factor", 1.0))]
         hi = float(np.percentile(fg_vals if fg_vals.size else vals, preset["high"]))
         if hi <= lo:
             hi = float(vals.max())
@@ -314,6 +345,15 @@ def prepare_volume(
     reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
     axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
     raw = reo.to_canonical(image.array)
+    warn: list[str] = list(image.warnings)
+    pad = padding_values(raw) if preset["scaling"] != "divide" else []
+    if pad:  # neither foreground nor part of the intensity statistics
+        is_pad = np.isin(raw, np.asarray(pad, raw.dtype))
+        raw = np.where(is_pad, np.float32(np.nan), raw.astype(np.float32, copy=False))
+        warn.append(
+            f"{image.name}: {int(is_pad.sum())} voxels ({100.0 * is_pad.mean():.2g} %) hold the padding value(s) "
+            f"{', '.join(f'{v:g}' for v in pad)}: excluded from the foreground and the intensity statistics"
+        )
     finite = raw[np.isfinite(raw)]
     if finite.size == 0:
         raise HiMatchADError(f"{image.name}: no finite voxel")
@@ -321,7 +361,6 @@ def prepare_volume(
         raise HiMatchADError(f"{image.name}: the image is constant (every voxel is {float(finite.min()):g}); nothing to analyse")
     norm = normalise(raw, preset)
     fg = foreground_mask(raw, norm, preset, axis)
-    warn: list[str] = list(image.warnings)
     if not fg.any():
         raise HiMatchADError(f"{image.name}: no foreground found (the image is empty or nearly constant)")
     norm = np.ascontiguousarray(np.moveaxis(norm, axis, 0))
