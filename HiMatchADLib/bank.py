@@ -65,7 +65,10 @@ def default_cache_root() -> Path:
 class BankSettings:
     """Everything about how a bank is built (part of its cache key)."""
 
+    # The intensity preset the normals were prepared with ("auto" resolved by the detector from the
+    # normal set) and their dimensionality ("2d", "3d" or "mixed"; "" when not recorded).
     modality: str = "auto"
+    dims: str = ""
     slice_axis: str = "auto"
     resolution: int = 448
     # In-plane pixel spacing (mm) of the model canvas every slice is resampled to (None: each slice

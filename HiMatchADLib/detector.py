@@ -30,6 +30,8 @@ from .preprocess import (
     common_spacing,
     compile_subject_pattern,
     in_plane_extent,
+    is_2d_file,
+    resolve_modality,
     patch_foreground,
     prepare_volume,
     subject_of,
@@ -214,33 +216,53 @@ class HiMatchDetector:
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
         self.reporter = Reporter(progress, cancel_event)
 
-    def _resolve_spacing(self, folder: Optional[Path]) -> Optional[float]:
-        """The bank's in-plane pixel spacing (mm) for ``pixel_spacing`` (see the class docstring)."""
-        if self.pixel_spacing is None:
-            return None
-        if self.pixel_spacing != "auto":
-            return float(self.pixel_spacing)
+    def _describe_normals(self, folder: Optional[Path]) -> dict:
+        """What the bank of ``folder`` records about its images, from their headers (and, for
+        ``modality="auto"``, from reading up to three of them): the intensity preset, the
+        dimensionality (``"2d"``, ``"3d"`` or ``"mixed"``) and the in-plane pixel spacing (mm) for
+        ``pixel_spacing`` (see the class docstring)."""
+        out = {"modality": self.modality, "dims": "", "pixel_spacing_mm": None if self.pixel_spacing in (None, "auto") else float(self.pixel_spacing)}
         if folder is None:
-            return None
+            return out
         from .bank import scan_normals
 
         _, files, _ = scan_normals(folder)
-        extents = []
+        extents, flat = [], []
         for f in files:
             try:
+                flat.append(is_2d_file(f))
                 extents.append(in_plane_extent(f, self.modality, self.slice_axis))
             except Exception:  # unreadable: the bank build skips it and says why
                 extents.append(None)
-        sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
-        return None if sp is None else float(f"{sp:.6g}")
+        if flat:
+            out["dims"] = "2d" if all(flat) else "3d" if not any(flat) else "mixed"
+        if self.pixel_spacing == "auto":
+            sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
+            out["pixel_spacing_mm"] = None if sp is None else float(f"{sp:.6g}")
+        if self.modality == "auto":
+            seen: dict = {}
+            for f in dict.fromkeys([files[0], files[len(files) // 2], files[-1]]):
+                try:
+                    seen[resolve_modality(read_image(f), "auto")] = f
+                except HiMatchADError:
+                    continue
+            if len(seen) > 1:
+                which = ", ".join(f"{Path(p).name} looks like {m}" for m, p in seen.items())
+                raise HiMatchADError(f"the normal folder {folder} mixes modalities ({which}); pass the modality explicitly (--modality)")
+            if seen:
+                out["modality"] = next(iter(seen))
+        return out
 
     def _bank_settings(self, folder: Optional[Union[str, os.PathLike]] = None) -> BankSettings:
-        """Settings of the normal bank of ``folder`` (``pixel_spacing="auto"`` needs the folder)."""
+        """Settings of the normal bank of ``folder`` (the modality for ``"auto"``, the
+        dimensionality and ``pixel_spacing="auto"`` are read from the folder)."""
+        info = self._describe_normals(Path(folder).expanduser() if folder is not None else None)
         return BankSettings(
-            modality=self.modality,
+            modality=info["modality"],
+            dims=info["dims"],
             slice_axis=self.slice_axis,
             resolution=self.resolution,
-            pixel_spacing_mm=self._resolve_spacing(Path(folder).expanduser() if folder is not None else None),
+            pixel_spacing_mm=info["pixel_spacing_mm"],
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
             codebook_factor=self.codebook_factor,
@@ -576,12 +598,53 @@ class HiMatchDetector:
     def _prep_settings(self) -> dict:
         """How images are prepared: with the bank's pixel spacing once a bank is loaded."""
         spacing = None
+        modality = self.modality
         if self.bank is not None and self.extractor is not None:
             spacing = self.bank.manifest["settings"].get("pixel_spacing_mm")
-        out = {"modality": self.modality, "slice_axis": self.slice_axis, "spacing_mm": spacing}
+            modality = self.bank.manifest["settings"].get("modality", modality) if modality == "auto" else modality
+        out = {"modality": modality, "slice_axis": self.slice_axis, "spacing_mm": spacing}
         if spacing is not None:
             out.update(resolution=self.resolution, patch_size=self.extractor.patch_size)
         return out
+
+    def _check_against_bank(self, img: Image, prep: PreparedVolume) -> list:
+        """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
+
+        Errors: a 3D volume against a bank of 2D slices; an explicitly given modality other than the
+        bank's; with ``modality="auto"``, a query on the other side of the Hounsfield divide (CT vs
+        not CT) from the bank. Warnings: a 2D slice against a bank of volumes; a query that looks
+        like another modality than the bank's (explicit modality, or a non-CT difference); a query
+        without a recorded pixel spacing against a bank resampled to one.
+        """
+        st = self.bank.manifest["settings"]
+        bank_mod, dims = st.get("modality", "auto"), st.get("dims", "")
+        warn: list = []
+        is_volume = not img.is_2d and prep.n_slices > 1
+        if dims == "2d" and is_volume:
+            raise HiMatchADError(
+                f"{img.name} is a 3D volume but the normal bank holds 2D slices only: use a folder of normal volumes "
+                "(or query 2D slices)"
+            )
+        if dims == "3d" and img.is_2d:
+            warn.append(f"{img.name} is a 2D slice but the normal bank holds 3D volumes: it is matched without the slice-position prior")
+        if bank_mod != "auto":
+            if self.modality != "auto" and self.modality != bank_mod:
+                raise HiMatchADError(f"modality {self.modality} was given but the normal bank was built with the {bank_mod} preset")
+            looks = resolve_modality(img, "auto")
+            if looks != bank_mod and {looks, bank_mod} != {"8bit", "oct"}:  # OCT B-scans are often 8-bit
+                msg = f"{img.name} looks like {looks} but the normal bank is {bank_mod}"
+                if self.modality == "auto" and "ct" in (looks, bank_mod):
+                    raise HiMatchADError(
+                        f"{msg} (Hounsfield units on one side only): use normals of the query's modality, or pass "
+                        f"--modality {bank_mod} to analyse it with the bank's preset anyway"
+                    )
+                warn.append(f"{msg}: analysed with the bank's {bank_mod} preset")
+        if st.get("pixel_spacing_mm") is not None and prep.plane is None:
+            warn.append(
+                f"{img.name} has no recorded pixel spacing: stretched to the model grid, so its anatomy may not have the "
+                "size it has in the normal bank"
+            )
+        return warn
 
     def _check_fitted(self) -> None:
         if self.bank is None or self.scorer is None:
@@ -622,6 +685,7 @@ class HiMatchDetector:
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
         img, prep = self._prepared(image, timings)
+        bank_warnings = self._check_against_bank(img, prep)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.native.shape, np.float32)
@@ -677,7 +741,7 @@ class HiMatchDetector:
                     fy, fx = (r1 - r0) / prep.plane.scaled_hw[0], (c1 - c0) / prep.plane.scaled_hw[1]
                 min_size = max(1, int(round(p * fy * p * fx)))
         volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
-        warn = list(prep.warnings)
+        warn = list(prep.warnings) + bank_warnings
         if not all_patch:
             warn.append("no slice had enough foreground to be scored")
         result = DetectionResult(
@@ -694,7 +758,13 @@ class HiMatchDetector:
             model=self.model,
             name=img.name,
             source_path=img.path,
-            settings={**self.settings(), "modality_used": prep.modality, "normals": str(self.normals_dir) if self.normals_dir else None},
+            settings={
+                **self.settings(),
+                "modality_used": prep.modality,
+                "bank_modality": self.bank.manifest["settings"].get("modality"),
+                "bank_dims": self.bank.manifest["settings"].get("dims"),
+                "normals": str(self.normals_dir) if self.normals_dir else None,
+            },
             warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped] + list(self.fit_warnings),
             threshold_info={
                 "mode": "auto" if self.threshold == "auto" else "fixed",

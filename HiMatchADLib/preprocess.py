@@ -479,6 +479,25 @@ def subject_of(path: str, rx) -> str:
     return m.group(1)
 
 
+def is_2d_file(path) -> bool:
+    """Whether an image file holds a 2D slice (from its header; PNG/JPEG/TIFF/BMP always do)."""
+    import SimpleITK as sitk
+
+    from pathlib import Path
+
+    from .imageio import read_image
+
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    if p.is_dir():
+        return read_image(p).is_2d
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(p))
+    r.ReadImageInformation()
+    return r.GetDimension() == 2
+
+
 def in_plane_extent(path, modality: str = "auto", slice_axis: str = "auto") -> Optional[tuple]:
     """(field of view in mm along the slices' longer side, (row, column) pixel spacing) of an image
     from its header, or None when it has no recorded pixel spacing (PNG/JPEG/TIFF/BMP)."""
