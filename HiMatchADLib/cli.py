@@ -84,6 +84,10 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         m.add_argument("--fpr", type=_fraction, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
         m.add_argument("--min-size", type=_positive_int, default=None, help="remove anomalous components smaller than this many voxels")
         m.add_argument(
+            "--consistency-mm", type=float, default=None, metavar="MM",
+            help="volumes: fuse each slice's map with its neighbours' (Gaussian, sigma in mm); default off",
+        )
+        m.add_argument(
             "--subject-pattern", default=None, metavar="REGEX",
             help="regular expression with one group naming the subject of a normal file (searched in its path "
             "relative to the normal folder), e.g. '^(TCGA_[A-Z0-9]+_[0-9]+)_'; calibration holds out whole subjects",
@@ -105,6 +109,7 @@ def detector_from_args(args, progress=None):
         target_fpr=getattr(args, "fpr", 0.01),
         min_component_size=getattr(args, "min_size", None),
         subject_pattern=getattr(args, "subject_pattern", None),
+        consistency_mm=getattr(args, "consistency_mm", None),
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
+from .consistency import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
@@ -87,6 +88,9 @@ class HiMatchDetector:
             reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
         calibration_slices: number of held-out normal slices used for calibration (subjects are
             added until there are this many, when the normal set has them).
+        consistency_mm: for volumes, fuse each slice's pixel map with those of the neighbouring
+            slices (Gaussian weights, sigma in mm, up to 3 sigma; see ``consistency.py``). None
+            (default): every slice's map on its own, as in the papers. Calibration fuses the same way.
         subject_pattern: regular expression with one group naming the subject of a normal file,
             searched in its path relative to the normal folder (e.g. ``r"^(TCGA_[A-Z0-9]+_[0-9]+)_"``).
             Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
@@ -124,6 +128,7 @@ class HiMatchDetector:
         dpmm_covariance: str = "diag",
         dpmm_concentration: Optional[float] = 2.0,
         calibration_slices: int = 48,
+        consistency_mm: Optional[float] = None,
         subject_pattern: Optional[str] = None,
         device: str = "auto",
         batch_size: int = 8,
@@ -193,6 +198,9 @@ class HiMatchDetector:
             raise HiMatchADError(f"calibration_slices must be at least 1, not {calibration_slices}")
         compile_subject_pattern(subject_pattern)  # a bad pattern is a user error now, not after the bank
         self.subject_pattern = subject_pattern or None
+        if consistency_mm is not None and not (math.isfinite(float(consistency_mm)) and float(consistency_mm) > 0):
+            raise HiMatchADError(f"consistency_mm must be a positive distance in mm (or None), not {consistency_mm}")
+        self.consistency_mm = None if consistency_mm is None else float(consistency_mm)
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
@@ -298,6 +306,7 @@ class HiMatchDetector:
             "dpmm_concentration": self.dpmm_concentration,
             "calibration_slices": self.calibration_slices,
             "subject_pattern": self.subject_pattern,
+            "consistency_mm": self.consistency_mm,
             "device": self.extractor.device if self.extractor else self.device,
             "stage_norm": self.stage_norm,
             "precision": self.precision,
@@ -305,7 +314,7 @@ class HiMatchDetector:
         }
 
     def _method_key(self) -> dict:
-        keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "seed"]
+        keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "consistency_mm", "seed"]
         if self.method == "himatch":
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
@@ -515,6 +524,11 @@ class HiMatchDetector:
             img = read_image(root / bank.files[fi])
             prep = prepare_volume(img, **self._prep_settings())
             sl = np.asarray([int(bank.slice_index[i]) for i in ids])
+            centres = set(sl.tolist())
+            w = window(prep.slice_spacing, self.consistency_mm) if self._fuses_slices(img, prep) else 0
+            if w:  # the neighbours a centre slice's map is fused with are scored too
+                scorable = set(prep.slices_with_foreground().tolist())
+                sl = np.asarray(sorted({j for i in centres for j in range(i - w, i + w + 1) if j in scorable or j == i}))
             queries, masks = [], []
             for b in range(0, len(sl), self.batch_size):
                 sel = sl[b : b + self.batch_size]
@@ -525,15 +539,16 @@ class HiMatchDetector:
                 masks += fgs
             scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
             where = (prep.plane, prep.native.shape[1:])
-            collected += [(s, q, m, where) for s, q, m in zip(scores, queries, masks)]
+            collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
             done += len(ids)
             self.reporter(msg, done, len(cal_ids))
-        if not collected:
+        if not any(c[4][1] for c in collected):
             raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
+        centre = [c for c in collected if c[4][1]]
         cal_warn: list = []
-        cal: dict = {"n_slices": len(collected), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
+        cal: dict = {"n_slices": len(centre), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
         if isinstance(self.scorer, HiMatchScorer):
-            a = np.concatenate([c[0].stage for c in collected], axis=1)
+            a = np.concatenate([c[0].stage for c in centre], axis=1)
             med = np.median(a, axis=1)
             sig = np.maximum(1.4826 * np.median(np.abs(a - med[:, None]), axis=1), 1e-6)
             cal["stages"] = {"stages": list(self.scorer.stages), "median": med.tolist(), "sigma": sig.tolist()}
@@ -541,8 +556,14 @@ class HiMatchDetector:
             for s, *_ in collected:
                 s.patch = self.scorer.fuse(s.stage, s.var).astype(np.float32)
         values, slice_scores = [], []
-        for s, q, m, where in collected:
-            pix = self._pixel_map(s.patch, q, *where)
+        maps: dict = {}
+        for s, q, m, where, (fi, is_centre, spacing) in collected:
+            maps.setdefault(fi, ({}, {}, spacing))
+            maps[fi][0][q.index] = self._pixel_map(s.patch, q, *where)
+            maps[fi][1][q.index] = m
+        for s, q, m, where, (fi, _, _) in centre:
+            by_index, fgs, spacing = maps[fi]
+            pix = fuse_one(q.index, by_index, fgs, spacing, self.consistency_mm) if len(by_index) > 1 and self.consistency_mm else by_index[q.index]
             values.append(pix[m])
             slice_scores.append(top_percent_mean(s.patch))
         vals = np.concatenate(values) if values else np.zeros(1, np.float32)
@@ -606,6 +627,9 @@ class HiMatchDetector:
         if spacing is not None:
             out.update(resolution=self.resolution, patch_size=self.extractor.patch_size)
         return out
+
+    def _fuses_slices(self, img: Image, prep: PreparedVolume) -> bool:
+        return bool(self.consistency_mm) and not img.is_2d and prep.n_slices > 1
 
     def _check_against_bank(self, img: Image, prep: PreparedVolume) -> list:
         """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
@@ -716,6 +740,10 @@ class HiMatchDetector:
             self.reporter(msg, min(b + self.batch_size, len(todo)), len(todo))
         for key, val in self.scorer.timings.items():
             timings[key] = val - scorer_t0.get(key, 0.0)
+        if self._fuses_slices(img, prep):
+            t = time.perf_counter()
+            heat = fuse_slices(heat, prep.native_foreground, np.isfinite(slice_scores), prep.slice_spacing, self.consistency_mm)
+            timings["maps"] += time.perf_counter() - t
         t = time.perf_counter()
         heat_in = prep.to_input_grid(heat)
         fg_in = prep.to_input_grid(prep.native_foreground)

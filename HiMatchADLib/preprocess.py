@@ -209,6 +209,7 @@ class PreparedVolume:
     slice_axis_input: int  # input numpy axis that corresponds to it
     positions: np.ndarray  # per slice: relative position in [0,1] within the foreground extent (NaN for 2D)
     pixel_spacing: tuple[float, float] = (1.0, 1.0)  # (row, column) spacing of the slices, mm
+    slice_spacing: float = 1.0  # distance between neighbouring slices, mm
     warnings: list = field(default_factory=list)
     plane: Optional[PlaneMap] = None
     native: Optional[np.ndarray] = None
@@ -398,6 +399,7 @@ def prepare_volume(
         slice_axis_input=reo.input_axis(axis),
         positions=positions,
         pixel_spacing=pixel_spacing,
+        slice_spacing=float(sp[axis]),
         warnings=warn,
         plane=plane,
         native=native,
