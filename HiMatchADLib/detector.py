@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
-from .consistency import fuse_one, fuse_slices, window
+from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
@@ -89,7 +89,7 @@ class HiMatchDetector:
         calibration_slices: number of held-out normal slices used for calibration (subjects are
             added until there are this many, when the normal set has them).
         consistency_mm: for volumes, fuse each slice's pixel map with those of the neighbouring
-            slices (Gaussian weights, sigma in mm, up to 3 sigma; see ``consistency.py``). None
+            slices (Gaussian weights, sigma in mm, up to 3 sigma; see ``fuse_slices`` in ``scoring.py``). None
             (default): every slice's map on its own, as in the papers. Calibration fuses the same way.
         subject_pattern: regular expression with one group naming the subject of a normal file,
             searched in its path relative to the normal folder (e.g. ``r"^(TCGA_[A-Z0-9]+_[0-9]+)_"``).
