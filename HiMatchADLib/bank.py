@@ -49,7 +49,7 @@ import numpy as np
 from .cluster import build_codebook, codebook_size, spherical_kmeans
 from .errors import HiMatchADError
 from .features import FeatureExtractor
-from .imageio import Image, list_images, read_image, write_text_atomic
+from .imageio import list_images, read_image, write_text_atomic
 from .preprocess import patch_foreground, prepare_volume, source_group
 from .progress import Reporter
 
@@ -68,9 +68,15 @@ def default_cache_root() -> Path:
 class BankSettings:
     """Everything about how a bank is built (part of its cache key)."""
 
+    # The intensity preset the normals were prepared with ("auto" resolved by the detector from the
+    # normal set) and their dimensionality ("2d", "3d" or "mixed"; "" when not recorded).
     modality: str = "auto"
+    dims: str = ""
     slice_axis: str = "auto"
     resolution: int = 448
+    # In-plane pixel spacing (mm) of the model canvas every slice is resampled to (None: each slice
+    # stretched to ``resolution``; see preprocess.plan_plane).
+    pixel_spacing_mm: Optional[float] = None
     stages: tuple = ()
     clusters_per_slice: int = 64
     codebook_factor: float = 8.0
@@ -455,7 +461,9 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             reporter.check()
             try:
                 img = read_image(path)
-                prep = prepare_volume(img, settings.modality, settings.slice_axis)
+                prep = prepare_volume(
+                    img, settings.modality, settings.slice_axis, settings.pixel_spacing_mm, settings.resolution, extractor.patch_size
+                )
             except HiMatchADError as exc:
                 skipped.append({"path": fps[fi]["path"], "reason": str(exc)})
                 warnings.warn(f"skipping normal image {path}: {exc}")

@@ -78,16 +78,21 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
     g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
     g.add_argument("--resolution", type=_resolution, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument(
+        "--pixel-spacing", default="auto", metavar="MM",
+        help="in-plane pixel spacing (mm) every slice is resampled to before the model: 'auto' (default: from the "
+        "normal set), a number, or 'off' (stretch each slice to --resolution)",
+    )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
     g.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass (default 8)")
     g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
+    g.add_argument(
+        "--precision", default="fp32", metavar="{fp32,bf16}",
+        help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
+    )
     if with_method:  # detect, batch, demo: read by detector_from_args
-        g.add_argument(
-            "--precision", default="fp32", metavar="{fp32,bf16}",
-            help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
-        )
         from .detector import METHODS
 
         m = p.add_argument_group("detection")
@@ -96,6 +101,15 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         m.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (calibrated on held-out normals) or a value")
         m.add_argument("--fpr", type=_fraction, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
         m.add_argument("--min-size", type=_positive_int, default=None, help="remove anomalous components smaller than this many voxels")
+        m.add_argument(
+            "--consistency-mm", type=float, default=None, metavar="MM",
+            help="volumes: fuse each slice's map with its neighbours' (Gaussian, sigma in mm); default off",
+        )
+        m.add_argument(
+            "--subject-pattern", default=None, metavar="REGEX",
+            help="regular expression with one group naming the subject of a normal file (searched in its path "
+            "relative to the normal folder), e.g. '^(TCGA_[A-Z0-9]+_[0-9]+)_'; calibration holds out whole subjects",
+        )
 
 
 def detector_from_args(args, progress=None):
@@ -108,9 +122,12 @@ def detector_from_args(args, progress=None):
         modality=args.modality,
         slice_axis=args.slice_axis,
         resolution=args.resolution,
+        pixel_spacing=getattr(args, "pixel_spacing", "auto"),
         threshold=getattr(args, "threshold", "auto"),
         target_fpr=getattr(args, "fpr", 0.01),
         min_component_size=getattr(args, "min_size", None),
+        subject_pattern=getattr(args, "subject_pattern", None),
+        consistency_mm=getattr(args, "consistency_mm", None),
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,
@@ -314,18 +331,15 @@ def _summary_line(res, paths) -> str:
 
 # ---------------------------------------------------------------------------------------- commands
 def cmd_bank(args) -> int:
-    from .detector import HiMatchDetector
 
-    det = HiMatchDetector(
-        model=args.model, modality=args.modality, slice_axis=args.slice_axis, resolution=args.resolution,
-        slice_step=args.slice_step, device=args.device, batch_size=args.batch_size, cache_dir=args.cache_dir,
-        progress=_progress(args),
-    )
+    # The same detector settings as `detect`, so the bank built here is the one `detect` finds.
+    det = detector_from_args(args, _progress(args))
     t = time.perf_counter()
     det._ensure_extractor()
     from .bank import build_or_load
 
-    bank = build_or_load(Path(args.normals).expanduser(), det.extractor, det._bank_settings(), det.cache_dir, det.reporter, args.rebuild)
+    folder = Path(args.normals).expanduser()
+    bank = build_or_load(folder, det.extractor, det._bank_settings(folder), det.cache_dir, det.reporter, args.rebuild)
     info = bank.describe()
     info["seconds"] = round(time.perf_counter() - t, 3)
     print(json.dumps(info, indent=1))

@@ -11,7 +11,6 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -19,16 +18,33 @@ import numpy as np
 
 from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
+from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
 from .imageio import Image, read_image, write_text_atomic
-from .preprocess import MODALITIES, SLICE_AXES, PreparedVolume, patch_foreground, prepare_volume
+from .preprocess import (
+    MODALITIES,
+    SLICE_AXES,
+    PreparedVolume,
+    common_spacing,
+    compile_subject_pattern,
+    in_plane_extent,
+    is_2d_file,
+    resolve_modality,
+    patch_foreground,
+    prepare_volume,
+    subject_of,
+)
 from .progress import ProgressCallback, Reporter
 from .result import DetectionResult
 from .scoring import DpmmScorer, HiMatchScorer, KnnScorer, QuerySlice, patch_to_pixels, top_percent_mean
 
 METHODS = ("himatch", "knn", "dpmm")
-CALIBRATION_FORMAT = 2
+#: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
+#: ``calibration_slices`` held-out slices when the normal set has them, warnings kept with it).
+CALIBRATION_FORMAT = 3
+#: Fewer held-out calibration slices than this is reported as a warning (the threshold is uncertain).
+MIN_CALIBRATION_SLICES = 8
 #: Version of the cached mixture file (2: with soft and hard component counts).
 DPMM_FORMAT = 2
 
@@ -43,6 +59,12 @@ class HiMatchDetector:
         modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
         slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
         resolution: longer side of the model input in pixels (rounded to the patch size).
+        pixel_spacing: in-plane pixel spacing (mm) at which every slice is resampled before the
+            model, so one millimetre is the same number of model pixels in the normals and the query:
+            ``"auto"`` (default: the normal set's median field of view over the model's longer
+            side), a number, or None (stretch each slice's longer side to ``resolution``, the papers'
+            preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
+            have no recorded spacing and are always stretched.
         stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
             ``dpmm`` use the last.
         stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
@@ -62,7 +84,15 @@ class HiMatchDetector:
             settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
             50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
             reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
-        calibration_slices: number of held-out normal slices used for calibration.
+        calibration_slices: number of held-out normal slices used for calibration (subjects are
+            added until there are this many, when the normal set has them).
+        consistency_mm: for volumes, fuse each slice's pixel map with those of the neighbouring
+            slices (Gaussian weights, sigma in mm, up to 3 sigma; see ``fuse_slices`` in ``scoring.py``). None
+            (default): every slice's map on its own, as in the papers. Calibration fuses the same way.
+        subject_pattern: regular expression with one group naming the subject of a normal file,
+            searched in its path relative to the normal folder (e.g. ``r"^(TCGA_[A-Z0-9]+_[0-9]+)_"``).
+            Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
+            files named ``<subject>_<n>`` are grouped by ``<subject>``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
         precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
             refused (DINOv3 does not support it). Banks are cached per precision and device type.
@@ -78,6 +108,7 @@ class HiMatchDetector:
         modality: str = "auto",
         slice_axis: str = "auto",
         resolution: int = 448,
+        pixel_spacing: Union[str, float, None] = "auto",
         stages: Optional[Sequence[int]] = None,
         threshold: Union[str, float] = "auto",
         target_fpr: float = 0.01,
@@ -95,6 +126,8 @@ class HiMatchDetector:
         dpmm_covariance: str = "diag",
         dpmm_concentration: Optional[float] = 2.0,
         calibration_slices: int = 48,
+        consistency_mm: Optional[float] = None,
+        subject_pattern: Optional[str] = None,
         device: str = "auto",
         batch_size: int = 8,
         stage_norm: bool = True,
@@ -128,6 +161,16 @@ class HiMatchDetector:
         self.modality = str(modality).lower()
         self.slice_axis = slice_axis
         self.resolution = int(resolution)
+        if isinstance(pixel_spacing, str) and pixel_spacing.lower() in ("none", "off"):
+            pixel_spacing = None
+        if isinstance(pixel_spacing, str) and pixel_spacing != "auto":
+            try:
+                pixel_spacing = float(pixel_spacing)
+            except ValueError:
+                raise HiMatchADError(f"pixel spacing must be 'auto', 'off' or a number of mm, not '{pixel_spacing}'") from None
+        if pixel_spacing not in (None, "auto") and not (math.isfinite(float(pixel_spacing)) and float(pixel_spacing) > 0):
+            raise HiMatchADError(f"pixel spacing must be a positive number of mm, not {pixel_spacing}")
+        self.pixel_spacing = pixel_spacing if pixel_spacing in (None, "auto") else float(pixel_spacing)
         self.stages = list(stages) if stages else None
         self.threshold = threshold
         self.target_fpr = float(target_fpr)
@@ -149,6 +192,13 @@ class HiMatchDetector:
         if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
             raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
         self.calibration_slices = int(calibration_slices)
+        if self.calibration_slices < 1:
+            raise HiMatchADError(f"calibration_slices must be at least 1, not {calibration_slices}")
+        compile_subject_pattern(subject_pattern)  # a bad pattern is a user error now, not after the bank
+        self.subject_pattern = subject_pattern or None
+        if consistency_mm is not None and not (math.isfinite(float(consistency_mm)) and float(consistency_mm) > 0):
+            raise HiMatchADError(f"consistency_mm must be a positive distance in mm (or None), not {consistency_mm}")
+        self.consistency_mm = None if consistency_mm is None else float(consistency_mm)
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
@@ -162,17 +212,63 @@ class HiMatchDetector:
         self.calibration: Optional[dict] = None
         self.normals_dir: Optional[Path] = None
         self.fit_info: dict = {}
+        self.slice_subject: Optional[np.ndarray] = None  # subject index of each bank slice
+        self.subjects: list = []  # subject names
+        self.fit_warnings: list = []
         self._checked: Optional[dict] = None  # the query last read by check_query
+        self._fitted_pattern: Optional[str] = None
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
         self.reporter = Reporter(progress, cancel_event)
 
-    def _bank_settings(self) -> BankSettings:
+    def _describe_normals(self, folder: Optional[Path]) -> dict:
+        """What the bank of ``folder`` records about its images, from their headers (and, for
+        ``modality="auto"``, from reading up to three of them): the intensity preset, the
+        dimensionality (``"2d"``, ``"3d"`` or ``"mixed"``) and the in-plane pixel spacing (mm) for
+        ``pixel_spacing`` (see the class docstring)."""
+        out = {"modality": self.modality, "dims": "", "pixel_spacing_mm": None if self.pixel_spacing in (None, "auto") else float(self.pixel_spacing)}
+        if folder is None:
+            return out
+        from .bank import scan_normals
+
+        _, files, _ = scan_normals(folder)
+        extents, flat = [], []
+        for f in files:
+            try:
+                flat.append(is_2d_file(f))
+                extents.append(in_plane_extent(f, self.modality, self.slice_axis))
+            except Exception:  # unreadable: the bank build skips it and says why
+                extents.append(None)
+        if flat:
+            out["dims"] = "2d" if all(flat) else "3d" if not any(flat) else "mixed"
+        if self.pixel_spacing == "auto":
+            sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
+            out["pixel_spacing_mm"] = None if sp is None else float(f"{sp:.6g}")
+        if self.modality == "auto":
+            seen: dict = {}
+            for f in dict.fromkeys([files[0], files[len(files) // 2], files[-1]]):
+                try:
+                    seen[resolve_modality(read_image(f), "auto")] = f
+                except HiMatchADError:
+                    continue
+            if len(seen) > 1:
+                which = ", ".join(f"{Path(p).name} looks like {m}" for m, p in seen.items())
+                raise HiMatchADError(f"the normal folder {folder} mixes modalities ({which}); pass the modality explicitly (--modality)")
+            if seen:
+                out["modality"] = next(iter(seen))
+        return out
+
+    def _bank_settings(self, folder: Optional[Union[str, os.PathLike]] = None) -> BankSettings:
+        """Settings of the normal bank of ``folder`` (the modality for ``"auto"``, the
+        dimensionality and ``pixel_spacing="auto"`` are read from the folder)."""
+        info = self._describe_normals(Path(folder).expanduser() if folder is not None else None)
         return BankSettings(
-            modality=self.modality,
+            modality=info["modality"],
+            dims=info["dims"],
             slice_axis=self.slice_axis,
             resolution=self.resolution,
+            pixel_spacing_mm=info["pixel_spacing_mm"],
             stages=tuple(self.extractor.stages),
             clusters_per_slice=self.clusters_per_slice,
             codebook_factor=self.codebook_factor,
@@ -190,6 +286,7 @@ class HiMatchDetector:
             "modality": self.modality,
             "slice_axis": self.slice_axis,
             "resolution": self.resolution,
+            "pixel_spacing": self.pixel_spacing,
             "stages": list(self.extractor.stages) if self.extractor else self.stages,
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
@@ -206,6 +303,8 @@ class HiMatchDetector:
             "dpmm_covariance": self.dpmm_covariance,
             "dpmm_concentration": self.dpmm_concentration,
             "calibration_slices": self.calibration_slices,
+            "subject_pattern": self.subject_pattern,
+            "consistency_mm": self.consistency_mm,
             "device": self.extractor.device if self.extractor else self.device,
             "stage_norm": self.stage_norm,
             "precision": self.precision,
@@ -213,7 +312,7 @@ class HiMatchDetector:
         }
 
     def _method_key(self) -> dict:
-        keys = ["method", "target_fpr", "sigma", "calibration_slices", "seed"]
+        keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "consistency_mm", "seed"]
         if self.method == "himatch":
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
@@ -239,8 +338,13 @@ class HiMatchDetector:
         t0 = time.perf_counter()
         self._ensure_extractor()
         folder = Path(normals_dir).expanduser()
-        bank = build_or_load(folder, self.extractor, self._bank_settings(), self.cache_dir, self.reporter, rebuild)
-        same = self.bank is not None and self.bank.root == bank.root and self.bank.manifest["content"] == bank.manifest["content"]
+        bank = build_or_load(folder, self.extractor, self._bank_settings(folder), self.cache_dir, self.reporter, rebuild)
+        same = (
+            self.bank is not None
+            and self.bank.root == bank.root
+            and self.bank.manifest["content"] == bank.manifest["content"]
+            and self._fitted_pattern == self.subject_pattern
+        )
         if not same:
             self.bank = bank
             self.scorer = None
@@ -249,35 +353,102 @@ class HiMatchDetector:
         for s in self.bank.skipped:
             warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
         if self.scorer is None:
+            self.slice_subject, self.subjects, group_warnings = self._subject_groups()
+            self._fitted_pattern = self.subject_pattern
             self._prepare_method()
-        self.fit_info = {"seconds": round(time.perf_counter() - t0, 3), **self.bank.describe()}
+            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", []))
+            for w in self.fit_warnings:
+                warnings.warn(w)
+        self.fit_info = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            **self.bank.describe(),
+            "subjects": len(self.subjects),
+            "calibration_slices": self.calibration.get("n_slices"),
+            "calibration_subjects": len(self.calibration.get("held_out_groups", [])),
+            "warnings": list(self.fit_warnings),
+        }
         return self
 
-    def _calibration_plan(self) -> tuple[list, list]:
-        """Held-out normal slices: (chosen bank slice ids, held-out group ids)."""
+    def _subject_groups(self) -> tuple[np.ndarray, list, list]:
+        """Subject of every bank slice: (index per slice, subject names, warnings).
+
+        With ``subject_pattern`` the pattern's group names the subject of each normal file (a file
+        it does not match is an error); otherwise the bank's grouping (a volume is its own subject;
+        2D files named ``<subject>_<n>`` share ``<subject>``).
+        """
         bank = self.bank
-        groups = np.unique(bank.slice_group)
+        warn: list = []
+        rx = compile_subject_pattern(self.subject_pattern)
+        if rx is not None:
+            files = bank.files
+            used = np.unique(bank.slice_file)
+            name_of = {int(f): subject_of(files[int(f)], rx) for f in used}
+            names = sorted(set(name_of.values()))
+            index = {n: i for i, n in enumerate(names)}
+            per_file = np.zeros(len(files), np.int64)
+            for f, n in name_of.items():
+                per_file[f] = index[n]
+            return per_file[np.asarray(bank.slice_file, np.int64)], names, warn
+        groups = np.asarray(bank.slice_group, np.int64)
+        flat = ~np.isfinite(np.asarray(bank.slice_pos, float))  # slices of 2D images (no position)
+        files_2d = np.unique(np.asarray(bank.slice_file)[flat])
+        if files_2d.size > 1:
+            subjects_2d = np.unique(groups[np.isin(bank.slice_file, files_2d)])
+            if subjects_2d.size == files_2d.size:
+                warn.append(
+                    f"every 2D normal file is its own subject ({files_2d.size} files, none named <subject>_<n>): slices of one "
+                    "patient can calibrate against each other and the threshold may be optimistic; give subject_pattern "
+                    "(--subject-pattern, a regular expression with one group) to group the files by subject"
+                )
+        return groups, list(bank.groups), warn
+
+    def _calibration_plan(self) -> tuple[list, list]:
+        """Held-out normal slices: (chosen bank slice ids, held-out subject ids).
+
+        Subjects are taken in a seeded random order: first ``min(n - 1, 12)`` of them (``dpmm``:
+        ``max(2, n/5)``, at most 12), each giving up to ``ceil(calibration_slices / that number)``
+        slices spread evenly through it; then more subjects, with the same budget each, until
+        ``calibration_slices`` slices are held out. Every held-out slice is scored against the
+        normal model without its own subject, so for ``himatch`` and ``knn`` holding out more
+        subjects costs nothing and spreads the threshold over more anatomy. The ``dpmm`` mixture is
+        fitted without all held-out subjects, so at most half of them are held out.
+        """
+        subj = self.slice_subject
+        groups = np.unique(subj)
         rng = np.random.default_rng(self.seed)
-        n_cal_groups = len(groups) if len(groups) < 2 else max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
-        chosen_groups = sorted(rng.permutation(groups)[:n_cal_groups].tolist())
-        per_group = max(1, math.ceil(self.calibration_slices / len(chosen_groups)))
-        ids = []
-        for g in chosen_groups:
-            members = np.flatnonzero(bank.slice_group == g)
+        order = rng.permutation(groups)
+        if len(groups) < 2:
+            n_base, n_max = len(groups), len(groups)
+        else:
+            if self.method == "dpmm":  # the mixture is fitted without every held-out subject
+                n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
+                n_max = max(1, len(groups) // 2)
+            else:  # each held-out slice excludes only its own subject: spread over up to 12 subjects
+                n_base = min(len(groups) - 1, 12)
+                n_max = len(groups)
+            n_base = min(n_base, n_max)
+        per_group = max(1, math.ceil(self.calibration_slices / max(n_base, 1)))
+        ids: list = []
+        chosen: list = []
+        for n, g in enumerate(order[:n_max]):
+            if n >= n_base and len(ids) >= self.calibration_slices:
+                break
+            members = np.flatnonzero(subj == g)
             if members.size > per_group:  # evenly spread through the volume / subject
                 members = members[np.linspace(0, members.size - 1, per_group).round().astype(int)]
             ids.extend(members.tolist())
-        return ids[: max(self.calibration_slices, len(chosen_groups))], chosen_groups
+            chosen.append(int(g))
+        return ids[: max(self.calibration_slices, len(chosen))], sorted(chosen)
 
     def _prepare_method(self) -> None:
         bank = self.bank
         cal_ids, cal_groups = self._calibration_plan()
         if self.method == "knn":
-            scorer = KnnScorer(bank)
+            scorer = KnnScorer(bank, groups=self.slice_subject)
         elif self.method == "dpmm":
             scorer = self._fit_dpmm(cal_groups)
         else:
-            scorer = HiMatchScorer(bank, self.k, self.candidates, self.alpha, self.position_window)
+            scorer = HiMatchScorer(bank, self.k, self.candidates, self.alpha, self.position_window, groups=self.slice_subject)
         self.scorer = scorer
         key = self._method_key()
         path = bank.extra_path("calib", key, ".json")
@@ -300,7 +471,7 @@ class HiMatchDetector:
     def _fit_dpmm(self, cal_groups: list) -> DpmmScorer:
         bank = self.bank
         key = {k: v for k, v in self._method_key().items() if k.startswith("dpmm") or k == "seed"}
-        key["held_out"] = [int(g) for g in cal_groups]
+        key["held_out"] = [self.subjects[int(g)] for g in cal_groups]
         key["dpmm_format"] = DPMM_FORMAT
         path = bank.extra_path("dpmm", key, ".npz")
         fields = ("means", "weights", "soft_counts", "hard_counts")
@@ -311,7 +482,7 @@ class HiMatchDetector:
             except Exception as exc:
                 warnings.warn(f"cached mixture {path} unreadable ({exc}); refitting")
         self.reporter("Fitting Dirichlet-process mixture", 0, 1)
-        held = np.isin(bank.slice_group, cal_groups) if len(np.unique(bank.slice_group)) > 1 else np.zeros(bank.n_slices, bool)
+        held = np.isin(self.slice_subject, cal_groups) if len(self.subjects) > 1 else np.zeros(bank.n_slices, bool)
         rows = np.concatenate([np.arange(bank.tok_offsets[i], bank.tok_offsets[i + 1]) for i in np.flatnonzero(~held)])
         rng = np.random.default_rng(self.seed)
         if rows.size > self.dpmm_max_tokens:
@@ -338,43 +509,59 @@ class HiMatchDetector:
     def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
         """Score held-out normal slices (each against the bank without its own subject)."""
         bank = self.bank
-        single = len(np.unique(bank.slice_group)) < 2
+        single = len(np.unique(self.slice_subject)) < 2
         msg = "Calibrating on held-out normal slices"
         self.reporter(msg, 0, len(cal_ids))
         by_file: dict = {}
         for i in cal_ids:
             by_file.setdefault(int(bank.slice_file[i]), []).append(i)
         root = Path(bank.manifest["folder"])
-        collected = []  # (SliceScores, QuerySlice, pixel fg mask)
+        collected = []  # (SliceScores, QuerySlice, native pixel fg mask, (plane, native slice shape))
         done = 0
         for fi, ids in by_file.items():
             img = read_image(root / bank.files[fi])
-            prep = prepare_volume(img, self.modality, self.slice_axis)
+            prep = prepare_volume(img, **self._prep_settings())
             sl = np.asarray([int(bank.slice_index[i]) for i in ids])
+            centres = set(sl.tolist())
+            w = window(prep.slice_spacing, self.consistency_mm) if self._fuses_slices(img, prep) else 0
+            if w:  # the neighbours a centre slice's map is fused with are scored too
+                scorable = set(prep.slices_with_foreground().tolist())
+                sl = np.asarray(sorted({j for i in centres for j in range(i - w, i + w + 1) if j in scorable or j == i}))
             queries, masks = [], []
             for b in range(0, len(sl), self.batch_size):
                 sel = sl[b : b + self.batch_size]
                 qs, fgs = self._queries(prep, sel)
                 for q in qs:
-                    q.group = None if single else int(bank.slice_group[ids[0]])
+                    q.group = None if single else int(self.slice_subject[ids[0]])
                 queries += qs
                 masks += fgs
             scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
-            collected += [(s, q, m) for s, q, m in zip(scores, queries, masks)]
+            where = (prep.plane, prep.native.shape[1:])
+            collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
             done += len(ids)
             self.reporter(msg, done, len(cal_ids))
-        cal: dict = {"n_slices": len(collected), "held_out_groups": [bank.groups[g] for g in cal_groups], "single_subject": single}
+        if not any(c[4][1] for c in collected):
+            raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
+        centre = [c for c in collected if c[4][1]]
+        cal_warn: list = []
+        cal: dict = {"n_slices": len(centre), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
         if isinstance(self.scorer, HiMatchScorer):
-            a = np.concatenate([s.stage for s, _, _ in collected], axis=1)
+            a = np.concatenate([c[0].stage for c in centre], axis=1)
             med = np.median(a, axis=1)
             sig = np.maximum(1.4826 * np.median(np.abs(a - med[:, None]), axis=1), 1e-6)
             cal["stages"] = {"stages": list(self.scorer.stages), "median": med.tolist(), "sigma": sig.tolist()}
             self.scorer.calibration = cal["stages"]
-            for s, _, _ in collected:
+            for s, *_ in collected:
                 s.patch = self.scorer.fuse(s.stage, s.var).astype(np.float32)
         values, slice_scores = [], []
-        for s, q, m in collected:
-            pix = self._pixel_map(s.patch, q, m.shape)
+        maps: dict = {}
+        for s, q, m, where, (fi, is_centre, spacing) in collected:
+            maps.setdefault(fi, ({}, {}, spacing))
+            maps[fi][0][q.index] = self._pixel_map(s.patch, q, *where)
+            maps[fi][1][q.index] = m
+        for s, q, m, where, (fi, _, _) in centre:
+            by_index, fgs, spacing = maps[fi]
+            pix = fuse_one(q.index, by_index, fgs, spacing, self.consistency_mm) if len(by_index) > 1 and self.consistency_mm else by_index[q.index]
             values.append(pix[m])
             slice_scores.append(top_percent_mean(s.patch))
         vals = np.concatenate(values) if values else np.zeros(1, np.float32)
@@ -384,7 +571,17 @@ class HiMatchDetector:
         ss = np.asarray(slice_scores, dtype=float)
         cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
         if single:
-            warnings.warn("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+            cal_warn.append("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+        elif len(collected) < MIN_CALIBRATION_SLICES:
+            cal_warn.append(
+                f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "
+                "the threshold is uncertain; add normal scans"
+            )
+        if self.method == "himatch" and bank.uses_codebook:
+            cal_warn.append(
+                "the shared codebook was trained on every normal slice, the calibration subjects included: "
+                "the calibrated threshold may be optimistic"
+            )
         return cal
 
     # ------------------------------------------------------------------ predict
@@ -398,17 +595,78 @@ class HiMatchDetector:
             if not m.any():
                 continue
             qs.append(QuerySlice(int(si), [t[n][m] for t in feats.stages], feats.cls[n], m, feats.grid, float(prep.positions[si])))
-            masks.append(prep.foreground[si])
+            masks.append(prep.native_foreground[si])
         return qs, masks
 
-    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, out_hw: tuple) -> np.ndarray:
+    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, plane, native_hw: tuple) -> np.ndarray:
+        """Patch scores of one slice -> smoothed pixel map on the slice's native grid. With a common
+        pixel spacing (``plane``) the map is made on the model canvas (sigma in model pixels, as in
+        AnomalyDINO) and resampled back to the native grid."""
         p = self.extractor.patch_size
-        pix = patch_to_pixels(patch, q.fg, q.grid, out_hw, self.sigma, (q.grid[0] * p, q.grid[1] * p))
+        model_hw = (q.grid[0] * p, q.grid[1] * p)
+        if plane is None:
+            pix = patch_to_pixels(patch, q.fg, q.grid, native_hw, self.sigma, model_hw)
+        else:
+            pix = plane.to_native(patch_to_pixels(patch, q.fg, q.grid, plane.canvas_hw, self.sigma, model_hw)[None])[0]
         if self.method == "himatch":
             # softplus: positive (background, 0, stays lowest), monotone (no ties among foreground
             # pixels, so ranking metrics see the whole score), ~identity above 2 standard deviations.
             np.logaddexp(0.0, pix, out=pix)
         return pix
+
+    def _prep_settings(self) -> dict:
+        """How images are prepared: with the bank's pixel spacing once a bank is loaded."""
+        spacing = None
+        modality = self.modality
+        if self.bank is not None and self.extractor is not None:
+            spacing = self.bank.manifest["settings"].get("pixel_spacing_mm")
+            modality = self.bank.manifest["settings"].get("modality", modality) if modality == "auto" else modality
+        out = {"modality": modality, "slice_axis": self.slice_axis, "spacing_mm": spacing}
+        if spacing is not None:
+            out.update(resolution=self.resolution, patch_size=self.extractor.patch_size)
+        return out
+
+    def _fuses_slices(self, img: Image, prep: PreparedVolume) -> bool:
+        return bool(self.consistency_mm) and not img.is_2d and prep.n_slices > 1
+
+    def _check_against_bank(self, img: Image, prep: PreparedVolume) -> list:
+        """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
+
+        Errors: a 3D volume against a bank of 2D slices; an explicitly given modality other than the
+        bank's; with ``modality="auto"``, a query on the other side of the Hounsfield divide (CT vs
+        not CT) from the bank. Warnings: a 2D slice against a bank of volumes; a query that looks
+        like another modality than the bank's (explicit modality, or a non-CT difference); a query
+        without a recorded pixel spacing against a bank resampled to one.
+        """
+        st = self.bank.manifest["settings"]
+        bank_mod, dims = st.get("modality", "auto"), st.get("dims", "")
+        warn: list = []
+        is_volume = not img.is_2d and prep.n_slices > 1
+        if dims == "2d" and is_volume:
+            raise HiMatchADError(
+                f"{img.name} is a 3D volume but the normal bank holds 2D slices only: use a folder of normal volumes "
+                "(or query 2D slices)"
+            )
+        if dims == "3d" and img.is_2d:
+            warn.append(f"{img.name} is a 2D slice but the normal bank holds 3D volumes: it is matched without the slice-position prior")
+        if bank_mod != "auto":
+            if self.modality != "auto" and self.modality != bank_mod:
+                raise HiMatchADError(f"modality {self.modality} was given but the normal bank was built with the {bank_mod} preset")
+            looks = resolve_modality(img, "auto")
+            if looks != bank_mod and {looks, bank_mod} != {"8bit", "oct"}:  # OCT B-scans are often 8-bit
+                msg = f"{img.name} looks like {looks} but the normal bank is {bank_mod}"
+                if self.modality == "auto" and "ct" in (looks, bank_mod):
+                    raise HiMatchADError(
+                        f"{msg} (Hounsfield units on one side only): use normals of the query's modality, or pass "
+                        f"--modality {bank_mod} to analyse it with the bank's preset anyway"
+                    )
+                warn.append(f"{msg}: analysed with the bank's {bank_mod} preset")
+        if st.get("pixel_spacing_mm") is not None and prep.plane is None:
+            warn.append(
+                f"{img.name} has no recorded pixel spacing: stretched to the model grid, so its anatomy may not have the "
+                "size it has in the normal bank"
+            )
+        return warn
 
     def _check_fitted(self) -> None:
         if self.bank is None or self.scorer is None:
@@ -427,15 +685,16 @@ class HiMatchDetector:
         img = image if isinstance(image, Image) else read_image(image)
         t_read = time.perf_counter() - t
         t = time.perf_counter()
-        prep = prepare_volume(img, self.modality, self.slice_axis)
-        self._checked = {"image": img, "prep": prep, "settings": (self.modality, self.slice_axis), "read": t_read, "preprocess": time.perf_counter() - t}
+        settings = self._prep_settings()
+        prep = prepare_volume(img, **settings)
+        self._checked = {"image": img, "prep": prep, "settings": settings, "read": t_read, "preprocess": time.perf_counter() - t}
         return img
 
     def _prepared(self, image: Union[str, os.PathLike, Image], timings: dict) -> tuple[Image, PreparedVolume]:
         """The query read and prepared: by an earlier :meth:`check_query` of this very image (used
         once), else now. ``timings`` gets the read and preprocess seconds either way."""
         checked, self._checked = self._checked, None
-        if checked is None or checked["image"] is not image or checked["settings"] != (self.modality, self.slice_axis):
+        if checked is None or checked["image"] is not image or checked["settings"] != self._prep_settings():
             self.check_query(image)
             checked, self._checked = self._checked, None
         timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
@@ -448,9 +707,10 @@ class HiMatchDetector:
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
         img, prep = self._prepared(image, timings)
+        bank_warnings = self._check_against_bank(img, prep)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
-        heat = np.zeros(prep.canonical.shape, np.float32)
+        heat = np.zeros(prep.native.shape, np.float32)
         n = prep.n_slices
         slice_scores = np.full(n, np.nan, np.float32)
         supports: list = [[] for _ in range(n)]
@@ -468,8 +728,8 @@ class HiMatchDetector:
                 scores = self.scorer.score(queries)
                 t = time.perf_counter()
                 for q, s in zip(queries, scores):
-                    pix = self._pixel_map(s.patch, q, heat.shape[1:])
-                    heat[q.index] = pix * prep.foreground[q.index]
+                    pix = self._pixel_map(s.patch, q, prep.plane, heat.shape[1:])
+                    heat[q.index] = pix * prep.native_foreground[q.index]
                     slice_scores[q.index] = top_percent_mean(s.patch)
                     supports[q.index] = s.supports
                     all_patch.append(s.patch)
@@ -478,9 +738,13 @@ class HiMatchDetector:
             self.reporter(msg, min(b + self.batch_size, len(todo)), len(todo))
         for key, val in self.scorer.timings.items():
             timings[key] = val - scorer_t0.get(key, 0.0)
+        if self._fuses_slices(img, prep):
+            t = time.perf_counter()
+            heat = fuse_slices(heat, prep.native_foreground, np.isfinite(slice_scores), prep.slice_spacing, self.consistency_mm)
+            timings["maps"] += time.perf_counter() - t
         t = time.perf_counter()
         heat_in = prep.to_input_grid(heat)
-        fg_in = prep.to_input_grid(prep.foreground)
+        fg_in = prep.to_input_grid(prep.native_foreground)
         order = np.arange(n)
         if prep.reorientation.flips[prep.slice_axis_canonical]:
             order = order[::-1]  # slice i of the canonical stack is input index n-1-i
@@ -495,10 +759,15 @@ class HiMatchDetector:
             if grid_px is None:
                 min_size = 1
             else:
-                h, w = heat.shape[1:]
-                min_size = max(1, int(round((h / grid_px[0]) * (w / grid_px[1]))))
+                p = self.extractor.patch_size
+                if prep.plane is None:  # native pixels per model pixel, per axis
+                    fy, fx = heat.shape[1] / (grid_px[0] * p), heat.shape[2] / (grid_px[1] * p)
+                else:
+                    r0, r1, c0, c1 = prep.plane.box
+                    fy, fx = (r1 - r0) / prep.plane.scaled_hw[0], (c1 - c0) / prep.plane.scaled_hw[1]
+                min_size = max(1, int(round(p * fy * p * fx)))
         volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
-        warn = list(prep.warnings)
+        warn = list(prep.warnings) + bank_warnings
         if not all_patch:
             warn.append("no slice had enough foreground to be scored")
         result = DetectionResult(
@@ -515,8 +784,14 @@ class HiMatchDetector:
             model=self.model,
             name=img.name,
             source_path=img.path,
-            settings={**self.settings(), "modality_used": prep.modality, "normals": str(self.normals_dir) if self.normals_dir else None},
-            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped],
+            settings={
+                **self.settings(),
+                "modality_used": prep.modality,
+                "bank_modality": self.bank.manifest["settings"].get("modality"),
+                "bank_dims": self.bank.manifest["settings"].get("dims"),
+                "normals": str(self.normals_dir) if self.normals_dir else None,
+            },
+            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped] + list(self.fit_warnings),
             threshold_info={
                 "mode": "auto" if self.threshold == "auto" else "fixed",
                 "target_fpr": self.target_fpr if self.threshold == "auto" else None,

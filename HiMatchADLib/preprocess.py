@@ -7,6 +7,7 @@ the image holds Hounsfield-like values (below -500), else ``mri``. OCT must be a
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,15 +15,19 @@ from typing import Optional
 import numpy as np
 
 from .errors import HiMatchADError
-from .imageio import Image
+from .imageio import IMAGE_SUFFIXES, Image
 from .orientation import IDENTITY, Reorientation, canonical_reorientation
 
 PRESETS: dict[str, dict] = {
     # Robust percentile scaling: the background level (0.5th percentile of all voxels) -> 0 and the
-    # foreground median -> 0.5, clipped to [0, 1]. A median, unlike a high percentile, does not
-    # move when a large bright lesion is present, so normal tissue keeps the same grey levels as in
-    # the normal scans. Foreground: above half the Otsu threshold, holes filled slice by slice.
-    "mri": {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.5, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
+    # foreground median (voxels above half the Otsu threshold, the foreground rule: Otsu alone can
+    # fall between tissue and a large bright lesion) -> 0.25, clipped to [0, 1]: saturation
+    # starts at 4 times the median's distance from the background, so bright normal tissue (CSF on
+    # T2, enhancement on T1ce, fat) keeps its contrast instead of merging with lesions, and a median,
+    # unlike a high percentile, does not move when a large bright lesion is present. Padding values
+    # are excluded first (see padding_values). Foreground: above half the Otsu threshold, holes
+    # filled slice by slice.
+    "mri": {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.25, "stats_otsu_factor": 0.5, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
     # Hounsfield window (soft tissue, level 40 / width 400); body = HU > -500, largest component.
     "ct": {"scaling": "window", "level": 40.0, "width": 400.0, "foreground": "hu", "hu_min": -500.0, "slice_axis": "axial"},
     # OCT: percentile scaling; B-scans are the slices, stacked along the most widely spaced axis.
@@ -73,6 +78,33 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centers[int(np.argmax(between[:-1]))]) if bins > 1 else lo
 
 
+def padding_values(array: np.ndarray, min_fraction: float = 1e-3, min_count: int = 100) -> list:
+    """Values that pad an image rather than image it (e.g. -32768 / 32767 outside the scanned field).
+
+    The lowest or the highest value of the image is padding when it covers at least
+    ``min_fraction`` of the voxels (and ``min_count`` voxels) and lies further from the rest of the values (their 0.5-99.5th
+    percentile range) than that range is wide. A background of zeros or a saturated 8-bit maximum
+    is not: it lies next to the other values.
+    """
+    vals = array[np.isfinite(array)]
+    if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
+        vals = vals[:: vals.size // 2_000_000 + 1]
+    if vals.size < 10:
+        return []
+    step = array.size / max(vals.size, 1)  # voxels per sampled value
+    candidates = [v for v in {float(vals.min()), float(vals.max())} if (vals == v).mean() >= min_fraction and (vals == v).sum() * step >= min_count]
+    if not candidates:
+        return []
+    rest = vals[~np.isin(vals, np.asarray(candidates, vals.dtype))]  # both ends may be padded
+    if rest.size == 0:
+        return []
+    lo, hi = (float(v) for v in np.percentile(rest, [0.5, 99.5]))
+    if hi <= lo:  # the other values are (nearly) constant: nothing to compare a gap with
+        return []
+    span = hi - lo
+    return sorted(v for v in candidates if v < lo - span or v > hi + span)
+
+
 def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
     """Map intensities to [0, 1] by the preset's rule; non-finite voxels become 0."""
     finite = np.isfinite(array)
@@ -88,7 +120,7 @@ def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
         if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
             vals = vals[:: vals.size // 2_000_000 + 1]
         lo = float(np.percentile(vals, preset["low"]))
-        fg_vals = vals[vals > otsu_threshold(vals)]
+        fg_vals = vals[vals > otsu_threshold(vals) * float(preset.get("stats_otsu_factor", 1.0))]
         hi = float(np.percentile(fg_vals if fg_vals.size else vals, preset["high"]))
         if hi <= lo:
             hi = float(vals.max())
@@ -125,9 +157,48 @@ def foreground_mask(array: np.ndarray, normalised: np.ndarray, preset: dict, sli
     return mask
 
 
+@dataclass(frozen=True)
+class PlaneMap:
+    """How the slices of a volume were put on the model canvas at a common pixel spacing.
+
+    The native in-plane region ``box`` (rows ``r0:r1``, columns ``c0:c1`` of the canonical slice)
+    is resampled to ``scaled_hw`` pixels of ``spacing_mm`` each and placed at ``offset`` on a canvas
+    of ``canvas_hw`` pixels (the rest is background). :meth:`to_native` is the inverse for maps.
+    """
+
+    native_hw: tuple
+    box: tuple  # (r0, r1, c0, c1)
+    scaled_hw: tuple
+    offset: tuple
+    canvas_hw: tuple
+    spacing_mm: float
+
+    def to_native(self, maps: np.ndarray) -> np.ndarray:
+        """(B, canvas_h, canvas_w) maps on the canvas -> (B, H, W) on the native slice grid (bilinear;
+        0 outside ``box``)."""
+        import torch
+        import torch.nn.functional as F
+
+        maps = np.asarray(maps, np.float32)
+        r0, r1, c0, c1 = self.box
+        oy, ox = self.offset
+        h, w = self.scaled_hw
+        region = torch.from_numpy(np.ascontiguousarray(maps[:, oy : oy + h, ox : ox + w]))[:, None]
+        antialias = (r1 - r0) < h or (c1 - c0) < w
+        back = F.interpolate(region, size=(r1 - r0, c1 - c0), mode="bilinear", align_corners=False, antialias=antialias)[:, 0].numpy()
+        out = np.zeros((maps.shape[0],) + tuple(self.native_hw), np.float32)
+        out[:, r0:r1, c0:c1] = back
+        return out
+
+
 @dataclass
 class PreparedVolume:
-    """A volume in canonical orientation, normalised, with its foreground and slicing axis."""
+    """A volume in canonical orientation, normalised, with its foreground and slicing axis.
+
+    ``canonical`` and ``foreground`` are what the model sees. With a common pixel spacing
+    (``plane`` set) they lie on the model canvas; ``native`` and ``native_foreground`` keep the
+    slices on the input's own grid (otherwise they are the same arrays).
+    """
 
     image: Image
     modality: str
@@ -138,18 +209,32 @@ class PreparedVolume:
     slice_axis_input: int  # input numpy axis that corresponds to it
     positions: np.ndarray  # per slice: relative position in [0,1] within the foreground extent (NaN for 2D)
     pixel_spacing: tuple[float, float] = (1.0, 1.0)  # (row, column) spacing of the slices, mm
+    slice_spacing: float = 1.0  # distance between neighbouring slices, mm
     warnings: list = field(default_factory=list)
+    plane: Optional[PlaneMap] = None
+    native: Optional[np.ndarray] = None
+    native_foreground: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if self.native is None:
+            self.native = self.canonical
+        if self.native_foreground is None:
+            self.native_foreground = self.foreground
+
+    def map_to_native(self, maps: np.ndarray) -> np.ndarray:
+        """(B, h, w) maps on the model's slice grid (``canonical``) -> (B, H, W) on the native grid."""
+        return maps if self.plane is None else self.plane.to_native(maps)
 
     @property
     def n_slices(self) -> int:
         return int(self.canonical.shape[0])
 
     def slices_with_foreground(self, min_pixels: int = 1) -> np.ndarray:
-        counts = self.foreground.reshape(self.n_slices, -1).sum(1)
+        counts = self.native_foreground.reshape(self.n_slices, -1).sum(1)
         return np.flatnonzero(counts >= min_pixels)
 
     def to_input_grid(self, slices_first: np.ndarray) -> np.ndarray:
-        """Put an array shaped like ``canonical`` (slice axis first) back on the input's grid."""
+        """Put an array shaped like ``native`` (slice axis first) back on the input's grid."""
         canon = np.moveaxis(slices_first, 0, self.slice_axis_canonical)
         return np.ascontiguousarray(self.reorientation.from_canonical(canon))
 
@@ -168,13 +253,108 @@ def choose_slice_axis(image: Image, reo: Reorientation, preset: dict, slice_axis
     return _CANONICAL_AXIS[choice]
 
 
-def prepare_volume(image: Image, modality: str = "auto", slice_axis: str = "auto") -> PreparedVolume:
-    """Normalise, compute the foreground, reorient to canonical, and put the slice axis first."""
+def has_physical_spacing(image: Image) -> bool:
+    """False for 2D slices read from PNG/JPEG/TIFF/BMP files, whose pixel spacing is not recorded."""
+    return not (image.is_2d and image.path is not None and str(image.path).lower().endswith(IMAGE_SUFFIXES))
+
+
+def model_side(resolution: int, patch_size: int) -> int:
+    """The model input's longer side for ``resolution`` (a multiple of the patch size)."""
+    return max(1, int(round(resolution / float(patch_size)))) * int(patch_size)
+
+
+def _ceil_to(n: float, step: int) -> int:
+    return max(step, int(math.ceil(n / step - 1e-9)) * step)
+
+
+def plan_plane(native_hw, pixel_spacing, foreground_box, spacing_mm: float, resolution: int, patch_size: int):
+    """Where the native slices go on the model canvas at ``spacing_mm`` per pixel.
+
+    Returns (:class:`PlaneMap`, warning or None). The canvas's longer side is the model's longer
+    side (so the model does not rescale it) and its shorter side a multiple of the patch size. A
+    native slice larger than the canvas at that spacing is cropped to its foreground's bounding
+    box (all slices together); if that is still larger, the spacing is coarsened until it fits and
+    a warning says so.
+    """
+    L = model_side(resolution, patch_size)
+    H, W = int(native_hw[0]), int(native_hw[1])
+    sr, sc = float(pixel_spacing[0]), float(pixel_spacing[1])
+    s = float(spacing_mm)
+    box = [0, H, 0, W]
+    warn = None
+    if H * sr / s > L + 1e-6 or W * sc / s > L + 1e-6:  # too large: keep the foreground's extent
+        fr0, fr1, fc0, fc1 = foreground_box
+        for a, (lo, hi, n, sp) in enumerate(((fr0, fr1, H, sr), (fc0, fc1, W, sc))):
+            if n * sp / s > L + 1e-6:
+                keep = max(hi - lo, min(n, int(math.floor(L * s / sp))))  # at least the foreground
+                start = (lo + hi) // 2 - keep // 2  # centred on the foreground, containing it
+                start = max(min(start, lo), hi - keep, 0)
+                start = min(start, n - keep)
+                box[2 * a], box[2 * a + 1] = int(start), int(start + keep)
+        extent = max((box[1] - box[0]) * sr, (box[3] - box[2]) * sc)
+        if extent / s > L + 1e-6:
+            s_new = extent / L
+            warn = (
+                f"the foreground spans {extent:.1f} mm in-plane, more than {L} model pixels at {s:g} mm: "
+                f"resampled at {s_new:.4g} mm per pixel instead, so anatomy looks {s_new / s:.2f} times smaller than in the normal bank"
+            )
+            s = s_new
+    rh, rw = box[1] - box[0], box[3] - box[2]
+    h = max(1, min(L, int(round(rh * sr / s))))
+    w = max(1, min(L, int(round(rw * sc / s))))
+    if h >= w:
+        canvas = (L, min(L, _ceil_to(w, patch_size)))
+    else:
+        canvas = (min(L, _ceil_to(h, patch_size)), L)
+    offset = ((canvas[0] - h) // 2, (canvas[1] - w) // 2)
+    return PlaneMap((H, W), tuple(int(v) for v in box), (h, w), offset, canvas, float(s)), warn
+
+
+def _to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear") -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    r0, r1, c0, c1 = plane.box
+    h, w = plane.scaled_hw
+    out = np.zeros((slices.shape[0],) + tuple(plane.canvas_hw), np.float32)
+    for a in range(0, slices.shape[0], 64):  # bounded memory on long volumes
+        x = torch.from_numpy(np.ascontiguousarray(slices[a : a + 64, r0:r1, c0:c1], dtype=np.float32))[:, None]
+        antialias = h < (r1 - r0) or w < (c1 - c0)
+        y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)[:, 0].numpy()
+        oy, ox = plane.offset
+        out[a : a + 64, oy : oy + h, ox : ox + w] = y
+    return out
+
+
+def prepare_volume(
+    image: Image,
+    modality: str = "auto",
+    slice_axis: str = "auto",
+    spacing_mm: Optional[float] = None,
+    resolution: Optional[int] = None,
+    patch_size: Optional[int] = None,
+) -> PreparedVolume:
+    """Normalise, compute the foreground, reorient to canonical, and put the slice axis first.
+
+    With ``spacing_mm`` (and the model's ``resolution`` and ``patch_size``), the slices are also
+    resampled in-plane to that pixel spacing on the model canvas (see :func:`plan_plane`), so one
+    millimetre is the same number of model pixels in every image; images without a recorded pixel
+    spacing (2D PNG/JPEG/TIFF/BMP) are left as they are.
+    """
     mod = resolve_modality(image, modality)
     preset = PRESETS[mod]
     reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
     axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
     raw = reo.to_canonical(image.array)
+    warn: list[str] = list(image.warnings)
+    pad = padding_values(raw) if preset["scaling"] != "divide" else []
+    if pad:  # neither foreground nor part of the intensity statistics
+        is_pad = np.isin(raw, np.asarray(pad, raw.dtype))
+        raw = np.where(is_pad, np.float32(np.nan), raw.astype(np.float32, copy=False))
+        warn.append(
+            f"{image.name}: {int(is_pad.sum())} voxels ({100.0 * is_pad.mean():.2g} %) hold the padding value(s) "
+            f"{', '.join(f'{v:g}' for v in pad)}: excluded from the foreground and the intensity statistics"
+        )
     finite = raw[np.isfinite(raw)]
     if finite.size == 0:
         raise HiMatchADError(f"{image.name}: no finite voxel")
@@ -182,7 +362,6 @@ def prepare_volume(image: Image, modality: str = "auto", slice_axis: str = "auto
         raise HiMatchADError(f"{image.name}: the image is constant (every voxel is {float(finite.min()):g}); nothing to analyse")
     norm = normalise(raw, preset)
     fg = foreground_mask(raw, norm, preset, axis)
-    warn: list[str] = list(image.warnings)
     if not fg.any():
         raise HiMatchADError(f"{image.name}: no foreground found (the image is empty or nearly constant)")
     norm = np.ascontiguousarray(np.moveaxis(norm, axis, 0))
@@ -196,6 +375,20 @@ def prepare_volume(image: Image, modality: str = "auto", slice_axis: str = "auto
         positions = ((np.arange(n) - first) / max(last - first, 1)).astype(np.float32)
     sp = reo.canonical_spacing(image.geometry.spacing)
     in_plane = [sp[a] for a in range(3) if a != axis]
+    pixel_spacing = (float(in_plane[0]), float(in_plane[1]))
+    plane = None
+    native, native_fg = norm, fg
+    if spacing_mm is not None and has_physical_spacing(image):
+        if resolution is None or patch_size is None:
+            raise ValueError("a common pixel spacing needs the model's resolution and patch size")
+        rows = np.flatnonzero(fg.any(axis=(0, 2)))
+        cols = np.flatnonzero(fg.any(axis=(0, 1)))
+        fbox = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        plane, w = plan_plane(norm.shape[1:], pixel_spacing, fbox, float(spacing_mm), int(resolution), int(patch_size))
+        if w:
+            warn.append(f"{image.name}: {w}")
+        norm = _to_canvas(native, plane)
+        fg = _to_canvas(native_fg, plane) >= 0.5
     return PreparedVolume(
         image=image,
         modality=mod,
@@ -205,8 +398,12 @@ def prepare_volume(image: Image, modality: str = "auto", slice_axis: str = "auto
         slice_axis_canonical=axis,
         slice_axis_input=reo.input_axis(axis),
         positions=positions,
-        pixel_spacing=(float(in_plane[0]), float(in_plane[1])),
+        pixel_spacing=pixel_spacing,
+        slice_spacing=float(sp[axis]),
         warnings=warn,
+        plane=plane,
+        native=native,
+        native_foreground=native_fg,
     )
 
 
@@ -256,3 +453,98 @@ def source_group(name: str, is_2d: bool) -> str:
         return name
     stripped = _GROUP_RE.sub("", name)
     return stripped or name
+
+
+def compile_subject_pattern(pattern: Optional[str]):
+    """Check a subject pattern: a regular expression with exactly one group (the subject's name)."""
+    if pattern is None or pattern == "":
+        return None
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise HiMatchADError(f"subject pattern '{pattern}' is not a valid regular expression: {exc}") from None
+    if rx.groups != 1:
+        raise HiMatchADError(f"subject pattern '{pattern}' must have exactly one group (the subject), not {rx.groups}")
+    return rx
+
+
+def subject_of(path: str, rx) -> str:
+    """Subject named by ``rx`` (see :func:`compile_subject_pattern`) in a normal file's relative path.
+
+    The pattern is searched (``re.search``) in the path relative to the normal folder, with ``/``
+    separators; its group is the subject. A path it does not match is an error.
+    """
+    rel = str(path).replace("\\", "/")
+    m = rx.search(rel)
+    if m is None or not m.group(1):
+        raise HiMatchADError(f"subject pattern '{rx.pattern}' does not match the normal file '{rel}' (or its group is empty)")
+    return m.group(1)
+
+
+def is_2d_file(path) -> bool:
+    """Whether an image file holds a 2D slice (from its header; PNG/JPEG/TIFF/BMP always do)."""
+    import SimpleITK as sitk
+
+    from pathlib import Path
+
+    from .imageio import read_image
+
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):
+        return True
+    if p.is_dir():
+        return read_image(p).is_2d
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(p))
+    r.ReadImageInformation()
+    return r.GetDimension() == 2
+
+
+def in_plane_extent(path, modality: str = "auto", slice_axis: str = "auto") -> Optional[tuple]:
+    """(field of view in mm along the slices' longer side, (row, column) pixel spacing) of an image
+    from its header, or None when it has no recorded pixel spacing (PNG/JPEG/TIFF/BMP)."""
+    import SimpleITK as sitk
+
+    from pathlib import Path
+
+    from .imageio import read_image
+
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):
+        return None
+    if p.is_dir():
+        img = read_image(p)
+        size, spacing, direction, dim = img.geometry.size, img.geometry.spacing, img.geometry.direction, 2 if img.is_2d else 3
+    else:
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(p))
+        r.ReadImageInformation()
+        dim = r.GetDimension()
+        size, spacing, direction = r.GetSize(), r.GetSpacing(), r.GetDirection()
+    if dim == 2 or (dim >= 3 and 1 in tuple(size)[:3] and tuple(size)[2] == 1):
+        rows, cols = float(spacing[1]), float(spacing[0])
+        return max(size[1] * rows, size[0] * cols), (rows, cols)
+    size, spacing = tuple(size)[:3], tuple(spacing)[:3]
+    d = np.asarray(direction, float)
+    d = d.reshape(int(round(math.sqrt(d.size))), -1)[:3, :3]
+    reo = canonical_reorientation(d)
+    shape = reo.to_canonical(np.empty((size[2], size[1], size[0]), dtype=np.uint8)).shape
+    sp = reo.canonical_spacing(spacing)
+    singleton = [n for n in range(3) if shape[n] == 1]
+    if singleton:
+        axis = singleton[0]
+    else:
+        choice = slice_axis if slice_axis not in (None, "auto") else ("largest_spacing" if modality == "oct" else "axial")
+        axis = int(np.argmax(sp)) if choice == "largest_spacing" else _CANONICAL_AXIS.get(choice, 0)
+    plane = [a for a in range(3) if a != axis]
+    return max(shape[a] * sp[a] for a in plane), (float(sp[plane[0]]), float(sp[plane[1]]))
+
+
+def common_spacing(extents: list, resolution: int, patch_size: int) -> Optional[float]:
+    """Default pixel spacing of the model canvas for a normal set: the median field of view (longer
+    in-plane side, mm) over the model's longer side, so that a typical normal slice fills the model
+    input as before. None when no image has a recorded spacing."""
+    fov = [e[0] for e in extents if e is not None]
+    if not fov:
+        return None
+    return float(np.median(fov)) / model_side(resolution, patch_size)

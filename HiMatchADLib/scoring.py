@@ -149,8 +149,10 @@ class KnnScorer:
     max_index_bytes = 3 * 2**30
     chunk_rows = 262_144
 
-    def __init__(self, bank: NormalBank):
+    def __init__(self, bank: NormalBank, groups: Optional[np.ndarray] = None):
         self.bank = bank
+        # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
+        self.groups = bank.slice_group if groups is None else np.asarray(groups)
         self.timings: dict = {}
 
     def _index(self):
@@ -165,7 +167,7 @@ class KnnScorer:
         return self.bank._cache[key]
 
     def _excluded_rows(self, group: int) -> np.ndarray:
-        slices = np.flatnonzero(self.bank.slice_group == group)
+        slices = np.flatnonzero(self.groups == group)
         o = self.bank.tok_offsets
         return np.concatenate([np.arange(o[s], o[s + 1]) for s in slices]) if slices.size else np.zeros(0, np.int64)
 
@@ -314,8 +316,11 @@ class HiMatchScorer:
         alpha: float = 0.5,
         position_window: Optional[float] = 0.15,
         tau: float = 1.0,
+        groups: Optional[np.ndarray] = None,
     ):
         self.bank = bank
+        # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
+        self.groups = bank.slice_group if groups is None else np.asarray(groups)
         self.k = int(max(1, min(k, bank.n_slices)))
         self.candidates = int(max(self.k, candidates))
         self.alpha = float(alpha)
@@ -349,7 +354,7 @@ class HiMatchScorer:
             ids, sims = I[qi], D[qi]
             valid = ids >= 0
             if q.group is not None:
-                valid &= bank.slice_group[np.maximum(ids, 0)] != q.group
+                valid &= self.groups[np.maximum(ids, 0)] != q.group
             cand = ids[valid]
             csim = sims[valid]
             if use_pos and np.isfinite(q.pos):
@@ -359,7 +364,7 @@ class HiMatchScorer:
                     cand, csim = cand[near], csim[near]
             if cand.size < self.k and n_search < n_bank:  # everything was filtered: search all
                 Dall, Iall = self._search_cls(q.cls[None], n_bank)
-                ok = bank.slice_group[Iall[0]] != q.group if q.group is not None else np.ones(n_bank, bool)
+                ok = self.groups[Iall[0]] != q.group if q.group is not None else np.ones(n_bank, bool)
                 cand, csim = Iall[0][ok], Dall[0][ok]
             cand, csim = cand[: self.candidates], csim[: self.candidates]
             if cand.size == 0:
@@ -421,3 +426,56 @@ class HiMatchScorer:
         self.timings["stage_maps"] = self.timings.get("stage_maps", 0.0) + (t2 - t1 - t_fuse)
         self.timings["fusion"] = self.timings.get("fusion", 0.0) + t_fuse
         return out
+
+# ------------------------------------------------------------------ 3D-consistent maps
+# 3D-consistent maps: each slice's map fused with those of its neighbours within a distance in mm.
+#
+# The papers score 2D images one at a time. In a volume, neighbouring slices image the same anatomy,
+# so a real anomaly appears in several adjacent slice maps while matching noise does not. With
+# ``consistency_mm`` = s, the map of slice i becomes the normalised Gaussian average over the scored
+# slices j with |z_i - z_j| <= 3 s (z: slice position in mm, weights exp(-(z_i - z_j)^2 / 2 s^2)),
+# pixel by pixel and over foreground pixels only:
+#
+#     F_i(x) = sum_j g_ij fg_j(x) M_j(x) / sum_j g_ij fg_j(x)
+#
+# so background pixels of a neighbour (map 0) do not dilute the average. Pixels outside the
+# foreground of slice i stay 0.
+
+
+def window(slice_spacing: float, sigma_mm: float) -> int:
+    """How many neighbouring slices on each side take part (3 sigma)."""
+    if sigma_mm is None or sigma_mm <= 0:
+        return 0
+    return int(np.floor(3.0 * float(sigma_mm) / max(float(slice_spacing), 1e-6) + 1e-9))
+
+
+def fuse_one(i: int, maps: dict, foregrounds: dict, slice_spacing: float, sigma_mm: float) -> np.ndarray:
+    """Fused map of slice ``i`` from the scored slices' ``maps`` and ``foregrounds`` (dicts keyed by
+    slice index; slices missing from ``maps`` were not scored)."""
+    w = window(slice_spacing, sigma_mm)
+    num = np.zeros(maps[i].shape, np.float64)
+    den = np.zeros(maps[i].shape, np.float64)
+    for j in range(i - w, i + w + 1):
+        if j not in maps:
+            continue
+        g = np.exp(-0.5 * ((i - j) * float(slice_spacing) / float(sigma_mm)) ** 2)
+        f = foregrounds[j].astype(np.float64) * g
+        num += f * maps[j]
+        den += f
+    fused = np.where(den > 0, num / np.maximum(den, 1e-12), maps[i])
+    return (fused * foregrounds[i]).astype(np.float32)
+
+
+def fuse_slices(maps: np.ndarray, foreground: np.ndarray, scored: np.ndarray, slice_spacing: float, sigma_mm: float) -> np.ndarray:
+    """Fuse the maps ``(n, H, W)`` of a volume across slices (see the module docstring); ``scored``
+    says per slice whether it has a map. Unscored slices are returned unchanged."""
+    maps = np.asarray(maps, np.float32)
+    out = maps.copy()
+    if window(slice_spacing, sigma_mm) == 0:
+        return out
+    idx = np.flatnonzero(np.asarray(scored, bool))
+    m = {int(j): maps[j] for j in idx}
+    f = {int(j): foreground[j] for j in idx}
+    for i in idx:
+        out[i] = fuse_one(int(i), m, f, slice_spacing, sigma_mm)
+    return out

@@ -231,3 +231,19 @@ def test_failed_write_leaves_no_partial_file(tmp_path, fitted, lesion_case, monk
     from HiMatchADLib.output import is_complete
 
     assert not is_complete(tmp_path / "o", "case")
+
+
+def test_bank_builds_the_bank_that_detect_uses(tiny_model, normals_dir, lesion_case, tmp_path):
+    """`himatchad bank` prepares exactly the cache entry a later `detect` with the same options loads."""
+    from HiMatchADLib.cli import main
+    from HiMatchADLib.imageio import write_image
+
+    img, _ = lesion_case
+    case = write_image(img.array, img.geometry, tmp_path / "case.nii.gz")
+    common = ["--model", tiny_model, "--resolution", "128", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["--quiet", "bank", str(normals_dir), *common]) == 0
+    banks = sorted((tmp_path / "cache" / "banks").iterdir())
+    stamp = (banks[0] / "manifest.json").stat().st_mtime_ns
+    assert main(["--quiet", "detect", str(case), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "o"), "--method", "knn", *common]) == 0
+    assert sorted((tmp_path / "cache" / "banks").iterdir()) == banks  # no second bank
+    assert (banks[0] / "manifest.json").stat().st_mtime_ns == stamp  # and not rebuilt

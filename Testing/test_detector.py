@@ -103,6 +103,8 @@ def test_2d_query_against_3d_normals_and_reverse(tmp_path, fitted, tiny_model, l
     sl = Image.from_array(img.array[z], name="slice")
     res = fitted("knn").predict(sl)
     assert res.heatmap.shape == (1,) + PHANTOM_SHAPE[1:] and res.geometry.is_2d
+    assert any("2D slice but the normal bank holds 3D volumes" in w for w in res.warnings)  # may be meant: a warning
+    assert res.settings["bank_dims"] == "3d" and res.settings["bank_modality"] == res.settings["modality_used"] == "mri"
     assert res.heatmap[0][mask[z] > 0].mean() > res.heatmap[0][(mask[z] == 0) & res.foreground[0]].mean()
     # 2D normals (slices of the normal phantoms), 3D query
     d2 = tmp_path / "normals2d"
@@ -113,8 +115,12 @@ def test_2d_query_against_3d_normals_and_reverse(tmp_path, fitted, tiny_model, l
             write_image(ph.array[k][None], Image.from_array(ph.array[k]).geometry, d2 / f"subj{i}_{k}.nii.gz")
     det = HiMatchDetector(model=tiny_model, method="knn", resolution=RESOLUTION, cache_dir=tmp_path / "c").fit(d2)
     assert det.bank.n_slices == 9 and len(det.bank.groups) == 3  # grouped by subject for calibration
-    res3 = det.predict(img)
-    assert res3.heatmap.shape == PHANTOM_SHAPE
+    assert det.bank.manifest["settings"]["dims"] == "2d"
+    # a volume against 2D slices is a clear mismatch (no positions, other normalisation): an error
+    with pytest.raises(HiMatchADError, match="3D volume but the normal bank holds 2D slices"):
+        det.predict(img)
+    res2 = det.predict(sl)
+    assert res2.heatmap.shape == (1,) + PHANTOM_SHAPE[1:] and not any("normal bank" in w for w in res2.warnings)
 
 
 def test_bad_settings_are_user_errors(tiny_model):

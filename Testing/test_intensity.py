@@ -1,0 +1,87 @@
+"""MRI intensity preset on constructed intensity distributions: no saturation, padding excluded."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from HiMatchADLib.imageio import Image
+from HiMatchADLib.preprocess import PRESETS, normalise, otsu_threshold, padding_values, prepare_volume
+
+
+def _t2_like(seed=0):
+    """A head: background noise ~5, white matter 100, grey matter 70, CSF 250 (bright, normal, 10 %
+    of the brain) and a lesion 160; returns the volume and the label of each voxel."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:12, 0:64, 64:128] - np.array([6, 32, 96])[:, None, None, None]
+    r = np.sqrt((y / 28.0) ** 2 + (x / 24.0) ** 2)
+    label = np.zeros((12, 64, 64), np.int8)  # 0 background
+    label[r < 1.0] = 1  # grey matter
+    label[r < 0.7] = 2  # white matter
+    label[(r < 0.25)] = 3  # CSF (ventricles)
+    label[(np.abs(y - 8) < 3) & (np.abs(x - 8) < 3) & (r < 0.7)] = 4  # lesion
+    level = np.array([5.0, 70.0, 100.0, 250.0, 160.0])
+    arr = level[label] + rng.normal(0, 3, label.shape)
+    return arr.astype(np.float32), label
+
+
+def test_bright_normal_tissue_keeps_its_contrast():
+    arr, label = _t2_like()
+    out = normalise(arr, PRESETS["mri"])
+    csf, lesion, wm = (np.median(out[label == k]) for k in (3, 4, 2))
+    # Reference: background level -> 0, median of the foreground (above half the Otsu threshold) -> 0.25.
+    fg = arr[arr > 0.5 * otsu_threshold(arr.ravel())]
+    lo, med = np.percentile(arr, 0.5), np.median(fg)
+    np.testing.assert_allclose(out, np.clip((arr - lo) / (med - lo) * 0.25, 0, 1), atol=1e-4)
+    assert csf > lesion + 0.1 > wm + 0.2  # three different grey levels
+    assert (out[label > 0] >= 1.0).mean() == 0  # nothing saturates
+    # The former preset (foreground median -> 0.5, clip at 1) merged CSF and lesion at 1.
+    old = {"scaling": "percentile", "low": 0.5, "high": 50.0, "high_value": 0.5}
+    prev = normalise(arr, old)
+    assert np.median(prev[label == 3]) == np.median(prev[label == 4]) == 1.0
+
+
+def test_a_large_bright_lesion_does_not_move_normal_grey_levels():
+    arr, label = _t2_like(3)
+    big = arr.copy()
+    blob = (label == 2) & (np.indices(label.shape)[2] < 32)  # half the white matter becomes lesion
+    big[blob] = 190.0  # 1.9 times white matter
+    a, b = normalise(arr, PRESETS["mri"]), normalise(big, PRESETS["mri"])
+    keep = (label > 0) & ~blob
+    assert blob.mean() / (label > 0).mean() > 0.1
+    assert np.abs(a[keep] - b[keep]).max() < 0.05  # the median moves a little (a tenth of the tissue changed)
+
+
+def test_padding_values_are_excluded_from_foreground_and_statistics():
+    arr, label = _t2_like(1)
+    clean = prepare_volume(Image.from_array(arr, name="clean"), "mri", "axial")
+    padded = arr.copy()
+    padded[:, :2, :] = -32768  # a padded border (about 3 % of the voxels)
+    padded[:, -1, :20] = 32767
+    assert sorted(padding_values(padded)) == [-32768.0, 32767.0]
+    prep = prepare_volume(Image.from_array(padded, name="padded"), "mri", "axial")
+    inner = (padded != -32768) & (padded != 32767)
+    # Tissue gets the same grey levels and the same foreground as without padding.
+    np.testing.assert_allclose(prep.canonical[inner], clean.canonical[inner], atol=2e-3)
+    assert not prep.foreground[~inner].any()
+    assert prep.foreground[label > 0].all() and clean.foreground[label > 0].all()
+    assert (prep.foreground[inner] == clean.foreground[inner]).mean() > 0.995  # noise voxels near the threshold
+    assert any("padding value" in w and "-32768" in w for w in prep.warnings)
+    # Without the exclusion the sentinel values dominate the scaling: tissue collapses to one level.
+    raw = normalise(padded, PRESETS["mri"])
+    assert abs(np.median(raw[label == 2]) - np.median(raw[label == 3])) < 0.05
+
+
+def test_background_zeros_and_8bit_maxima_are_not_padding():
+    arr, _ = _t2_like(2)
+    arr[arr < 30] = 0.0  # a skull-stripped style background of exact zeros (most voxels)
+    assert padding_values(arr) == []
+    img8 = np.clip(arr, 0, 255).astype(np.uint8)
+    img8[:, :3] = 255  # a saturated bright band
+    assert padding_values(img8.astype(np.float32)) == []
+
+
+def test_a_few_bright_voxels_are_not_padding():
+    arr = np.zeros((4, 8, 8), np.float32)
+    arr[:, 2:6, 2:6] = 1.0
+    arr[0, 5, 5] = 4.0  # one voxel: 0.4 % of a tiny image, far above the rest, but a single voxel
+    assert padding_values(arr) == []
