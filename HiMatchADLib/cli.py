@@ -241,42 +241,10 @@ def _check_out_dir_against_inputs(args) -> None:
             )
 
 
-def _check_input_geometry(args) -> None:
-    """A ``detect`` input whose geometry the NIfTI outputs cannot store is refused before the work."""
-    inp = getattr(args, "input", None)
-    if args.func is not cmd_detect or not isinstance(inp, str):
-        return
-    path = Path(inp).expanduser()
-    if not path.is_file():
-        return
-    import numpy as np
-    import SimpleITK as sitk
-
-    from .imageio import Geometry, _quiet_itk, check_complete, check_storable
-
-    check_complete(path)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        with _quiet_itk():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return  # reading the input reports it
-    dim = reader.GetDimension()
-    if dim not in (2, 3):
-        return
-    d = np.asarray(reader.GetDirection(), dtype=float).reshape(dim, dim)
-    d3 = np.eye(3)
-    d3[:dim, :dim] = d
-    geo = Geometry((1, 1, 1), (1, 1, 1), (0, 0, 0), d3, is_2d=dim == 2)
-    check_storable(geo, "output.nii.gz")
-
-
 def preflight(args) -> None:
     """Checks of a command's folders and input that fail fast, before any model or bank work."""
     _check_cache_dir(args)
     _check_out_dir_against_inputs(args)
-    _check_input_geometry(args)
 
 
 def _write_folders(args) -> list:

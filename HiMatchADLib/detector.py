@@ -21,7 +21,7 @@ from .bank import BankSettings, NormalBank, build_or_load
 from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
-from .imageio import Image, read_image, write_text_atomic
+from .imageio import Image, check_storable, read_image, write_text_atomic
 from .preprocess import (
     MODALITIES,
     SLICE_AXES,
@@ -675,7 +675,7 @@ class HiMatchDetector:
     def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
         """Read a query and check that it can be analysed, without the model or the normal bank.
 
-        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D,
+        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
         and this detector's modality preset must find finite, non-constant values and a foreground
         in it; otherwise :class:`HiMatchADError` says why. Returns the :class:`Image`; passing it to
         :meth:`predict` reuses the reading and the preparation. Call it before :meth:`fit` so that a
@@ -683,6 +683,7 @@ class HiMatchDetector:
         """
         t = time.perf_counter()
         img = image if isinstance(image, Image) else read_image(image)
+        check_storable(img.geometry, "map.nii.gz")  # outputs must be able to overlay it exactly
         t_read = time.perf_counter() - t
         t = time.perf_counter()
         settings = self._prep_settings()
