@@ -126,6 +126,10 @@ class CaseWorker:
                 f"the worker on {host} imports HiMatchADLib {here} from {Path(__file__).resolve().parent}, "
                 f"the driver {spec['library']}; install the same version on every node"
             )
+        if spec.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(spec["threads"]))  # the CPUs this worker was given
         if os.path.isdir(spec["cwd"]):
             os.chdir(spec["cwd"])  # relative paths of the driver mean the same here
         bank_root = Path(spec["bank"])
@@ -357,14 +361,17 @@ def run_batch_ray(
             progress(f"{total} cases finished", total, total)
         return rows
 
-    owner = connect(ray, address, float(workers) * float(cpus_per_worker), runtime_env)
-    actor_env = None
-    if not owner:  # the caller's connection: make this library importable where it is on this machine
-        path = os.pathsep.join(p for p in (str(Path(_package_dir()).parent), os.environ.get("PYTHONPATH", "")) if p)
-        actor_env = {"env_vars": {"PYTHONPATH": path}}
-    pool = _Pool(ray, spec, int(workers), float(cpus_per_worker), float(gpus_per_worker), actor_env)
+    owner = False
+    pool = None
     busy: dict = {}  # case ref -> (slot, index, attempt, time sent)
     try:
+        owner = connect(ray, address, float(workers) * float(cpus_per_worker), runtime_env)
+        actor_env = None
+        if not owner:  # the caller's connection: make this library importable where it is on this machine
+            path = os.pathsep.join(p for p in (str(Path(_package_dir()).parent), os.environ.get("PYTHONPATH", "")) if p)
+            actor_env = {"env_vars": {"PYTHONPATH": path}}
+        spec["threads"] = max(1, int(cpus_per_worker))
+        pool = _Pool(ray, spec, int(workers), float(cpus_per_worker), float(gpus_per_worker), actor_env)
         _check_resources(ray, int(workers), float(cpus_per_worker), float(gpus_per_worker))
         pool.start_all()
         begun = time.monotonic()
@@ -379,6 +386,8 @@ def run_batch_ray(
                 ref = pool.actors[slot].process.remote(cases[i], str(out_root), overwrite)
                 busy[ref] = (slot, i, attempt, time.perf_counter())
             waiting = [*busy, *pool.starting]
+            if not waiting:  # every worker gone and none starting: cannot happen, but never spin
+                raise HiMatchADError("no Ray worker is left to process the remaining cases")
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             if not ready:
                 if not busy and not pool.idle and time.monotonic() - begun > start_timeout:
@@ -415,10 +424,12 @@ def run_batch_ray(
         if progress is not None:
             progress(f"{total} cases finished", total, total)
     except BaseException:
-        _stop(ray, pool, busy)
+        if pool is not None:
+            _stop(ray, pool, busy)
         raise
     finally:
-        pool.shutdown()
+        if pool is not None:
+            pool.shutdown()
         if owner:
             ray.shutdown()
     return rows
