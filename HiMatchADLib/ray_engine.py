@@ -378,6 +378,8 @@ def run_batch_ray(
         while todo or busy:
             if reporter is not None and hasattr(reporter, "check"):
                 reporter.check()
+            if busy or pool.idle:
+                begun = time.monotonic()  # the start timeout counts while no worker is ready
             while todo and pool.idle:
                 i, attempt = todo.popleft()
                 slot = pool.idle.popleft()
@@ -390,7 +392,7 @@ def run_batch_ray(
                 raise HiMatchADError("no Ray worker is left to process the remaining cases")
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
             if not ready:
-                if not busy and not pool.idle and time.monotonic() - begun > start_timeout:
+                if time.monotonic() - begun > start_timeout:
                     raise HiMatchADError(
                         f"no Ray worker started within {start_timeout:.0f} s; the cluster may lack the "
                         f"{cpus_per_worker:g} CPUs and {gpus_per_worker:g} GPUs each worker asks for"
