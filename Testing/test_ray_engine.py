@@ -36,7 +36,17 @@ from pathlib import Path
 
 
 def install():
+    from HiMatchADLib.bank import NormalBank
     from HiMatchADLib.detector import HiMatchDetector
+
+    load = NormalBank.load.__func__
+
+    def unreadable(cls, root):  # a bank the workers cannot see, as on a machine without the shared folder
+        if (Path(root) / ".hidden-from-workers").exists():
+            raise OSError(f"[Errno 2] No such file or directory: '{root}/manifest.json'")
+        return load(cls, root)
+
+    NormalBank.load = classmethod(unreadable)
 
     predict = HiMatchDetector.predict
 
@@ -184,6 +194,19 @@ def test_cli_ray_engine_equals_local_and_stops_its_own_cluster(inputs, local_out
     _assert_same_outputs(out, local_out)
 
 
+def test_no_cluster_at_the_address_is_one_error_line(inputs, tmp_path, capsys, tiny_model, normals_dir, cache_dir, monkeypatch):
+    ray = _ray()
+    assert not ray.is_initialized()
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main([
+        "--quiet", "batch", str(inputs), "--normals", str(normals_dir), "--out-dir", str(tmp_path / "out"), "--model", tiny_model,
+        "--resolution", str(RESOLUTION), "--cache-dir", str(cache_dir), "--engine", "ray", "--address", "auto",
+    ])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot connect to the Ray cluster at auto: ")
+    assert not ray.is_initialized() and not (tmp_path / "out" / "summary.csv").exists()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A local Ray cluster of two CPUs whose workers run FAULT_HOOK (and import this worktree)."""
@@ -327,4 +350,27 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing_that_looks_complete(cluster
 def test_a_cluster_too_small_for_one_worker_is_a_clear_error(cluster, det, inputs, tmp_path):
     with pytest.raises(HiMatchADError, match="asks for 1 GPUs but the Ray cluster has 0"):
         _run_ray(det, inputs, tmp_path / "out", options={"gpus_per_worker": 1})
+    assert _cpus_free(cluster)
+
+
+def test_a_worker_that_cannot_see_the_bank_stops_the_batch_with_one_clear_message(cluster, det, inputs, tmp_path):
+    marker = Path(det.bank.root) / ".hidden-from-workers"
+    marker.touch()
+    try:
+        with pytest.raises(HiMatchADError) as info:
+            _run_ray(det, inputs, tmp_path / "out")
+    finally:
+        marker.unlink()
+    message = str(info.value)
+    assert "cannot read the normal bank at" in message and "shared by all of them" in message and "\n" not in message
+    assert not any(is_complete(tmp_path / "out", rel[: -len(".nii.gz")]) for rel in CASES)
+    assert _cpus_free(cluster)
+
+
+def test_processing_starts_with_the_workers_the_cluster_can_hold(cluster, det, inputs, local_out, tmp_path):
+    """Three workers of one CPU on a two-CPU cluster: the third never starts, the batch runs on two
+    and the waiting one is cancelled at the end."""
+    rows, _ = _run_ray(det, inputs, tmp_path / "out", options={"workers": 3})
+    assert [r["status"] for r in rows] == [STATUS_OK] * 4
+    _assert_same_outputs(tmp_path / "out", local_out)
     assert _cpus_free(cluster)
