@@ -52,7 +52,7 @@ from .batch import (
     settings_changes,
     write_summary,
 )
-from .errors import Cancelled, HiMatchADError
+from .errors import HiMatchADError
 
 #: Object store of a local cluster started by the engine: only case descriptions and summary rows
 #: travel through it.
