@@ -2,7 +2,8 @@
 
 This is the only batch runner of the project; the command line (``himatchad batch``), the Slicer
 module (through its worker process) and the cohort engines call :func:`run_batch` or build on
-:func:`find_cases`.
+:func:`prepare_batch`, :func:`check_earlier` and :func:`run_case`. ``run_batch(..., engine="ray")``
+spreads the cases over Ray actors (:mod:`HiMatchADLib.ray_engine`) with the same outputs.
 
 Layout: the sub-folders of the input folder are mirrored under the output folder, so
 ``input/a/b/x.nii.gz`` gives ``out/a/b/x_heatmap.nii.gz``, ``x_labelmap.nii.gz`` and
@@ -273,6 +274,29 @@ def _read_scores(path: Path) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------------------- the runner
+def check_earlier(case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False) -> tuple:
+    """Whether ``case`` was done earlier: ``(row, "")`` with its "done earlier" row when its outputs
+    are complete, written with the settings ``current`` and newer than its input; otherwise
+    ``(None, note)``, where ``note`` says why an earlier result is recomputed ("" when there is none,
+    or with ``overwrite``). Reads only; :func:`run_case` starts with this check.
+    """
+    out_root = _absolute(out_root)
+    paths = output_paths(case.out_dir, case.name, False)
+    if is_complete(case.out_dir, case.name):
+        data = _read_scores(paths["scores"])
+        if data is not None and not overwrite:
+            changes = settings_changes(current, data)
+            if changes:
+                return None, "recomputed: settings changed: " + ", ".join(changes)
+            if _modified_after(case.path, paths["scores"]):
+                return None, "recomputed: the input changed after its result was written"
+            return _row(case, out_root, STATUS_DONE, data, _join(*map(str, data.get("warnings") or []))), ""
+        return None, ""
+    if paths["scores"].exists() or paths["heatmap"].exists():
+        return None, "recomputed: earlier outputs were incomplete"
+    return None, ""
+
+
 def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None) -> dict:
     """Process one case (or find it done earlier) and return its summary row (``seconds`` empty).
 
@@ -282,19 +306,9 @@ def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwri
     say = log or _warn
     out_root = _absolute(out_root)
     paths = output_paths(case.out_dir, case.name, False)
-    note = ""
-    if is_complete(case.out_dir, case.name):
-        data = _read_scores(paths["scores"])
-        if data is not None and not overwrite:
-            changes = settings_changes(current, data)
-            if changes:
-                note = "recomputed: settings changed: " + ", ".join(changes)
-            elif _modified_after(case.path, paths["scores"]):
-                note = "recomputed: the input changed after its result was written"
-            else:
-                return _row(case, out_root, STATUS_DONE, data, _join(*map(str, data.get("warnings") or [])))
-    elif paths["scores"].exists() or paths["heatmap"].exists():
-        note = "recomputed: earlier outputs were incomplete"
+    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite)
+    if earlier is not None:
+        return earlier
     if note:
         say(f"{case.case}: {note}")
     try:
@@ -319,28 +333,14 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def run_batch(
-    detector,
-    input_dir: PathLike,
-    out_dir: PathLike,
-    *,
-    overwrite: bool = False,
-    exclude: Iterable[PathLike] = (),
-    progress: Optional[Callable[[str, int, int], None]] = None,
-    log: Optional[Callable[[str], None]] = None,
-) -> list:
-    """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
+ENGINES = ("local", "ray")
 
-    ``detector`` is a fitted :class:`~HiMatchADLib.detector.HiMatchDetector` (``predict``, ``save``,
-    ``settings``). Its normals folder is excluded from the inputs in addition to ``exclude``.
-    Resumable (see the module notes); ``overwrite=True`` recomputes every case. A case that fails is
-    recorded with status "failed" and the batch goes on; :class:`Cancelled` and ``KeyboardInterrupt``
-    stop it. ``summary.csv`` in ``out_dir`` is rewritten atomically after each case.
 
-    ``progress(message, done, total)`` is called before each case (``done`` = cases finished) and
-    once at the end; it may raise :class:`Cancelled`. ``log(message)`` receives warnings (default
-    :func:`warnings.warn`). Returns the rows of ``summary.csv`` as dicts (keys
-    :data:`SUMMARY_COLUMNS`).
+def prepare_batch(detector, input_dir: PathLike, out_dir: PathLike, exclude: Iterable[PathLike] = (), *, log=None) -> tuple:
+    """What every engine does before the first case: ``(out_root, cases, current)``.
+
+    Refuses an unfitted detector, finds the cases (the detector's normals folder excluded too),
+    creates the output folder and returns :func:`result_settings` of the detector.
     """
     say = log or _warn
     out_root = _absolute(out_dir)
@@ -354,7 +354,51 @@ def run_batch(
         out_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HiMatchADError(f"cannot create the output folder {out_root}: {exc.strerror or exc}") from exc
-    current = result_settings(detector)
+    return out_root, cases, result_settings(detector)
+
+
+def run_batch(
+    detector,
+    input_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    exclude: Iterable[PathLike] = (),
+    progress: Optional[Callable[[str, int, int], None]] = None,
+    log: Optional[Callable[[str], None]] = None,
+    engine: str = "local",
+    engine_options: Optional[dict] = None,
+) -> list:
+    """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
+
+    ``detector`` is a fitted :class:`~HiMatchADLib.detector.HiMatchDetector` (``predict``, ``save``,
+    ``settings``). Its normals folder is excluded from the inputs in addition to ``exclude``.
+    Resumable (see the module notes); ``overwrite=True`` recomputes every case. A case that fails is
+    recorded with status "failed" and the batch goes on; :class:`Cancelled` and ``KeyboardInterrupt``
+    stop it. ``summary.csv`` in ``out_dir`` is rewritten atomically after each case.
+
+    ``progress(message, done, total)`` is called before each case (``done`` = cases finished) and
+    once at the end; it may raise :class:`Cancelled`. ``log(message)`` receives warnings (default
+    :func:`warnings.warn`). Returns the rows of ``summary.csv`` as dicts (keys
+    :data:`SUMMARY_COLUMNS`).
+
+    ``engine``: ``"local"`` (default: every case in this process, one after the other) or ``"ray"``
+    (cases spread over Ray actors, see :func:`HiMatchADLib.ray_engine.run_batch_ray`, which receives
+    ``engine_options``, e.g. ``{"address": "auto", "workers": 4, "gpus_per_worker": 1}``). Both give
+    the same outputs and the same ``summary.csv`` (but for ``seconds``).
+    """
+    if engine not in ENGINES:
+        raise HiMatchADError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
+    if engine == "ray":
+        from .ray_engine import run_batch_ray
+
+        return run_batch_ray(
+            detector, input_dir, out_dir, overwrite=overwrite, exclude=exclude, progress=progress, log=log, **(engine_options or {})
+        )
+    if engine_options:
+        raise HiMatchADError(f"the local engine takes no options (got {', '.join(sorted(engine_options))})")
+    say = log or _warn
+    out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say)
     reporter = getattr(detector, "reporter", None)
     summary = out_root / SUMMARY_NAME
     rows: list = []

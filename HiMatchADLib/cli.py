@@ -339,16 +339,29 @@ def cmd_batch(args) -> int:
     normals = os.path.abspath(Path(args.normals).expanduser())
     inputs = Path(args.input_dir).expanduser()
     find_cases(inputs, out, exclude=[normals])  # refuse a bad input folder before the bank is built
-    det = detector_from_args(args, _progress(args))
-    _fit(det, normals, args)
 
     def progress(message: str, done: int, total: int) -> None:
         if done < total:
             _say(args, message)
 
+    options = None
+    if args.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()  # say how to install Ray before the bank is built
+        if not (args.gpus_per_worker >= 0 and args.cpus_per_worker > 0):
+            raise HiMatchADError("--gpus-per-worker must be 0 or more and --cpus-per-worker more than 0")
+        options = {
+            "address": args.address, "workers": args.workers or 2,
+            "gpus_per_worker": args.gpus_per_worker, "cpus_per_worker": args.cpus_per_worker,
+        }
+    elif args.address is not None or args.workers is not None or args.gpus_per_worker or args.cpus_per_worker != 1.0:
+        raise HiMatchADError("--address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
+    det = detector_from_args(args, _progress(args))
+    _fit(det, normals, args)
     rows = run_batch(
         det, inputs, out, overwrite=args.overwrite, exclude=[normals], progress=progress,
-        log=lambda m: print(f"warning: {m}", file=sys.stderr),
+        log=lambda m: print(f"warning: {m}", file=sys.stderr), engine=args.engine, engine_options=options,
     )
     n = summary_counts(rows)
     print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}")
@@ -432,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--normals", required=True, metavar="NORMALS_DIR")
     bt.add_argument("--out-dir", required=True, metavar="OUT")
     bt.add_argument("--overwrite", action="store_true", help="recompute every case, even those finished earlier with the same settings")
+    eg = bt.add_argument_group("engine")
+    eg.add_argument("--engine", default="local", choices=["local", "ray"], help="local: one process (default); ray: Ray actors, each loading the model and bank once")
+    eg.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to use ('auto', 'ray://head:10001'); default: start a local one")
+    eg.add_argument("--workers", type=_positive_int, default=None, metavar="W", help="Ray actors (default 2)")
+    eg.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor; a fraction shares a GPU (default 0)")
+    eg.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     add_model_options(bt)
     bt.set_defaults(func=cmd_batch)
 
