@@ -926,6 +926,8 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         background: bool = False,
         progress=None,
         cancelEvent=None,
+        engine: str = "local",
+        engineOptions: Optional[dict] = None,
         **detectorOptions,
     ):
         """Detect anomalies in every image of ``inputFolder`` (sub-folders and DICOM series included).
@@ -936,13 +938,19 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         resumable (cases done earlier with the same settings are not recomputed, unless
         ``overwrite``); a case that fails is recorded and the batch goes on.
 
+        ``engine="ray"`` spreads the cases over a Ray cluster (``engineOptions``: ``address``,
+        ``workers``, ``gpus_per_worker``...; Ray must be installed in Slicer's Python).
+
         By default this call blocks until the batch ends and returns the summary rows (dicts). With
         ``background=True`` it returns the running job at once; follow it with :meth:`pollJob` and stop
         it with :meth:`cancel` (the module's panel shows its progress).
         """
         self.ensureDependencies()
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
-        job = self.runner.start_batch(os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite)
+        job = self.runner.start_batch(
+            os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite,
+            engine=engine, engine_options=engineOptions,
+        )
         if background:
             return job
         event = self.runner.wait(progress=progress or self._logProgress, cancel_event=cancelEvent, idle=slicer.app.processEvents)

@@ -128,12 +128,14 @@ class DetectionRunner:
         self.job = DetectionJob("detect", rid, workdir, dict(settings), normals, volume_node, scene, geometry)
         return self.job
 
-    def start_batch(self, input_dir: str, normals: str, out_dir: str, settings: dict, overwrite: bool = False) -> DetectionJob:
-        """Run the library's batch runner on a folder in the worker (returns at once)."""
+    def start_batch(self, input_dir: str, normals: str, out_dir: str, settings: dict, overwrite: bool = False,
+                    engine: str = "local", engine_options: Optional[dict] = None) -> DetectionJob:
+        """Run the library's batch runner on a folder in the worker (returns at once); ``engine="ray"``
+        spreads the cases over a Ray cluster (``engine_options``: address, workers, gpus_per_worker...)."""
         self._check_idle()
         rid = self.client.send({
             "cmd": "batch", "input_dir": str(input_dir), "normals": str(normals), "out_dir": str(out_dir),
-            "settings": dict(settings), "overwrite": bool(overwrite),
+            "settings": dict(settings), "overwrite": bool(overwrite), "engine": engine, "engine_options": dict(engine_options or {}),
         })
         self.job = DetectionJob("batch", rid, None, dict(settings), str(normals))
         return self.job

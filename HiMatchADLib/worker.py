@@ -223,6 +223,7 @@ class Worker:
         rows = run_batch(
             det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals],
             progress=self._progress(rid), log=lambda m: log.warning("%s", m),
+            engine=str(req.get("engine") or "local"), engine_options=req.get("engine_options") or None,
         )
         self.emit({
             "id": rid, "event": "done",
