@@ -41,10 +41,10 @@ def install():
 
     load = NormalBank.load.__func__
 
-    def unreadable(cls, root):  # a bank the workers cannot see, as on a machine without the shared folder
+    def unreadable(cls, root, *args, **kwargs):  # a bank the workers cannot see, as on a machine without the shared folder
         if (Path(root) / ".hidden-from-workers").exists():
             raise OSError(f"[Errno 2] No such file or directory: '{root}/manifest.json'")
-        return load(cls, root)
+        return load(cls, root, *args, **kwargs)
 
     NormalBank.load = classmethod(unreadable)
 
