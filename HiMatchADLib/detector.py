@@ -149,6 +149,8 @@ class HiMatchDetector:
                 threshold = float(threshold)
             except ValueError:
                 raise HiMatchADError(f"threshold must be 'auto' or a number, not '{threshold}'") from None
+        if threshold != "auto" and not math.isfinite(float(threshold)):
+            raise HiMatchADError(f"threshold must be 'auto' or a finite number, not {threshold}")
         if not (0.0 < float(target_fpr) < 1.0):
             raise HiMatchADError(f"target false-positive rate must be between 0 and 1, not {target_fpr}")
         if int(k) < 1:

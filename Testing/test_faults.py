@@ -546,3 +546,13 @@ def test_outputs_of_this_tool_in_a_normal_folder_are_never_banked(fitted, normal
     shutil.copy(normals / "results" / "case_heatmap.nii.gz", normals / "other_heatmap.nii.gz")
     with pytest.warns(UserWarning):
         assert normals / "other_heatmap.nii.gz" in list_images(normals)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "-inf", "nan"])
+def test_the_detector_refuses_a_non_finite_threshold(value):
+    """From Python too (the Slicer module and the worker pass settings straight to the detector)."""
+    from HiMatchADLib import HiMatchDetector
+    from HiMatchADLib.errors import HiMatchADError
+
+    with pytest.raises(HiMatchADError, match="finite"):
+        HiMatchDetector(threshold=value)
