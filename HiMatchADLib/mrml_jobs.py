@@ -49,7 +49,6 @@ class DetectionJob:
     geometry: Optional[Geometry] = None  # the grid sent to the worker
     state: str = RUNNING
     progress: tuple = ("Starting", 0, 0)
-    started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
     reused: Optional[bool] = None
     message: str = ""
