@@ -30,12 +30,15 @@ followed, but a folder or file reached twice (a link loop, two links to one file
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import time
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional, Union
@@ -297,15 +300,41 @@ def check_earlier(case: Case, out_root: PathLike, current: dict, *, overwrite: b
     return None, ""
 
 
+def _write_case(detector, case: Case, result) -> dict:
+    """Write the outputs of a computed case and return its scores JSON as read back."""
+    paths = output_paths(case.out_dir, case.name, False)
+    # From here on the case is not complete until its new scores JSON is written.
+    paths["scores"].unlink(missing_ok=True)
+    detector.save(result, case.out_dir)
+    data = _read_scores(paths["scores"])
+    if data is None:
+        raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
+    return data
+
+
+def _case_error(exc: BaseException) -> str:
+    """The summary message of an error of one case."""
+    return _one_line(_error_message(exc))
+
+
+def _failed_row(case: Case, out_root: Path, message: str, say) -> dict:
+    say(f"{case.case}: {message}")
+    return _row(case, out_root, STATUS_FAILED, None, message)
+
+
+def _ok_row(case: Case, out_root: Path, data: dict, note: str, result_warnings) -> dict:
+    return _row(case, out_root, STATUS_OK, data, _join(note, *map(str, result_warnings)))
+
+
 def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None) -> dict:
     """Process one case (or find it done earlier) and return its summary row (``seconds`` empty).
 
     ``current`` is :func:`result_settings` of ``detector``. Errors of the case are recorded in the row
-    (status "failed"); :class:`Cancelled` propagates.
+    (status "failed"); :class:`Cancelled` propagates. Reads, computes and writes in this thread,
+    one after the other (the local engine of :func:`run_batch` overlaps them across cases).
     """
     say = log or _warn
     out_root = _absolute(out_root)
-    paths = output_paths(case.out_dir, case.name, False)
     earlier, note = check_earlier(case, out_root, current, overwrite=overwrite)
     if earlier is not None:
         return earlier
@@ -314,19 +343,169 @@ def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwri
     try:
         result = detector.predict(case.path)
         result.name = case.name
-        # From here on the case is not complete until its new scores JSON is written.
-        paths["scores"].unlink(missing_ok=True)
-        detector.save(result, case.out_dir)
-        data = _read_scores(paths["scores"])
-        if data is None:
-            raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
+        data = _write_case(detector, case, result)
     except Cancelled:
         raise
     except CASE_ERRORS as exc:
-        message = _one_line(_error_message(exc))
-        say(f"{case.case}: {message}")
-        return _row(case, out_root, STATUS_FAILED, None, message)
-    return _row(case, out_root, STATUS_OK, data, _join(note, *map(str, result.warnings)))
+        return _failed_row(case, out_root, _case_error(exc), say)
+    return _ok_row(case, out_root, data, note, result.warnings)
+
+
+# ------------------------------------------------------------------------------- overlapped stages
+@dataclass
+class _Read:
+    """What the reading stage hands over for one case."""
+
+    earlier: Optional[dict] = None  # the case's "done earlier" row
+    note: str = ""  # why an earlier result is recomputed
+    query: object = None  # the case read and prepared (``detector.prepare``)
+    error: str = ""  # why it could not be read (the summary message)
+    seconds: float = 0.0
+
+
+def _read_stage(detector, case: Case, out_root: Path, current: dict, overwrite: bool) -> _Read:
+    """The resume check, then (unless the case was done earlier) ``detector.prepare``: reading,
+    checks, preprocessing. Runs in the reading thread: it touches no model and no shared state, and
+    the errors of reading belong to the case."""
+    start = time.perf_counter()
+    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite)
+    out = _Read(earlier=earlier, note=note)
+    if earlier is None:
+        try:
+            out.query = detector.prepare(case.path)
+        except CASE_ERRORS as exc:
+            out.error = _case_error(exc)
+    out.seconds = time.perf_counter() - start
+    return out
+
+
+def _write_stage(detector, case: Case, result) -> tuple:
+    """Write a computed case (runs in the writing thread): ``(scores JSON, "", seconds)``, or
+    ``(None, error message, seconds)`` when the write failed."""
+    start = time.perf_counter()
+    try:
+        data, error = _write_case(detector, case, result), ""
+    except CASE_ERRORS as exc:
+        data, error = None, _case_error(exc)
+    return data, error, time.perf_counter() - start
+
+
+class _Summary:
+    """The rows of a batch in case order, and ``summary.csv`` rewritten after each new row.
+
+    Rows whose case is still being written wait in line (a future of :func:`_write_stage`); a row
+    enters the summary once every case before it has its row."""
+
+    def __init__(self, path: Path, out_root: Path, say):
+        self.path, self.out_root, self.say = path, out_root, say
+        self.rows: list = []
+        self._waiting: deque = deque()  # (case, row or None, write future or None, seconds, note, warnings)
+
+    def add(self, case: Case, row: dict, seconds: float) -> None:
+        self._waiting.append((case, row, None, seconds, "", ()))
+
+    def add_write(self, case: Case, future, seconds: float, note: str, result_warnings) -> None:
+        self._waiting.append((case, None, future, seconds, note, tuple(result_warnings)))
+
+    def settle(self, wait: bool) -> None:
+        """Record the rows at the head of the line whose cases are finished (``wait``: all of them,
+        waiting for the write under way)."""
+        while self._waiting:
+            case, row, future, seconds, note, result_warnings = self._waiting[0]
+            if future is not None:
+                if not wait and not future.done():
+                    return
+                data, error, write_s = future.result()
+                seconds += write_s
+                row = _failed_row(case, self.out_root, error, self.say) if error else _ok_row(case, self.out_root, data, note, result_warnings)
+            self._waiting.popleft()
+            row["seconds"] = round(seconds, 3)
+            self.rows.append(row)
+            write_summary(self.path, self.rows)
+
+
+def _run_local(detector, cases: list, out_root: Path, current: dict, *, overwrite: bool, progress, say, prefetch: bool) -> list:
+    """The local engine: every case in this process, in order.
+
+    With ``prefetch`` (and a detector with ``prepare``), three stages overlap across cases: a
+    reading thread reads and prepares the next case while this thread computes the current one,
+    and a writing thread writes the previous one. At most one case is read ahead, one computed and
+    one written at a time, so memory stays bounded. The rows, ``summary.csv`` and the outputs are
+    those of the sequential run; on cancellation or an interrupt both threads are joined and the
+    case being written is recorded only as its write ended (ok only with its scores JSON written).
+    """
+    reporter = getattr(detector, "reporter", None)
+    summary = _Summary(out_root / SUMMARY_NAME, out_root, say)
+    total = len(cases)
+
+    def begin(i: int, case: Case) -> None:
+        if reporter is not None and hasattr(reporter, "check"):
+            reporter.check()  # the detector's cancel event stops the batch between cases too
+        if progress is not None:
+            progress(f"Case {i + 1}/{total}: {case.case}", i, total)
+
+    if not prefetch or not callable(getattr(detector, "prepare", None)):
+        for i, case in enumerate(cases):
+            begin(i, case)
+            start = time.perf_counter()
+            row = run_case(detector, case, out_root, current, overwrite=overwrite, log=say)
+            summary.add(case, row, time.perf_counter() - start)
+            summary.settle(wait=False)
+        return summary.rows
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="himatchad-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="himatchad-write")
+
+    def read(i: int):
+        return reader.submit(_read_stage, detector, cases[i], out_root, current, overwrite) if i < total else None
+
+    ahead = read(0)
+    try:
+        for i, case in enumerate(cases):
+            begin(i, case)
+            got = ahead.result()
+            ahead = read(i + 1)  # read the next case while this one is computed
+            if got.note:
+                say(f"{case.case}: {got.note}")
+            if got.earlier is not None:
+                summary.add(case, got.earlier, got.seconds)
+            elif got.error:
+                summary.add(case, _failed_row(case, out_root, got.error, say), got.seconds)
+            else:
+                start = time.perf_counter()
+                query, got.query = got.query, None
+                try:
+                    result = detector.predict(query)
+                    result.name = case.name
+                except Cancelled:
+                    raise
+                except CASE_ERRORS as exc:
+                    result = None
+                    summary.add(case, _failed_row(case, out_root, _case_error(exc), say), got.seconds + time.perf_counter() - start)
+                del query
+                if result is not None:
+                    seconds = got.seconds + time.perf_counter() - start
+                    summary.settle(wait=True)  # the previous case is written: one case in writing at a time
+                    summary.add_write(case, writer.submit(_write_stage, detector, case, result), seconds, got.note, result.warnings)
+                    del result
+            summary.settle(wait=False)
+        summary.settle(wait=True)
+    except BaseException:
+        if ahead is not None:
+            ahead.cancel()
+        _shut_down(reader, writer)
+        with contextlib.suppress(Exception):  # record the case whose write was under way, as it ended
+            summary.settle(wait=True)
+        raise
+    finally:
+        _shut_down(reader, writer)
+    return summary.rows
+
+
+def _shut_down(*pools: ThreadPoolExecutor) -> None:
+    """Cancel what has not started and join the threads."""
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _warn(message: str) -> None:
@@ -368,6 +547,7 @@ def run_batch(
     log: Optional[Callable[[str], None]] = None,
     engine: str = "local",
     engine_options: Optional[dict] = None,
+    prefetch: bool = True,
 ) -> list:
     """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
 
@@ -377,15 +557,21 @@ def run_batch(
     recorded with status "failed" and the batch goes on; :class:`Cancelled` and ``KeyboardInterrupt``
     stop it. ``summary.csv`` in ``out_dir`` is rewritten atomically after each case.
 
-    ``progress(message, done, total)`` is called before each case (``done`` = cases finished) and
+    ``progress(message, done, total)`` is called before each case (``done`` = cases before it) and
     once at the end; it may raise :class:`Cancelled`. ``log(message)`` receives warnings (default
     :func:`warnings.warn`). Returns the rows of ``summary.csv`` as dicts (keys
     :data:`SUMMARY_COLUMNS`).
 
-    ``engine``: ``"local"`` (default: every case in this process, one after the other) or ``"ray"``
+    ``engine``: ``"local"`` (default: every case in this process, in order) or ``"ray"``
     (cases spread over Ray actors, see :func:`HiMatchADLib.ray_engine.run_batch_ray`, which receives
     ``engine_options``, e.g. ``{"address": "auto", "workers": 4, "gpus_per_worker": 1}``). Both give
     the same outputs and the same ``summary.csv`` (but for ``seconds``).
+
+    ``prefetch`` (local engine; default True): read and prepare the next case in a second thread
+    while the current one is computed, and write each case's outputs in a third thread while the
+    next is computed (at most one case ahead, one computed and one being written). False runs the
+    three stages one after the other; outputs and rows are the same either way. ``seconds`` of a
+    case is the sum of its own stages.
     """
     if engine not in ENGINES:
         raise HiMatchADError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
@@ -399,20 +585,8 @@ def run_batch(
         raise HiMatchADError(f"the local engine takes no options (got {', '.join(sorted(engine_options))})")
     say = log or _warn
     out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say)
-    reporter = getattr(detector, "reporter", None)
-    summary = out_root / SUMMARY_NAME
-    rows: list = []
+    rows = _run_local(detector, cases, out_root, current, overwrite=overwrite, progress=progress, say=say, prefetch=prefetch)
     total = len(cases)
-    for i, case in enumerate(cases):
-        if reporter is not None and hasattr(reporter, "check"):
-            reporter.check()  # the detector's cancel event stops the batch between cases too
-        if progress is not None:
-            progress(f"Case {i + 1}/{total}: {case.case}", i, total)
-        start = time.perf_counter()
-        row = run_case(detector, case, out_root, current, overwrite=overwrite, log=say)
-        row["seconds"] = round(time.perf_counter() - start, 3)
-        rows.append(row)
-        write_summary(summary, rows)
     if progress is not None:
         progress(f"{total} cases finished", total, total)
     return rows

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -47,6 +48,27 @@ CALIBRATION_FORMAT = 3
 MIN_CALIBRATION_SLICES = 8
 #: Version of the cached mixture file (2: with soft and hard component counts).
 DPMM_FORMAT = 2
+
+
+@dataclass
+class PreparedQuery:
+    """A query read, checked and prepared by :meth:`HiMatchDetector.prepare`, for :meth:`~HiMatchDetector.predict`.
+
+    ``settings`` are the preparation settings it was made with (``predict`` prepares the image again
+    when the detector's differ). It stands for the file it was read from: ``os.fspath(query)`` is
+    that path, so code written for paths accepts it.
+    """
+
+    image: Image
+    prep: PreparedVolume
+    settings: dict
+    read_s: float  # seconds spent reading the image
+    preprocess_s: float  # seconds spent preparing it
+
+    def __fspath__(self) -> str:
+        if self.image.path is None:
+            raise TypeError(f"{self.image.name} was not read from a file")
+        return str(self.image.path)
 
 
 class HiMatchDetector:
@@ -217,7 +239,7 @@ class HiMatchDetector:
         self.slice_subject: Optional[np.ndarray] = None  # subject index of each bank slice
         self.subjects: list = []  # subject names
         self.fit_warnings: list = []
-        self._checked: Optional[dict] = None  # the query last read by check_query
+        self._checked: Optional[PreparedQuery] = None  # the query last read by check_query
         self._fitted_pattern: Optional[str] = None
 
     # ------------------------------------------------------------------ settings
@@ -674,14 +696,17 @@ class HiMatchDetector:
         if self.bank is None or self.scorer is None:
             raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
 
-    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
-        """Read a query and check that it can be analysed, without the model or the normal bank.
+    def prepare(self, image: Union[str, os.PathLike, Image]) -> "PreparedQuery":
+        """Read a query and prepare it for :meth:`predict`, without the model or the normal bank.
 
-        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
-        and this detector's modality preset must find finite, non-constant values and a foreground
-        in it; otherwise :class:`HiMatchADError` says why. Returns the :class:`Image`; passing it to
-        :meth:`predict` reuses the reading and the preparation. Call it before :meth:`fit` so that a
-        bad input is reported before the normal bank is built.
+        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D,
+        on a grid the output files can store exactly, and this detector's modality preset must find
+        finite, non-constant values and a foreground in it; otherwise :class:`HiMatchADError` says
+        why. Returns a :class:`PreparedQuery` to pass to :meth:`predict`.
+
+        Thread-safe: it reads the detector's settings (and the loaded bank's pixel spacing and
+        modality) but never changes the detector or runs the model, so it may run in another thread
+        while :meth:`predict` analyses another query (the batch runner reads the next case so).
         """
         t = time.perf_counter()
         img = image if isinstance(image, Image) else read_image(image)
@@ -690,21 +715,35 @@ class HiMatchDetector:
         t = time.perf_counter()
         settings = self._prep_settings()
         prep = prepare_volume(img, **settings)
-        self._checked = {"image": img, "prep": prep, "settings": settings, "read": t_read, "preprocess": time.perf_counter() - t}
-        return img
+        return PreparedQuery(img, prep, settings, t_read, time.perf_counter() - t)
 
-    def _prepared(self, image: Union[str, os.PathLike, Image], timings: dict) -> tuple[Image, PreparedVolume]:
-        """The query read and prepared: by an earlier :meth:`check_query` of this very image (used
-        once), else now. ``timings`` gets the read and preprocess seconds either way."""
-        checked, self._checked = self._checked, None
-        if checked is None or checked["image"] is not image or checked["settings"] != self._prep_settings():
-            self.check_query(image)
-            checked, self._checked = self._checked, None
-        timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
-        return checked["image"], checked["prep"]
+    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
+        """Read a query and check that it can be analysed (see :meth:`prepare`); returns the :class:`Image`.
 
-    def predict(self, image: Union[str, os.PathLike, Image]) -> DetectionResult:
-        """Detect anomalies in a 3D volume or 2D image (path or :class:`Image`)."""
+        Passing the returned image to :meth:`predict` reuses the reading and the preparation. Call it
+        before :meth:`fit` so that a bad input is reported before the normal bank is built.
+        """
+        self._checked = self.prepare(image)
+        return self._checked.image
+
+    def _prepared(self, image: Union[str, os.PathLike, Image, "PreparedQuery"], timings: dict) -> tuple[Image, PreparedVolume]:
+        """The query read and prepared: ``image`` itself when it is a :class:`PreparedQuery`, or by
+        an earlier :meth:`check_query` of this very image (used once), else now; prepared again
+        when the preparation settings changed since (a bank loaded in between). ``timings`` gets the
+        read and preprocess seconds either way."""
+        query, self._checked = self._checked, None
+        if isinstance(image, PreparedQuery):
+            query = image
+        elif query is not None and query.image is not image:
+            query = None
+        if query is None or query.settings != self._prep_settings():
+            query = self.prepare(query.image if query is not None else image)
+        timings["read"], timings["preprocess"] = query.read_s, query.preprocess_s
+        return query.image, query.prep
+
+    def predict(self, image: Union[str, os.PathLike, Image, "PreparedQuery"]) -> DetectionResult:
+        """Detect anomalies in a 3D volume or 2D image (path, :class:`Image`, or a
+        :class:`PreparedQuery` from :meth:`prepare`)."""
         self._check_fitted()
         t_start = time.perf_counter()
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
