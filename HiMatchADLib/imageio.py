@@ -16,6 +16,7 @@ import socket
 import stat
 import struct
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -355,16 +356,28 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     return sorted(found)
 
 
+_quiet_lock = threading.Lock()
+_quiet_state = {"depth": 0, "previous": True}
+
+
 @contextlib.contextmanager
 def _quiet_itk():
+    """ITK's warnings off inside (a process-wide switch: threads that read and write at the same
+    time share it, and the last one out restores it)."""
     import SimpleITK as sitk
 
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    with _quiet_lock:
+        if _quiet_state["depth"] == 0:
+            _quiet_state["previous"] = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)
+        _quiet_state["depth"] += 1
     try:
         yield
     finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+        with _quiet_lock:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                sitk.ProcessObject.SetGlobalWarningDisplay(_quiet_state["previous"])
 
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
