@@ -17,6 +17,7 @@ import numpy as np
 from .errors import HiMatchADError
 from .imageio import IMAGE_SUFFIXES, Image
 from .orientation import IDENTITY, Reorientation, canonical_reorientation
+from .result import component_sizes
 
 PRESETS: dict[str, dict] = {
     # Robust percentile scaling: the background level (0.5th percentile of all voxels) -> 0 and the
@@ -43,6 +44,80 @@ _CANONICAL_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
+#: Whole volumes are scanned in blocks of slices of about this many voxels (16 MiB as float32), so
+#: that no full-size temporary (a mask, a float copy) is made: a 512 x 512 x 400 CT is 105 million
+#: voxels, and each such temporary would cost 100-800 MiB.
+BLOCK_VOXELS = 1 << 22
+#: Intensity statistics are computed on a deterministic subsample of at most about this many voxels.
+MAX_SAMPLE = 2_000_000
+
+
+def _blocks(array: np.ndarray):
+    """Slices of the first axis of ``array`` holding about :data:`BLOCK_VOXELS` voxels each."""
+    n = array.shape[0] if array.ndim else 0
+    per = max(1, BLOCK_VOXELS // max(1, int(np.prod(array.shape[1:], dtype=np.int64))))
+    for a in range(0, n, per):
+        yield slice(a, min(n, a + per))
+
+
+def _pad_values(pad, dtype) -> Optional[np.ndarray]:
+    return np.asarray(pad, dtype) if len(pad) else None
+
+
+def _valid(block: np.ndarray, pad: Optional[np.ndarray]) -> np.ndarray:
+    """Voxels of ``block`` that are finite and hold none of the padding values ``pad``."""
+    ok = np.isfinite(block)
+    if pad is not None:
+        ok &= ~np.isin(block, pad)
+    return ok
+
+
+def _sample(values: np.ndarray, valid_of: Optional[np.ndarray] = None, pad: Optional[np.ndarray] = None, limit: int = MAX_SAMPLE) -> np.ndarray:
+    """``values[m][:: n // limit + 1]`` (or ``values[m]`` when ``n <= limit``), where ``m`` marks the
+    valid voxels (:func:`_valid`) of ``valid_of`` (default ``values``) and ``n`` is their number:
+    the same sample, in C order of the arrays' shape, without full-size temporaries."""
+    src = values if valid_of is None else valid_of
+    n = sum(int(np.count_nonzero(_valid(src[b], pad))) for b in _blocks(src))
+    step = n // limit + 1 if n > limit else 1
+    parts, seen = [], 0
+    for b in _blocks(src):
+        picked = values[b][_valid(src[b], pad)]
+        parts.append(picked[(-seen) % step :: step].copy())  # not a view that keeps the block alive
+        seen += picked.size
+    return np.concatenate(parts) if parts else np.zeros(0, values.dtype)
+
+
+def _valid_range(array: np.ndarray, pad: Optional[np.ndarray]) -> tuple:
+    """(lowest, highest) valid value of ``array`` (:func:`_valid`); (inf, -inf) when there is none."""
+    lo, hi = np.inf, -np.inf
+    for b in _blocks(array):
+        block = array[b]
+        ok = _valid(block, pad)
+        if ok.any():
+            lo = min(lo, float(np.min(block, where=ok, initial=np.inf)))
+            hi = max(hi, float(np.max(block, where=ok, initial=-np.inf)))
+    return lo, hi
+
+
+def _percentile_below(array: np.ndarray, q: float, value: float) -> bool:
+    """Whether ``np.percentile(array[np.isfinite(array)], q) < value`` (False without finite voxels),
+    from counts over blocks instead of a sorted copy of the volume."""
+    n = below = 0
+    for b in _blocks(array):
+        block = array[b]
+        fin = np.isfinite(block)
+        n += int(np.count_nonzero(fin))
+        below += int(np.count_nonzero(fin & (block < value)))
+    if n == 0:
+        return False
+    k = int(np.floor(np.true_divide(q, 100) * (n - 1)))  # the percentile lies between sorted values k and k + 1
+    if below > k + 1:
+        return True  # both are below
+    if below <= k:
+        return False  # value k is not below, nor anything interpolated above it
+    finite = array[np.isfinite(array)]  # between the two: interpolate as numpy does (rare)
+    return float(np.percentile(finite, q)) < value
+
 
 def resolve_modality(image: Image, modality: str) -> str:
     modality = (modality or "auto").lower()
@@ -52,10 +127,7 @@ def resolve_modality(image: Image, modality: str) -> str:
         return modality
     if image.pixel_type == "uint8" and image.is_2d:
         return "8bit"
-    finite = image.array[np.isfinite(image.array)]
-    if finite.size and float(np.percentile(finite, 1)) < -500:
-        return "ct"
-    return "mri"
+    return "ct" if _percentile_below(image.array, 1, -500) else "mri"
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
@@ -86,9 +158,7 @@ def padding_values(array: np.ndarray, min_fraction: float = 1e-3, min_count: int
     percentile range) than that range is wide. A background of zeros or a saturated 8-bit maximum
     is not: it lies next to the other values.
     """
-    vals = array[np.isfinite(array)]
-    if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
-        vals = vals[:: vals.size // 2_000_000 + 1]
+    vals = _sample(array)  # deterministic subsample for speed on big volumes
     if vals.size < 10:
         return []
     step = array.size / max(vals.size, 1)  # voxels per sampled value
@@ -105,56 +175,86 @@ def padding_values(array: np.ndarray, min_fraction: float = 1e-3, min_count: int
     return sorted(v for v in candidates if v < lo - span or v > hi + span)
 
 
-def normalise(array: np.ndarray, preset: dict) -> np.ndarray:
-    """Map intensities to [0, 1] by the preset's rule; non-finite voxels become 0."""
-    finite = np.isfinite(array)
-    a = np.where(finite, array, np.nan).astype(np.float32)
+def normalise(array: np.ndarray, preset: dict, *, pad=(), slice_axis: Optional[int] = None) -> np.ndarray:
+    """Map intensities to [0, 1] by the preset's rule; non-finite voxels and the padding values
+    ``pad`` become 0 (and take no part in the statistics). float32, made block by block.
+
+    With ``slice_axis`` the result has that axis first (C-contiguous), ready to be sliced.
+    """
+    pad_arr = _pad_values(pad, array.dtype)
     kind = preset["scaling"]
     if kind == "divide":
-        out = a / float(preset["divisor"])
+        divisor = float(preset["divisor"])
+
+        def scale(a):
+            return a / divisor
     elif kind == "window":
         lo = preset["level"] - preset["width"] / 2.0
-        out = (a - lo) / float(preset["width"])
+        width = float(preset["width"])
+
+        def scale(a):
+            return (a - lo) / width
     elif kind == "percentile":
-        vals = a[finite]
-        if vals.size > 2_000_000:  # deterministic subsample for speed on big volumes
-            vals = vals[:: vals.size // 2_000_000 + 1]
+        vals = _sample(array, pad=pad_arr).astype(np.float32, copy=False)  # deterministic subsample for speed on big volumes
         lo = float(np.percentile(vals, preset["low"]))
         fg_vals = vals[vals > otsu_threshold(vals) * float(preset.get("stats_otsu_factor", 1.0))]
         hi = float(np.percentile(fg_vals if fg_vals.size else vals, preset["high"]))
         if hi <= lo:
             hi = float(vals.max())
-        out = (a - lo) / max(hi - lo, 1e-6) * float(preset.get("high_value", 1.0))
+        span, top = max(hi - lo, 1e-6), float(preset.get("high_value", 1.0))
+
+        def scale(a):
+            return (a - lo) / span * top
     else:  # pragma: no cover - presets are data checked by tests
         raise ValueError(f"unknown scaling {kind}")
-    return np.nan_to_num(np.clip(out, 0.0, 1.0), nan=0.0).astype(np.float32)
+    src = array if slice_axis is None else np.moveaxis(array, slice_axis, 0)
+    out = np.empty(src.shape, np.float32)
+    for b in _blocks(src):
+        block = src[b]
+        a = np.where(_valid(block, pad_arr), block, np.nan).astype(np.float32)
+        out[b] = np.nan_to_num(np.clip(scale(a), 0.0, 1.0), nan=0.0)
+    return out
 
 
-def foreground_mask(array: np.ndarray, normalised: np.ndarray, preset: dict, slice_axis: int = 0) -> np.ndarray:
-    """Boolean foreground of a (canonical) volume; holes are filled slice by slice."""
+def foreground_mask(array: np.ndarray, normalised: Optional[np.ndarray], preset: dict, slice_axis: int = 0, *, pad=()) -> np.ndarray:
+    """Boolean foreground of a (canonical) volume; holes are filled slice by slice.
+
+    ``normalised`` (same shape as ``array``; not used by the CT body rule, which may get None) is
+    what :func:`normalise` made of it; voxels that are not finite or hold a padding value ``pad`` are
+    background. The mask is stored slice axis first: ``np.moveaxis(mask, slice_axis, 0)`` is
+    C-contiguous.
+    """
     from scipy import ndimage
 
-    finite = np.isfinite(array)
+    pad_arr = _pad_values(pad, array.dtype)
+    src = np.moveaxis(array, slice_axis, 0)
     if preset["foreground"] == "hu":
-        mask = finite & (np.nan_to_num(array, nan=-1e4) > preset["hu_min"])
+        hu_min = preset["hu_min"]
+
+        def block_mask(b):
+            block = src[b]
+            return _valid(block, pad_arr) & (block > hu_min)
     else:
-        vals = normalised[finite]
-        if vals.size > 2_000_000:
-            vals = vals[:: vals.size // 2_000_000 + 1]
-        t = otsu_threshold(vals) * float(preset.get("otsu_factor", 0.5))
-        mask = finite & (normalised > max(t, 1e-3))
-    moved = np.moveaxis(mask, slice_axis, 0)
-    filled = np.empty_like(moved)
-    for n in range(moved.shape[0]):
-        filled[n] = ndimage.binary_fill_holes(moved[n])
-    mask = np.moveaxis(filled, 0, slice_axis)
-    if preset["foreground"] == "hu" and mask.any():
-        labels, n = ndimage.label(mask)
+        vals = _sample(normalised, valid_of=array, pad=pad_arr)
+        t = max(otsu_threshold(vals) * float(preset.get("otsu_factor", 0.5)), 1e-3)
+        norm = np.moveaxis(normalised, slice_axis, 0)
+
+        def block_mask(b):
+            return _valid(src[b], pad_arr) & (norm[b] > t)
+    filled = np.empty(src.shape, bool)
+    for b in _blocks(src):
+        mask = block_mask(b)
+        for n in range(mask.shape[0]):
+            filled[b.start + n] = ndimage.binary_fill_holes(mask[n])
+    if preset["foreground"] == "hu" and filled.any():
+        labels, n = ndimage.label(np.ascontiguousarray(np.moveaxis(filled, 0, slice_axis)))
         if n > 1:
-            sizes = np.bincount(labels.ravel())
+            sizes = component_sizes(labels, n)
             sizes[0] = 0
-            mask = labels == int(np.argmax(sizes))
-    return mask
+            largest = labels == int(np.argmax(sizes))
+            del labels
+            filled = np.ascontiguousarray(np.moveaxis(largest, slice_axis, 0))
+    return np.moveaxis(filled, 0, slice_axis)
 
 
 @dataclass(frozen=True)
@@ -196,8 +296,10 @@ class PreparedVolume:
     """A volume in canonical orientation, normalised, with its foreground and slicing axis.
 
     ``canonical`` and ``foreground`` are what the model sees. With a common pixel spacing
-    (``plane`` set) they lie on the model canvas; ``native`` and ``native_foreground`` keep the
-    slices on the input's own grid (otherwise they are the same arrays).
+    (``plane`` set) they lie on the model canvas and ``native_foreground`` keeps the foreground on
+    the input's own grid (:attr:`native_shape`); otherwise they are the same arrays. ``native``, the
+    normalised slices on the input's grid, is ``canonical`` without a plane; with one it is not kept
+    (None): the model sees the canvas only, and a CT's normalised volume is hundreds of MiB.
     """
 
     image: Image
@@ -216,10 +318,15 @@ class PreparedVolume:
     native_foreground: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        if self.native is None:
+        if self.native is None and self.plane is None:
             self.native = self.canonical
         if self.native_foreground is None:
             self.native_foreground = self.foreground
+
+    @property
+    def native_shape(self) -> tuple:
+        """``(slices, rows, columns)`` on the input's own grid (slice axis first)."""
+        return tuple(self.native_foreground.shape)
 
     def map_to_native(self, maps: np.ndarray) -> np.ndarray:
         """(B, h, w) maps on the model's slice grid (``canonical``) -> (B, H, W) on the native grid."""
@@ -310,19 +417,21 @@ def plan_plane(native_hw, pixel_spacing, foreground_box, spacing_mm: float, reso
     return PlaneMap((H, W), tuple(int(v) for v in box), (h, w), offset, canvas, float(s)), warn
 
 
-def _to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear") -> np.ndarray:
+def _to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear", threshold: Optional[float] = None) -> np.ndarray:
+    """Slices resampled onto the model canvas (float32), or, with ``threshold``, the boolean mask of
+    the resampled values at or above it (made block by block, without the float canvas)."""
     import torch
     import torch.nn.functional as F
 
     r0, r1, c0, c1 = plane.box
     h, w = plane.scaled_hw
-    out = np.zeros((slices.shape[0],) + tuple(plane.canvas_hw), np.float32)
+    out = np.zeros((slices.shape[0],) + tuple(plane.canvas_hw), np.float32 if threshold is None else bool)
     for a in range(0, slices.shape[0], 64):  # bounded memory on long volumes
         x = torch.from_numpy(np.ascontiguousarray(slices[a : a + 64, r0:r1, c0:c1], dtype=np.float32))[:, None]
         antialias = h < (r1 - r0) or w < (c1 - c0)
         y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)[:, 0].numpy()
         oy, ox = plane.offset
-        out[a : a + 64, oy : oy + h, ox : ox + w] = y
+        out[a : a + 64, oy : oy + h, ox : ox + w] = y if threshold is None else y >= threshold
     return out
 
 
@@ -345,27 +454,30 @@ def prepare_volume(
     preset = PRESETS[mod]
     reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
     axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
-    raw = reo.to_canonical(image.array)
+    raw = reo.to_canonical(image.array)  # a view: nothing below copies the whole volume but the normalised one
     warn: list[str] = list(image.warnings)
     pad = padding_values(raw) if preset["scaling"] != "divide" else []
+    pad_arr = _pad_values(pad, raw.dtype)
     if pad:  # neither foreground nor part of the intensity statistics
-        is_pad = np.isin(raw, np.asarray(pad, raw.dtype))
-        raw = np.where(is_pad, np.float32(np.nan), raw.astype(np.float32, copy=False))
+        n_pad = sum(int(np.count_nonzero(np.isin(raw[b], pad_arr))) for b in _blocks(raw))
         warn.append(
-            f"{image.name}: {int(is_pad.sum())} voxels ({100.0 * is_pad.mean():.2g} %) hold the padding value(s) "
+            f"{image.name}: {n_pad} voxels ({100.0 * n_pad / raw.size:.2g} %) hold the padding value(s) "
             f"{', '.join(f'{v:g}' for v in pad)}: excluded from the foreground and the intensity statistics"
         )
-    finite = raw[np.isfinite(raw)]
-    if finite.size == 0:
+    lo, hi = _valid_range(raw, pad_arr)
+    if lo > hi:
         raise HiMatchADError(f"{image.name}: no finite voxel")
-    if float(finite.max()) == float(finite.min()):
-        raise HiMatchADError(f"{image.name}: the image is constant (every voxel is {float(finite.min()):g}); nothing to analyse")
-    norm = normalise(raw, preset)
-    fg = foreground_mask(raw, norm, preset, axis)
+    if hi == lo:
+        raise HiMatchADError(f"{image.name}: the image is constant (every voxel is {lo:g}); nothing to analyse")
+    if preset["foreground"] == "hu":  # needs no normalised values: its components are labelled before they exist
+        fg = foreground_mask(raw, None, preset, axis, pad=pad)
+        norm = normalise(raw, preset, pad=pad, slice_axis=axis)
+    else:
+        norm = normalise(raw, preset, pad=pad, slice_axis=axis)
+        fg = foreground_mask(raw, np.moveaxis(norm, 0, axis), preset, axis, pad=pad)
     if not fg.any():
         raise HiMatchADError(f"{image.name}: no foreground found (the image is empty or nearly constant)")
-    norm = np.ascontiguousarray(np.moveaxis(norm, axis, 0))
-    fg = np.ascontiguousarray(np.moveaxis(fg, axis, 0))
+    fg = np.ascontiguousarray(np.moveaxis(fg, axis, 0))  # stored slice axis first: no copy
     n = norm.shape[0]
     if image.is_2d or n == 1:
         positions = np.full(n, np.nan, dtype=np.float32)
@@ -388,7 +500,7 @@ def prepare_volume(
         if w:
             warn.append(f"{image.name}: {w}")
         norm = _to_canvas(native, plane)
-        fg = _to_canvas(native_fg, plane) >= 0.5
+        fg = _to_canvas(native_fg, plane, threshold=0.5)
     return PreparedVolume(
         image=image,
         modality=mod,
@@ -402,7 +514,7 @@ def prepare_volume(
         slice_spacing=float(sp[axis]),
         warnings=warn,
         plane=plane,
-        native=native,
+        native=native if plane is None else None,
         native_foreground=native_fg,
     )
 

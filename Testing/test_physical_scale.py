@@ -62,7 +62,7 @@ def test_maps_return_to_the_native_grid_at_the_right_place():
     """A spot on the native grid goes to the canvas and back to the same native pixels."""
     img, _ = _disc_volume(90, 130, (1.2, 0.7))
     prep = prepare_volume(img, "mri", "axial", 0.6, 224, 16)
-    native = np.zeros((1,) + prep.native.shape[1:], np.float32)
+    native = np.zeros((1,) + prep.native_shape[1:], np.float32)
     native[0, 40:46, 70:78] = 1.0
     from HiMatchADLib.preprocess import _to_canvas
 
