@@ -23,6 +23,15 @@ class Support:
         return {"source": self.source, "slice_index": int(self.slice_index), "similarity": round(float(self.similarity), 6)}
 
 
+def component_sizes(labels: np.ndarray, n: int) -> np.ndarray:
+    """Voxels of each label ``0..n`` of a labelled array: ``np.bincount(labels.ravel())``, counted by
+    blocks of slices (bincount and indexing convert the whole array to 64-bit integers first)."""
+    sizes = np.zeros(n + 1, np.int64)
+    for a in range(0, labels.shape[0], 16):
+        sizes += np.bincount(labels[a : a + 16].ravel(), minlength=n + 1)
+    return sizes
+
+
 def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     """Drop connected components (26-connected in 3D, 8-connected in 2D) smaller than ``min_size`` voxels."""
     from scipy import ndimage
@@ -36,10 +45,11 @@ def remove_small_components(mask: np.ndarray, min_size: int) -> np.ndarray:
     labels, n = ndimage.label(m, structure=structure)
     if n == 0:
         return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
+    keep = component_sizes(labels, n) >= min_size
     keep[0] = False
-    out = keep[labels]
+    out = np.empty(labels.shape, bool)
+    for a in range(0, labels.shape[0], 16):  # by blocks, as in component_sizes
+        out[a : a + 16] = keep[labels[a : a + 16]]
     return out[None] if squeeze else out
 
 
