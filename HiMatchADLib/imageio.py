@@ -496,7 +496,7 @@ def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Ima
         dim = 3
     pixel_type = img.GetPixelIDTypeAsString()
     ncomp = img.GetNumberOfComponentsPerPixel()
-    arr = sitk.GetArrayFromImage(img)
+    arr = sitk.GetArrayViewFromImage(img)  # valid while img lives: copied to float32 below
     if ncomp > 1:
         # Colour (RGB/RGBA) slices: luminance of the first three channels.
         rgb = arr[..., :3].astype(np.float32)
@@ -507,7 +507,7 @@ def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Ima
             "crop or resample the volume first"
         )
     eight_bit = "8-bit" in pixel_type
-    arr = np.asarray(arr, dtype=np.float32)
+    arr = np.array(arr, dtype=np.float32)  # a copy, never the view of img's buffer
     if dim == 2:
         sp = img.GetSpacing() + (1.0,)
         org = img.GetOrigin() + (0.0,)
@@ -685,8 +685,10 @@ def check_storable(geometry: Geometry, path: str | os.PathLike) -> None:
         )
 
 
-def _verify_written(tmp: Path, img, geometry: Geometry, final: Path, lossy: bool) -> None:
-    """Read a written file back and compare it with what was meant (sizes, geometry, voxels)."""
+def _verify_written(tmp: Path, img: dict, voxels: np.ndarray, final: Path, lossy: bool) -> None:
+    """Read a written file back and compare it with what was meant: ``img`` holds the written
+    image's ``size``, ``components``, ``spacing``, ``origin`` and ``direction``, ``voxels`` its array
+    (numpy order), which ITK's copy was made from (freed before the read-back)."""
     import SimpleITK as sitk
 
     try:
@@ -694,17 +696,21 @@ def _verify_written(tmp: Path, img, geometry: Geometry, final: Path, lossy: bool
     except HiMatchADError as exc:
         raise HiMatchADError(f"writing {final} failed: the file read back is incomplete (disk full?): {exc}") from exc
     problem = None
-    if back.GetSize() != img.GetSize() or back.GetNumberOfComponentsPerPixel() != img.GetNumberOfComponentsPerPixel():
-        problem = f"size {back.GetSize()} instead of {img.GetSize()}"
-    elif not np.allclose(back.GetSpacing(), img.GetSpacing(), rtol=1e-5, atol=1e-6):
-        problem = f"spacing {back.GetSpacing()} instead of {img.GetSpacing()}"
-    elif not np.allclose(back.GetOrigin(), img.GetOrigin(), rtol=1e-5, atol=1e-4):
-        problem = f"origin {back.GetOrigin()} instead of {img.GetOrigin()}"
-    elif not np.allclose(back.GetDirection(), img.GetDirection(), atol=1e-5):
+    if back.GetSize() != img["size"] or back.GetNumberOfComponentsPerPixel() != img["components"]:
+        problem = f"size {back.GetSize()} instead of {img['size']}"
+    elif not np.allclose(back.GetSpacing(), img["spacing"], rtol=1e-5, atol=1e-6):
+        problem = f"spacing {back.GetSpacing()} instead of {img['spacing']}"
+    elif not np.allclose(back.GetOrigin(), img["origin"], rtol=1e-5, atol=1e-4):
+        problem = f"origin {back.GetOrigin()} instead of {img['origin']}"
+    elif not np.allclose(back.GetDirection(), img["direction"], atol=1e-5):
         problem = "a different direction matrix"
     elif not lossy:
-        a, b = sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(back)
-        same = np.array_equal(a, b, equal_nan=True) if a.dtype.kind == "f" else np.array_equal(a, b)
+        a, b = voxels, sitk.GetArrayViewFromImage(back)
+        nan = a.dtype.kind == "f"
+        step = max(1, (1 << 22) // max(1, a[0].size))  # by blocks: no full-size temporaries
+        same = a.shape == b.shape and all(
+            np.array_equal(a[i : i + step], b[i : i + step], equal_nan=nan) for i in range(0, a.shape[0], step)
+        )
         if not same:
             problem = "different voxel values"
     if problem is not None:
@@ -721,6 +727,10 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
 
     check_storable(geometry, path)
     img = to_sitk(array, geometry)
+    meant = {
+        "size": img.GetSize(), "components": img.GetNumberOfComponentsPerPixel(), "spacing": img.GetSpacing(),
+        "origin": img.GetOrigin(), "direction": img.GetDirection(),
+    }
     lossy = str(path).lower().endswith((".jpg", ".jpeg"))
     with atomic_path(path) as tmp:
         try:
@@ -728,7 +738,9 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
                 sitk.WriteImage(img, str(tmp), compress)
         except RuntimeError as exc:
             raise HiMatchADError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc
-        _verify_written(tmp, img, geometry, Path(path), lossy)
+        del img  # ITK's copy of the voxels goes before the file is read back
+        voxels = np.asarray(array)
+        _verify_written(tmp, meant, voxels[0] if geometry.is_2d else voxels, Path(path), lossy)
     return Path(path)
 
 
