@@ -55,12 +55,14 @@ class PreparedQuery:
     """A query read, checked and prepared by :meth:`HiMatchDetector.prepare`, for :meth:`~HiMatchDetector.predict`.
 
     ``settings`` are the preparation settings it was made with (``predict`` prepares the image again
-    when the detector's differ). It stands for the file it was read from: ``os.fspath(query)`` is
-    that path, so code written for paths accepts it.
+    when the detector's differ). ``predict`` takes ``prep`` out of it (``prep`` is then None), so that
+    the prepared volume is freed as soon as its maps are made; passed again, the query is prepared
+    again from ``image``. It stands for the file it was read from: ``os.fspath(query)`` is that
+    path, so code written for paths accepts it.
     """
 
     image: Image
-    prep: PreparedVolume
+    prep: Optional[PreparedVolume]
     settings: dict
     read_s: float  # seconds spent reading the image
     preprocess_s: float  # seconds spent preparing it
@@ -560,7 +562,7 @@ class HiMatchDetector:
                 queries += qs
                 masks += fgs
             scores = self.scorer.score(queries, fuse=False) if isinstance(self.scorer, HiMatchScorer) else self.scorer.score(queries)
-            where = (prep.plane, prep.native.shape[1:])
+            where = (prep.plane, prep.native_shape[1:])
             collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
             done += len(ids)
             self.reporter(msg, done, len(cal_ids))
@@ -728,18 +730,20 @@ class HiMatchDetector:
 
     def _prepared(self, image: Union[str, os.PathLike, Image, "PreparedQuery"], timings: dict) -> tuple[Image, PreparedVolume]:
         """The query read and prepared: ``image`` itself when it is a :class:`PreparedQuery`, or by
-        an earlier :meth:`check_query` of this very image (used once), else now; prepared again
-        when the preparation settings changed since (a bank loaded in between). ``timings`` gets the
-        read and preprocess seconds either way."""
+        an earlier :meth:`check_query` of this very image, else now; prepared again when the
+        preparation settings changed since (a bank loaded in between). The prepared volume is taken
+        out of the query (used once), so that :meth:`predict` can free it as soon as the maps are
+        made. ``timings`` gets the read and preprocess seconds either way."""
         query, self._checked = self._checked, None
         if isinstance(image, PreparedQuery):
             query = image
         elif query is not None and query.image is not image:
             query = None
-        if query is None or query.settings != self._prep_settings():
+        if query is None or query.prep is None or query.settings != self._prep_settings():
             query = self.prepare(query.image if query is not None else image)
+        prep, query.prep = query.prep, None
         timings["read"], timings["preprocess"] = query.read_s, query.preprocess_s
-        return query.image, query.prep
+        return query.image, prep
 
     def predict(self, image: Union[str, os.PathLike, Image, "PreparedQuery"]) -> DetectionResult:
         """Detect anomalies in a 3D volume or 2D image (path, :class:`Image`, or a
@@ -752,7 +756,7 @@ class HiMatchDetector:
         bank_warnings = self._check_against_bank(img, prep)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
-        heat = np.zeros(prep.native.shape, np.float32)
+        heat = np.zeros(prep.native_shape, np.float32)
         n = prep.n_slices
         slice_scores = np.full(n, np.nan, np.float32)
         supports: list = [[] for _ in range(n)]
@@ -787,8 +791,11 @@ class HiMatchDetector:
         t = time.perf_counter()
         heat_in = prep.to_input_grid(heat)
         fg_in = prep.to_input_grid(prep.native_foreground)
+        native_hw, plane, flipped = heat.shape[1:], prep.plane, prep.reorientation.flips[prep.slice_axis_canonical]
+        prep_warnings, axis_in, modality_used = list(prep.warnings), prep.slice_axis_input, prep.modality
+        del heat, prep  # the normalised volume and its canvas are freed before the labelmap is made
         order = np.arange(n)
-        if prep.reorientation.flips[prep.slice_axis_canonical]:
+        if flipped:
             order = order[::-1]  # slice i of the canonical stack is input index n-1-i
         in_scores = np.full(n, np.nan, np.float32)
         in_scores[order] = slice_scores
@@ -802,14 +809,14 @@ class HiMatchDetector:
                 min_size = 1
             else:
                 p = self.extractor.patch_size
-                if prep.plane is None:  # native pixels per model pixel, per axis
-                    fy, fx = heat.shape[1] / (grid_px[0] * p), heat.shape[2] / (grid_px[1] * p)
+                if plane is None:  # native pixels per model pixel, per axis
+                    fy, fx = native_hw[0] / (grid_px[0] * p), native_hw[1] / (grid_px[1] * p)
                 else:
-                    r0, r1, c0, c1 = prep.plane.box
-                    fy, fx = (r1 - r0) / prep.plane.scaled_hw[0], (c1 - c0) / prep.plane.scaled_hw[1]
+                    r0, r1, c0, c1 = plane.box
+                    fy, fx = (r1 - r0) / plane.scaled_hw[0], (c1 - c0) / plane.scaled_hw[1]
                 min_size = max(1, int(round(p * fy * p * fx)))
         volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
-        warn = list(prep.warnings) + bank_warnings
+        warn = prep_warnings + bank_warnings
         if not all_patch:
             warn.append("no slice had enough foreground to be scored")
         result = DetectionResult(
@@ -817,7 +824,7 @@ class HiMatchDetector:
             foreground=fg_in,
             threshold=float(threshold),
             geometry=img.geometry,
-            slice_axis=prep.slice_axis_input,
+            slice_axis=axis_in,
             slice_scores=in_scores,
             volume_score=volume_score,
             supports=in_supports,
@@ -828,7 +835,7 @@ class HiMatchDetector:
             source_path=img.path,
             settings={
                 **self.settings(),
-                "modality_used": prep.modality,
+                "modality_used": modality_used,
                 "bank_modality": self.bank.manifest["settings"].get("modality"),
                 "bank_dims": self.bank.manifest["settings"].get("dims"),
                 "normals": str(self.normals_dir) if self.normals_dir else None,
@@ -842,7 +849,8 @@ class HiMatchDetector:
                 "normal_pixel_median": (self.calibration.get("normal_pixel_quantiles") or {}).get("0.5"),
             },
         )
-        result.image_array = img.array
+        if img.is_2d:  # the input slice, for the overlay PNG (a volume's input array is not kept)
+            result.image_array = img.array
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings

@@ -133,8 +133,8 @@ def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike], foreg
     except OSError as exc:
         raise HiMatchADError(f"cannot replace the earlier result {paths['scores']}: {exc.strerror}") from exc
     t = time.perf_counter()
-    write_image(result.heatmap.astype(np.float32), result.geometry, paths["heatmap"])
-    write_image(result.labelmap.astype(np.uint8), result.geometry, paths["labelmap"])
+    write_image(np.asarray(result.heatmap, np.float32), result.geometry, paths["heatmap"])  # no copy when already so
+    write_image(np.asarray(result.labelmap, np.uint8), result.geometry, paths["labelmap"])
     if foreground:
         write_image(result.foreground.astype(np.uint8), result.geometry, paths["foreground"])
     if "overlay" in paths:

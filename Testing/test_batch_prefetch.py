@@ -128,6 +128,8 @@ def test_prepared_query_gives_the_result_of_a_path(det, fitted, tiny_model, cach
     assert np.array_equal(from_query.heatmap, from_path.heatmap)
     assert np.array_equal(from_query.labelmap, from_path.labelmap)
     assert from_query.volume_score == from_path.volume_score
+    assert query.prep is None  # taken by predict, so that its memory goes with the maps made
+    assert np.array_equal(det.predict(query).heatmap, from_path.heatmap)  # prepared again from its image
     # prepared before the bank was loaded: prepared again with the bank's pixel spacing
     fresh = HiMatchDetector(model=tiny_model, method="knn", k=4, resolution=det.resolution, cache_dir=cache_dir)
     early = fresh.prepare(path)
