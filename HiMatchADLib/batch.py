@@ -3,7 +3,10 @@
 This is the only batch runner of the project; the command line (``himatchad batch``), the Slicer
 module (through its worker process) and the cohort engines call :func:`run_batch` or build on
 :func:`prepare_batch`, :func:`check_earlier` and :func:`run_case`. ``run_batch(..., engine="ray")``
-spreads the cases over Ray actors (:mod:`HiMatchADLib.ray_engine`) with the same outputs.
+spreads the cases over Ray actors (:mod:`HiMatchADLib.ray_engine`) with the same outputs. The local
+engine overlaps the stages of consecutive cases: a reading thread prepares the next case
+(``detector.prepare``) and a writing thread writes the previous one while this thread computes
+(``prefetch=True``, the default; at most one case ahead, one computed, one being written).
 
 Layout: the sub-folders of the input folder are mirrored under the output folder, so
 ``input/a/b/x.nii.gz`` gives ``out/a/b/x_heatmap.nii.gz``, ``x_labelmap.nii.gz`` and
@@ -415,6 +418,9 @@ class _Summary:
             if future is not None:
                 if not wait and not future.done():
                     return
+                if future.cancelled():  # stopped before its write began: neither it nor later cases are recorded
+                    self._waiting.clear()
+                    return
                 data, error, write_s = future.result()
                 seconds += write_s
                 row = _failed_row(case, self.out_root, error, self.say) if error else _ok_row(case, self.out_root, data, note, result_warnings)
@@ -431,8 +437,9 @@ def _run_local(detector, cases: list, out_root: Path, current: dict, *, overwrit
     reading thread reads and prepares the next case while this thread computes the current one,
     and a writing thread writes the previous one. At most one case is read ahead, one computed and
     one written at a time, so memory stays bounded. The rows, ``summary.csv`` and the outputs are
-    those of the sequential run; on cancellation or an interrupt both threads are joined and the
-    case being written is recorded only as its write ended (ok only with its scores JSON written).
+    those of the sequential run. On cancellation or an interrupt both threads are joined: a write
+    under way is finished and its case recorded as the write ended ("ok" only with its scores JSON
+    written), a write not yet begun is dropped with the cases after it, and nothing more is read.
     """
     reporter = getattr(detector, "reporter", None)
     summary = _Summary(out_root / SUMMARY_NAME, out_root, say)
