@@ -222,6 +222,7 @@ def test_names_stay_unique_without_series_numbers_or_with_twins(tmp_path):
         ("sizes", "has slices of different sizes"),
         ("no-position", "has 1 of 8 files without a patient position or orientation"),
     ],
+    ids=["gap", "duplicate", "tilt", "localizer-type", "stacks", "sizes", "no-position"],
 )
 def test_unusable_series_have_a_one_line_reason_and_are_refused_when_read(tmp_path, kind, expected):
     d = tmp_path / "s"
