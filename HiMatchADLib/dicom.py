@@ -130,8 +130,9 @@ class DicomSeries:
     def describe(self) -> str:
         """``name: UID (N files, MODALITY DESCRIPTION)``, as listed in messages."""
         what = " ".join(v for v in (self.modality, self.description) if v)
-        number = f"series {self.series_number}, " if self.series_number is not None else ""
-        return f"{self.name}: {self.series_uid} ({self.n_files} files, {number}{what})".replace(", )", ")")
+        number = f"series {self.series_number}" if self.series_number is not None else ""
+        details = ", ".join(v for v in (f"{self.n_files} files", number, what) if v)
+        return f"{self.name}: {self.series_uid} ({details})"
 
     def where(self) -> str:
         """``name (series N, MODALITY 'description') in FOLDER`` for error messages."""
@@ -419,11 +420,12 @@ def _placed(base: dict, paths: tuple, positions: list, orientations: list, what:
     problem = _grid_problem(sorted_positions, normal, what)
     if problem:
         return unusable(problem, ordered=ordered)
-    gaps = np.diff([float(normal @ p) for p in sorted_positions])
+    length = float(normal @ (sorted_positions[-1] - sorted_positions[0]))
     direction = np.column_stack([o[:3], o[3:], normal])
     return DicomSeries(
         files=ordered, origin=tuple(float(v) for v in sorted_positions[0]), direction=tuple(direction.reshape(-1).tolist()),
-        slice_step=float(np.mean(gaps)) if len(gaps) else 0.0, frame_order=tuple(order) if files is None else (), **base,
+        slice_step=length / (len(positions) - 1) if len(positions) > 1 else 0.0,
+        frame_order=tuple(order) if files is None else (), **base,
     )
 
 
@@ -530,11 +532,16 @@ def select_series(folder: str | os.PathLike, filters: Sequence = ()) -> DicomSer
     if len(chosen) > 1 and any(s.is_image for s in chosen):
         chosen = [s for s in chosen if s.is_image]  # SEG, SR... are never what is meant
     if len(chosen) > 1:
-        which = "match the filter" if filters else "are in it"
+        listed = "; ".join(s.describe() for s in chosen)
+        if filters:
+            raise HiMatchADError(
+                f"{len(chosen)} of the {len(series)} DICOM series in {folder} match --series-filter "
+                f"{' or '.join(str(f) for f in filters)}: {listed}. Narrow the filter until one series is left"
+            )
         raise HiMatchADError(
-            f"{folder} holds {len(series)} DICOM series and {len(chosen)} {which}: " + "; ".join(s.describe() for s in chosen)
-            + ". Choose one with --series-filter (e.g. --series-filter modality=MR,description~flair), or move the "
-            "series to analyse into a folder of its own"
+            f"{folder} holds {len(chosen)} image series (of {len(series)} DICOM series): {listed}. Choose one with "
+            "--series-filter (e.g. --series-filter modality=MR,description~flair), or move the series to analyse into "
+            "a folder of its own"
         )
     if chosen[0].problem:
         raise chosen[0].unusable_error()

@@ -431,7 +431,7 @@ def _read_series(series: DicomSeries):
             problem = f"origin {tuple(round(v, 3) for v in img.GetOrigin())} instead of {tuple(round(v, 3) for v in series.origin)}"
         elif not np.allclose(direction[:, :2], want[:, :2], atol=1e-4) or (size[2] > 1 and not np.allclose(direction[:, 2], want[:, 2], atol=1e-4)):
             problem = "another orientation"
-        elif size[2] > 1 and not np.isclose(img.GetSpacing()[2], series.slice_step, rtol=1e-3, atol=1e-4):
+        elif size[2] > 1 and not np.isclose(img.GetSpacing()[2], series.slice_step, rtol=0.01, atol=1e-4):  # steps are even to 1 %
             problem = f"slice spacing {img.GetSpacing()[2]:.4g} mm instead of {series.slice_step:.4g} mm"
         if problem is not None:
             raise HiMatchADError(

@@ -352,10 +352,10 @@ def test_select_series_picks_one_or_lists_the_candidates(study_tree):
     with pytest.raises(HiMatchADError) as info:
         select_series(mr)
     msg = str(info.value)
-    assert "holds 4 DICOM series and 3 are in it" in msg and "--series-filter" in msg
+    assert "holds 3 image series (of 4 DICOM series)" in msg and "--series-filter" in msg
     assert f"mrstudy_s3_T1_MPRAGE: {uid(101)} (8 files, series 3, MR T1 MPRAGE)" in msg and "Report" not in msg
     assert select_series(mr, parse_series_filters("description~flair")).name == "mrstudy_s5_AX_FLAIR"
-    with pytest.raises(HiMatchADError, match="2 match the filter"):
+    with pytest.raises(HiMatchADError, match=r"2 of the 4 DICOM series in .* match --series-filter description~t1\|flair: "):
         select_series(mr, parse_series_filters("description~t1|flair"))
     with pytest.raises(HiMatchADError, match="no DICOM series in .* matches --series-filter modality=CT"):
         select_series(mr, parse_series_filters("modality=CT"))
@@ -437,7 +437,7 @@ def test_broken_series_in_a_batch_are_skipped_not_failed(det, tmp_path):
 def test_a_filter_that_leaves_nothing_is_an_error_before_any_work(det, study_tree, tmp_path):
     root = study_tree[0]
     with pytest.raises(HiMatchADError, match="--series-filter left out all 6 DICOM series"):
-        run_batch(det, root, tmp_path / "out", series_filter="modality=PT")
+        run_batch(det, root, tmp_path / "out", series_filter="modality=PT", log=lambda m: None)
     with pytest.raises(HiMatchADError, match="unknown key"):
         run_batch(det, root, tmp_path / "out", series_filter="kind=PT")
     assert not (tmp_path / "out").exists()
@@ -468,7 +468,7 @@ def test_detect_on_a_study_folder_needs_a_filter_that_picks_one_series(cli, stud
     cache = tmp_path / "fresh-cache"
     code, out, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), cache=cache)
     line = _error_line(err)
-    assert code == 2 and "holds 4 DICOM series and 3 are in it" in line and "--series-filter" in line
+    assert code == 2 and "holds 3 image series (of 4 DICOM series)" in line and "--series-filter" in line
     assert "mrstudy_s5_AX_FLAIR" in line and not cache.exists()  # refused before the bank
     code, _, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality=MR,description~local", cache=cache)
     assert code == 2 and "is a localizer" in _error_line(err)
