@@ -381,7 +381,10 @@ def _describe_series(folder: Path, files: list) -> DicomSeries:
         return unusable(f"has slices of different sizes ({', '.join(sizes[:4])}); it is not one volume")
     multi = [f for f in files if f.frames > 1]
     if multi and len(files) > 1:
-        return unusable(f"mixes {len(multi)} multi-frame files with {len(files) - len(multi)} other files; put each object in a folder of its own")
+        return unusable(
+            f"holds {len(files)} files of which {len(multi)} are multi-frame objects; one volume is either one multi-frame "
+            "object or single-frame slices. Convert it with a DICOM converter first"
+        )
     if multi:
         positions, orientations, rescales = _frame_geometry(first.path)
         if not positions or any(p is None for p in positions) or any(o is None for o in orientations):
