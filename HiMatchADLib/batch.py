@@ -7,9 +7,19 @@ spreads the cases over Ray actors (:mod:`HiMatchADLib.ray_engine`) with the same
 
 Layout: the sub-folders of the input folder are mirrored under the output folder, so
 ``input/a/b/x.nii.gz`` gives ``out/a/b/x_heatmap.nii.gz``, ``x_labelmap.nii.gz`` and
-``x_scores.json`` (plus ``x_overlay.png`` for a 2D input). A DICOM series folder is one case, named
-after the folder. ``summary.csv`` in the output folder has one row per case (columns
-:data:`SUMMARY_COLUMNS`) and is rewritten atomically after every case.
+``x_scores.json`` (plus ``x_overlay.png`` for a 2D input). Every DICOM series is a case of its own
+(:mod:`HiMatchADLib.dicom`): a folder with one image series gives one case named after the folder
+(``case`` is the folder's path); the series of a folder with several are named
+``<folder>_s<SeriesNumber>_<description>`` and their ``case`` is ``<folder path>/<name>``; the
+outputs go beside the folder's mirror in both cases. ``series_filter`` keeps only the DICOM series it
+selects (the others are not cases). A series that cannot be analysed (a localizer, a DICOM SEG or
+SR, uneven slices...) is a row with status "skipped" and the reason, never a failure.
+``summary.csv`` in the output folder has one row per case (columns :data:`SUMMARY_COLUMNS`) and is
+rewritten atomically after every case.
+
+DICOM outputs (``dicom_seg``, ``dicom_heatmap``): ``<name>_seg.dcm`` (DICOM SEG of the labelmap) and
+``<name>_heatmap_pm.dcm`` (parametric map) for DICOM cases; a non-DICOM case is processed and its row
+says that none was written.
 
 In ``summary.csv`` and in the returned rows, ``input`` is the absolute path of the input, and
 ``heatmap``, ``labelmap`` and ``scores`` are relative to the output folder (posix separators), so
@@ -20,7 +30,8 @@ Resuming: a case whose outputs are complete (:func:`output.is_complete`) and who
 written with the same result-changing settings as the detector's (see :func:`settings_changes`) is
 "done earlier" and its row is filled from that JSON. A complete case computed with other settings is
 recomputed, and its row's message says which settings changed; so is a case whose input file was
-modified after its scores JSON was written.
+modified after its scores JSON was written, a DICOM case whose series now has other files, and a
+case without the DICOM outputs asked for now.
 
 What is never read as an input: anything inside the output folder or an excluded folder (the
 normal scans), hidden files and folders, and outputs of this tool found anywhere in the input tree
@@ -41,14 +52,15 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Optional, Union
 
 from .errors import Cancelled, HiMatchADError
-from .imageio import real_path, strip_suffix, walk_inputs, write_text_atomic
+from .dicom import DicomSeries, matches, parse_series_filters
+from .imageio import input_path, real_path, strip_suffix, walk_inputs, write_text_atomic
 from .output import is_complete, output_paths, own_outputs
 
 SUMMARY_COLUMNS = (
     "case", "input", "status", "volume_score", "threshold", "anomalous_voxels",
     "anomalous_volume_mm3", "most_anomalous_slice", "heatmap", "labelmap", "scores", "seconds", "message",
 )
-STATUS_OK, STATUS_DONE, STATUS_FAILED = "ok", "done earlier", "failed"
+STATUS_OK, STATUS_DONE, STATUS_FAILED, STATUS_SKIPPED = "ok", "done earlier", "failed", "skipped"
 SUMMARY_NAME = "summary.csv"
 
 #: Settings recorded in a scores JSON that do not change the result: the software version, where it
@@ -68,10 +80,21 @@ PathLike = Union[str, os.PathLike]
 class Case:
     """One input and where its outputs go."""
 
-    path: Path  # the input file or DICOM series folder (as found under the input folder)
-    case: str  # the input's path relative to the input folder, posix separators
-    name: str  # the output file prefix (``x`` for ``x.nii.gz``, the folder name for DICOM)
+    path: Path  # the input file or the folder of a DICOM series (as found under the input folder)
+    case: str  # the input's path relative to the input folder, posix separators (see the module notes)
+    name: str  # the output file prefix (``x`` for ``x.nii.gz``, the series' name for DICOM)
     out_dir: Path  # the mirrored sub-folder of the output folder
+    series: Optional[DicomSeries] = None  # the DICOM series of a DICOM case
+
+    @property
+    def input(self):
+        """What the detector reads: the file, or the DICOM series."""
+        return self.series if self.series is not None else self.path
+
+    @property
+    def skip_reason(self) -> str:
+        """Why this case is not analysed ("" when it is): the problem of its DICOM series."""
+        return f"the DICOM series {self.series.problem}" if self.series is not None and self.series.problem else ""
 
 
 # ------------------------------------------------------------------------------- finding the cases
@@ -89,17 +112,21 @@ def find_cases(
     exclude: Iterable[PathLike] = (),
     *,
     log: Optional[Callable[[str], None]] = None,
+    series_filter=(),
 ) -> list:
     """Every case under ``input_dir`` and its output folder under ``out_dir``, sorted by ``case``.
 
     Walks the input folder (links followed, each real folder and file once), skipping the output
-    folder, the ``exclude`` folders, hidden entries and outputs of this tool. Raises
+    folder, the ``exclude`` folders, hidden entries and outputs of this tool; every DICOM series is a
+    case, unless ``series_filter`` (``--series-filter`` values, see
+    :func:`HiMatchADLib.dicom.parse_series_filters`) leaves it out. Raises
     :class:`HiMatchADError` when the input folder is missing or lies inside the output or an excluded
     folder, when the output folder lies inside an excluded folder (its outputs would be read as
     normals), when two cases would write the same outputs, and when no case is found. Writes nothing.
     ``log(message)`` receives notes about skipped entries (default: none).
     """
     say = log or (lambda message: None)
+    filters = parse_series_filters(series_filter)
     root = _absolute(input_dir)
     if not root.exists():
         raise HiMatchADError(f"input folder not found: {root}")
@@ -130,14 +157,25 @@ def find_cases(
     found, own = walk_inputs(root, prune=pruned, skip_names=own_outputs, log=say)
     if own:
         say(f"skipped {len(own)} outputs of this tool found in the input folder, e.g. {own[0]}")
+    left_out = [x for x in found if isinstance(x, DicomSeries) and not matches(x, filters)]
+    if left_out:
+        found = [x for x in found if not (isinstance(x, DicomSeries) and not matches(x, filters))]
+        say(f"--series-filter {' or '.join(str(f) for f in filters)} left out {len(left_out)} DICOM series")
     if not found:
-        raise HiMatchADError(f"no images found in {root} (outside the output folder and the normal scans)")
+        why = f"; --series-filter left out all {len(left_out)} DICOM series" if left_out else ""
+        raise HiMatchADError(f"no images found in {root} (outside the output folder and the normal scans){why}")
 
     cases = []
-    for path in found:
+    for item in found:
+        path = input_path(item)
         rel = PurePosixPath(path.relative_to(root).as_posix())
-        name = path.name if path.is_dir() else strip_suffix(path)
-        cases.append(Case(path=path, case=str(rel), name=name, out_dir=out_root / Path(*rel.parent.parts)))
+        out_dir = out_root / Path(*rel.parent.parts)
+        if isinstance(item, DicomSeries):
+            # The one image series of a folder is named after the folder; the others after their series.
+            case = rel if item.name == Path(os.path.abspath(path)).name else rel / item.name
+            cases.append(Case(path=path, case=str(case), name=item.name, out_dir=out_dir, series=item))
+        else:
+            cases.append(Case(path=path, case=str(rel), name=strip_suffix(path), out_dir=out_dir))
     cases.sort(key=lambda c: PurePosixPath(c.case).parts)
 
     taken: dict = {}
@@ -146,10 +184,14 @@ def find_cases(
         other = taken.setdefault(key, c)
         if other is not c:
             raise HiMatchADError(
-                f"two inputs would write the same outputs ({c.out_dir / c.name}_*): {other.path} and {c.path}; "
+                f"two inputs would write the same outputs ({c.out_dir / c.name}_*): {_shown(other)} and {_shown(c)}; "
                 "rename or move one of them"
             )
     return cases
+
+
+def _shown(case: Case) -> str:
+    return str(case.path) if case.series is None else f"{case.path} (DICOM series {case.series.series_uid})"
 
 
 # ------------------------------------------------------------------------------- settings
@@ -249,20 +291,49 @@ def write_summary(path: PathLike, rows: list) -> Path:
 
 
 def summary_counts(rows: list) -> dict:
-    """``{"ok": n, "done earlier": n, "failed": n}`` over the rows of a batch."""
+    """``{"ok": n, "done earlier": n, "failed": n}`` over the rows of a batch, plus ``"skipped": n``
+    when some series were skipped."""
     counts = {STATUS_OK: 0, STATUS_DONE: 0, STATUS_FAILED: 0}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     return counts
 
 
-def _modified_after(source: Path, result: Path) -> bool:
-    """True when the input (a file, or any file of a DICOM folder) is newer than its result."""
+def _modified_after(case: Case, result: Path) -> bool:
+    """True when the input (a file, or any file of a DICOM series) is newer than its result."""
     try:
-        files = [source] if not source.is_dir() else [source, *(p for p in source.iterdir() if p.is_file())]
+        files = [Path(f) for f in case.series.files] if case.series is not None else [case.path]
         return max(p.stat().st_mtime_ns for p in files) > result.stat().st_mtime_ns
     except OSError:
         return True
+
+
+def _series_change(case: Case, data: dict) -> str:
+    """How the DICOM series of ``case`` differs from the one an earlier result was computed on ("" when not)."""
+    if case.series is None:
+        return ""
+    before = data.get("series") if isinstance(data.get("series"), dict) else {}
+    if before.get("series_uid") != case.series.series_uid:
+        return "the earlier result was computed on another DICOM series"
+    if before.get("files") != case.series.n_files:
+        return f"its DICOM series has {case.series.n_files} files now, {before.get('files')} when its result was written"
+    return ""
+
+
+#: The DICOM outputs a batch can ask for, and how a message names them.
+DICOM_OUTPUTS = {"dicom_seg": "DICOM SEG", "dicom_heatmap": "DICOM parametric map"}
+
+
+def _dicom_outputs(case: Case, dicom_seg: bool, dicom_heatmap: bool) -> tuple:
+    """``(keywords for detector.save, note)``: the DICOM outputs asked for that ``case`` can have,
+    and, for a non-DICOM case, the note that none was written."""
+    asked = [k for k, on in (("dicom_seg", dicom_seg), ("dicom_heatmap", dicom_heatmap)) if on]
+    if not asked:
+        return {}, ""
+    if case.series is None:
+        names = " or ".join(DICOM_OUTPUTS[k] for k in asked)
+        return {}, f"no {names} written: the input is not DICOM"
+    return {k: True for k in asked}, ""
 
 
 def _read_scores(path: Path) -> Optional[dict]:
@@ -274,13 +345,19 @@ def _read_scores(path: Path) -> Optional[dict]:
 
 
 # ------------------------------------------------------------------------------- the runner
-def check_earlier(case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False) -> tuple:
+def check_earlier(
+    case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, dicom_seg: bool = False, dicom_heatmap: bool = False
+) -> tuple:
     """Whether ``case`` was done earlier: ``(row, "")`` with its "done earlier" row when its outputs
-    are complete, written with the settings ``current`` and newer than its input; otherwise
-    ``(None, note)``, where ``note`` says why an earlier result is recomputed ("" when there is none,
-    or with ``overwrite``). Reads only; :func:`run_case` starts with this check.
+    are complete (the DICOM outputs asked for included), written with the settings ``current``, on
+    the same DICOM series, and newer than its input; otherwise ``(None, note)``, where ``note`` says
+    why an earlier result is recomputed ("" when there is none, or with ``overwrite``). A series
+    that cannot be analysed gives its "skipped" row at once. Reads only; :func:`run_case` starts
+    with this check.
     """
     out_root = _absolute(out_root)
+    if case.skip_reason:
+        return _row(case, out_root, STATUS_SKIPPED, None, case.skip_reason), ""
     paths = output_paths(case.out_dir, case.name, False)
     if is_complete(case.out_dir, case.name):
         data = _read_scores(paths["scores"])
@@ -288,35 +365,49 @@ def check_earlier(case: Case, out_root: PathLike, current: dict, *, overwrite: b
             changes = settings_changes(current, data)
             if changes:
                 return None, "recomputed: settings changed: " + ", ".join(changes)
-            if _modified_after(case.path, paths["scores"]):
+            if _modified_after(case, paths["scores"]):
                 return None, "recomputed: the input changed after its result was written"
-            return _row(case, out_root, STATUS_DONE, data, _join(*map(str, data.get("warnings") or []))), ""
+            change = _series_change(case, data)
+            if change:
+                return None, f"recomputed: {change}"
+            wanted, note = _dicom_outputs(case, dicom_seg, dicom_heatmap)
+            missing = [DICOM_OUTPUTS[k] for k in wanted if k not in (data.get("outputs") or {})]
+            if missing:
+                return None, f"recomputed: the earlier result has no {' or '.join(missing)}"
+            return _row(case, out_root, STATUS_DONE, data, _join(note, *map(str, data.get("warnings") or []))), ""
         return None, ""
     if paths["scores"].exists() or paths["heatmap"].exists():
         return None, "recomputed: earlier outputs were incomplete"
     return None, ""
 
 
-def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None) -> dict:
-    """Process one case (or find it done earlier) and return its summary row (``seconds`` empty).
+def run_case(
+    detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None,
+    dicom_seg: bool = False, dicom_heatmap: bool = False,
+) -> dict:
+    """Process one case (or find it done earlier, or skipped) and return its summary row
+    (``seconds`` empty).
 
-    ``current`` is :func:`result_settings` of ``detector``. Errors of the case are recorded in the row
+    ``current`` is :func:`result_settings` of ``detector``. ``dicom_seg`` / ``dicom_heatmap``: also
+    write the DICOM SEG / parametric map of a DICOM case. Errors of the case are recorded in the row
     (status "failed"); :class:`Cancelled` propagates.
     """
     say = log or _warn
     out_root = _absolute(out_root)
     paths = output_paths(case.out_dir, case.name, False)
-    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite)
+    dicom = dict(dicom_seg=dicom_seg, dicom_heatmap=dicom_heatmap)
+    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite, **dicom)
     if earlier is not None:
         return earlier
     if note:
         say(f"{case.case}: {note}")
+    save_options, dicom_note = _dicom_outputs(case, **dicom)
     try:
-        result = detector.predict(case.path)
+        result = detector.predict(case.input)
         result.name = case.name
         # From here on the case is not complete until its new scores JSON is written.
         paths["scores"].unlink(missing_ok=True)
-        detector.save(result, case.out_dir)
+        detector.save(result, case.out_dir, **save_options)
         data = _read_scores(paths["scores"])
         if data is None:
             raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
@@ -326,7 +417,7 @@ def run_case(detector, case: Case, out_root: PathLike, current: dict, *, overwri
         message = _one_line(_error_message(exc))
         say(f"{case.case}: {message}")
         return _row(case, out_root, STATUS_FAILED, None, message)
-    return _row(case, out_root, STATUS_OK, data, _join(note, *map(str, result.warnings)))
+    return _row(case, out_root, STATUS_OK, data, _join(note, dicom_note, *map(str, result.warnings)))
 
 
 def _warn(message: str) -> None:
@@ -336,18 +427,28 @@ def _warn(message: str) -> None:
 ENGINES = ("local", "ray")
 
 
-def prepare_batch(detector, input_dir: PathLike, out_dir: PathLike, exclude: Iterable[PathLike] = (), *, log=None) -> tuple:
+def prepare_batch(
+    detector, input_dir: PathLike, out_dir: PathLike, exclude: Iterable[PathLike] = (), *, log=None, series_filter=(),
+    dicom_seg: bool = False, dicom_heatmap: bool = False,
+) -> tuple:
     """What every engine does before the first case: ``(out_root, cases, current)``.
 
-    Refuses an unfitted detector, finds the cases (the detector's normals folder excluded too),
-    creates the output folder and returns :func:`result_settings` of the detector.
+    Refuses an unfitted detector (and DICOM outputs without their writer), finds the cases (the
+    detector's normals folder excluded too; ``series_filter`` applied), creates the output folder
+    and returns :func:`result_settings` of the detector.
     """
     say = log or _warn
     out_root = _absolute(out_dir)
     normals = getattr(detector, "normals_dir", None)
     if hasattr(detector, "normals_dir") and normals is None:
         raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
-    cases = find_cases(input_dir, out_root, [*exclude, *([normals] if normals is not None else [])], log=say)
+    if dicom_seg or dicom_heatmap:
+        from .output import dicom_writers
+
+        dicom_writers()  # says how to install the DICOM writer before any case
+    cases = find_cases(
+        input_dir, out_root, [*exclude, *([normals] if normals is not None else [])], log=say, series_filter=series_filter
+    )
     if out_root.exists() and not out_root.is_dir():
         raise HiMatchADError(f"the output folder {out_root} exists and is not a folder")
     try:
@@ -368,6 +469,9 @@ def run_batch(
     log: Optional[Callable[[str], None]] = None,
     engine: str = "local",
     engine_options: Optional[dict] = None,
+    series_filter=(),
+    dicom_seg: bool = False,
+    dicom_heatmap: bool = False,
 ) -> list:
     """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
 
@@ -386,19 +490,27 @@ def run_batch(
     (cases spread over Ray actors, see :func:`HiMatchADLib.ray_engine.run_batch_ray`, which receives
     ``engine_options``, e.g. ``{"address": "auto", "workers": 4, "gpus_per_worker": 1}``). Both give
     the same outputs and the same ``summary.csv`` (but for ``seconds``).
+
+    ``series_filter``: ``--series-filter`` values (strings or parsed filters; see
+    :func:`HiMatchADLib.dicom.parse_series_filters`) selecting the DICOM series that are cases.
+    ``dicom_seg`` / ``dicom_heatmap``: also write ``<name>_seg.dcm`` / ``<name>_heatmap_pm.dcm`` for
+    DICOM cases. A DICOM series that cannot be analysed is a "skipped" row with the reason.
     """
+    filters = parse_series_filters(series_filter)  # bad syntax fails before anything else
+    dicom = dict(dicom_seg=bool(dicom_seg), dicom_heatmap=bool(dicom_heatmap))
     if engine not in ENGINES:
         raise HiMatchADError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINES)}")
     if engine == "ray":
         from .ray_engine import run_batch_ray
 
         return run_batch_ray(
-            detector, input_dir, out_dir, overwrite=overwrite, exclude=exclude, progress=progress, log=log, **(engine_options or {})
+            detector, input_dir, out_dir, overwrite=overwrite, exclude=exclude, progress=progress, log=log,
+            series_filter=filters, **dicom, **(engine_options or {}),
         )
     if engine_options:
         raise HiMatchADError(f"the local engine takes no options (got {', '.join(sorted(engine_options))})")
     say = log or _warn
-    out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say)
+    out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say, series_filter=filters, **dicom)
     reporter = getattr(detector, "reporter", None)
     summary = out_root / SUMMARY_NAME
     rows: list = []
@@ -409,7 +521,7 @@ def run_batch(
         if progress is not None:
             progress(f"Case {i + 1}/{total}: {case.case}", i, total)
         start = time.perf_counter()
-        row = run_case(detector, case, out_root, current, overwrite=overwrite, log=say)
+        row = run_case(detector, case, out_root, current, overwrite=overwrite, log=say, **dicom)
         row["seconds"] = round(time.perf_counter() - start, 3)
         rows.append(row)
         write_summary(summary, rows)

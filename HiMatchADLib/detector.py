@@ -21,6 +21,7 @@ from .bank import BankSettings, NormalBank, build_or_load
 from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
+from .dicom import DicomSeries
 from .imageio import Image, check_storable, read_image, write_text_atomic
 from .preprocess import (
     MODALITIES,
@@ -674,10 +675,11 @@ class HiMatchDetector:
         if self.bank is None or self.scorer is None:
             raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
 
-    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
+    def check_query(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> Image:
         """Read a query and check that it can be analysed, without the model or the normal bank.
 
-        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
+        Reads ``image`` (a path, a :class:`~HiMatchADLib.dicom.DicomSeries`, or an already read
+        :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
         and this detector's modality preset must find finite, non-constant values and a foreground
         in it; otherwise :class:`HiMatchADError` says why. Returns the :class:`Image`; passing it to
         :meth:`predict` reuses the reading and the preparation. Call it before :meth:`fit` so that a
@@ -703,8 +705,8 @@ class HiMatchDetector:
         timings["read"], timings["preprocess"] = checked["read"], checked["preprocess"]
         return checked["image"], checked["prep"]
 
-    def predict(self, image: Union[str, os.PathLike, Image]) -> DetectionResult:
-        """Detect anomalies in a 3D volume or 2D image (path or :class:`Image`)."""
+    def predict(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> DetectionResult:
+        """Detect anomalies in a 3D volume or 2D image (path, DICOM series or :class:`Image`)."""
         self._check_fitted()
         t_start = time.perf_counter()
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
@@ -804,14 +806,17 @@ class HiMatchDetector:
             },
         )
         result.image_array = img.array
+        if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
+            result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         return result
 
     # ------------------------------------------------------------------ output
-    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike]) -> dict:
-        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``."""
+    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike], *, dicom_seg: bool = False, dicom_heatmap: bool = False) -> dict:
+        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``;
+        for a DICOM input also a DICOM SEG (``dicom_seg``) and a parametric map (``dicom_heatmap``)."""
         from .output import save_result
 
-        return save_result(result, out_dir)
+        return save_result(result, out_dir, dicom_seg=dicom_seg, dicom_heatmap=dicom_heatmap)
