@@ -79,6 +79,12 @@ PARAMETRIC_MAP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
 PathLike = Union[str, os.PathLike]
 
 
+def require():
+    """Raise :class:`HiMatchADError` with the install command when highdicom is missing (checked
+    before any work is done)."""
+    _dicom_modules()
+
+
 def _dicom_modules():
     """``(highdicom, pydicom)``, or a :class:`HiMatchADError` that says how to install them."""
     try:
@@ -92,9 +98,22 @@ def _dicom_modules():
     return highdicom, pydicom
 
 
+#: Type 2 attributes (required, may be empty) of the patient, study and series modules that the
+#: derived objects copy from their source. Anonymised series often drop them; an empty value is what
+#: the standard prescribes when the value is unknown.
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
 def _read_source(pydicom, path: Path):
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=True)
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        return ds
     except FileNotFoundError as exc:
         raise HiMatchADError(f"DICOM source file not found: {path}") from exc
     except IsADirectoryError as exc:

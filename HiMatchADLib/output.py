@@ -79,6 +79,7 @@ def dicom_writers():
         from . import dicom_seg
     except ImportError as exc:
         raise HiMatchADError(f"{DICOM_INSTALL_HINT} ({exc})") from None
+    dicom_seg.require()
     return dicom_seg
 
 

@@ -53,6 +53,7 @@ def _dataset(sop: str, series_uid: str, study_uid: str, modality: str, descripti
     if number is not None:
         ds.SeriesNumber = number
     ds.PatientID, ds.PatientName = "P1", "Test^Patient"
+    ds.FrameOfReferenceUID = f"{study_uid}.9"  # one patient frame per study, as a scanner writes it
     return ds
 
 
@@ -513,6 +514,7 @@ def fake_writer(monkeypatch):
     module = types.ModuleType("HiMatchADLib.dicom_seg")
     module.write_dicom_seg = _write("seg")
     module.write_dicom_heatmap = _write("heatmap")
+    module.require = lambda: None
     monkeypatch.setitem(sys.modules, "HiMatchADLib.dicom_seg", module)
     import HiMatchADLib
 
@@ -569,7 +571,7 @@ def test_a_failing_dicom_writer_leaves_the_case_incomplete(det, fake_writer, stu
 
 
 def test_without_the_writer_dicom_outputs_are_refused_up_front(det, study_tree, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "HiMatchADLib.dicom_seg", None)  # import fails
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # highdicom is not installed
     with pytest.raises(HiMatchADError, match=r'pip install "himatchad\[dicom\]"'):
         run_batch(det, study_tree[0], tmp_path / "out", dicom_seg=True)
     assert not (tmp_path / "out").exists()
@@ -649,3 +651,42 @@ def test_the_ray_engine_gives_the_local_rows_for_a_study_tree(det, study_tree, t
     # resumed by the Ray engine: done earlier and skipped, decided by the driver
     again = run_batch(det, root, tmp_path / "ray", series_filter="modality=MR", log=lambda m: None, engine="ray", engine_options={"workers": 1})
     assert [r["status"] for r in again] == [STATUS_SKIPPED, STATUS_DONE, STATUS_DONE]
+
+
+# ------------------------------------------------------------------------------- end to end, real writers
+def test_batch_writes_real_dicom_seg_and_parametric_map_on_the_input_voxels(det, study_tree, tmp_path, monkeypatch):
+    """A batch with --dicom-seg --dicom-heatmap on the study tree: each SEG frame, found through the
+    source instance it references, holds exactly the labelmap's slice of that instance's voxels, and
+    the parametric map holds the heatmap there (oblique MR grid included)."""
+    hd = pytest.importorskip("highdicom")
+    import pydicom
+
+    from HiMatchADLib.output import load_result
+
+    root, mr, _, _ = study_tree
+    out = tmp_path / "out"
+    monkeypatch.setattr(det, "threshold", 0.0)  # a fixed threshold that marks part of each volume
+    rows = run_batch(det, root, out, series_filter="modality=MR", dicom_seg=True, dicom_heatmap=True)
+    done = [r for r in rows if r["status"] == "ok"]
+    assert {Path(r["case"]).name for r in done} == {"mrstudy_s3_T1_MPRAGE", "mrstudy_s5_AX_FLAIR"}
+    scores = {Path(r["case"]).name: out / r["scores"] for r in done}
+    for series in (s for s in find_series(mr) if s.usable):
+        case_dir = scores[series.name].parent
+        result = load_result(scores[series.name])
+        seg = hd.seg.segread(case_dir / f"{series.name}_seg.dcm")
+        pm = pydicom.dcmread(case_dir / f"{series.name}_heatmap_pm.dcm")
+        by_uid = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: k for k, f in enumerate(series.files)}
+        assert seg.SeriesInstanceUID != series.series_uid
+        assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series_uid
+        assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+        assert seg.SegmentSequence[0].SegmentAlgorithmName == "HiMatch-AD"
+        frames = seg.pixel_array.reshape(-1, *result.labelmap.shape[1:])
+        pm_frames = pm.pixel_array.reshape(-1, *result.heatmap.shape[1:])
+        assert frames.shape[0] == pm_frames.shape[0] == len(series.files)
+        for f in range(frames.shape[0]):
+            src = seg.PerFrameFunctionalGroupsSequence[f].DerivationImageSequence[0].SourceImageSequence[0]
+            k = by_uid[src.ReferencedSOPInstanceUID]  # files are in slice order: index k is slice k
+            np.testing.assert_array_equal(frames[f] > 0, result.labelmap[k] > 0)
+            psrc = pm.PerFrameFunctionalGroupsSequence[f].DerivationImageSequence[0].SourceImageSequence[0]
+            np.testing.assert_allclose(pm_frames[f], result.heatmap[by_uid[psrc.ReferencedSOPInstanceUID]], rtol=1e-6, atol=1e-6)
+        assert 0 < (result.labelmap > 0).sum() < result.labelmap.size  # the frames carry a pattern to check
