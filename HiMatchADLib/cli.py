@@ -89,8 +89,9 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
     g.add_argument(
-        "--precision", default="fp32", metavar="{fp32,bf16}",
-        help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
+        "--precision", default="auto", metavar="{auto,fp32,bf16,int8}",
+        help="backbone precision: auto (default: bf16 where the GPU or CPU computes it natively, else fp32), fp32, "
+        "bf16, or int8 (CPU only: int8 linear layers); fp16 is not supported by DINOv3",
     )
     if with_method:  # detect, batch, demo: read by detector_from_args
         from .detector import METHODS
@@ -174,7 +175,7 @@ def detector_from_args(args, progress=None):
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,
-        precision=getattr(args, "precision", "fp32"),
+        precision=getattr(args, "precision", "auto"),
         cache_dir=args.cache_dir,
         progress=progress,
     )

@@ -20,7 +20,7 @@ from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
 from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
-from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
+from .features import DEFAULT_MODEL, FeatureExtractor, resolve_precision
 from .dicom import DicomSeries
 from .imageio import Image, check_storable, read_image, write_text_atomic
 from .preprocess import (
@@ -95,8 +95,12 @@ class HiMatchDetector:
             Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
             files named ``<subject>_<n>`` are grouped by ``<subject>``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
-        precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
-            refused (DINOv3 does not support it). Banks are cached per precision and device type.
+        precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU only: dynamic
+            int8 quantisation of the linear layers) for the backbone; float16 is refused (DINOv3 does
+            not support it). ``auto`` is resolved here, once, to ``bf16`` on hardware that computes
+            bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX) and ``fp32``
+            elsewhere; ``self.precision``, the settings and the bank key hold the resolved value.
+            Banks are cached per precision and device type.
         cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
         progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
     """
@@ -132,7 +136,7 @@ class HiMatchDetector:
         device: str = "auto",
         batch_size: int = 8,
         stage_norm: bool = True,
-        precision: str = "fp32",
+        precision: str = "auto",
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: int = 0,
         progress: Optional[ProgressCallback] = None,
@@ -205,7 +209,7 @@ class HiMatchDetector:
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
-        self.precision = check_precision(precision)
+        self.precision = resolve_precision(precision, device)  # once: "auto" -> what this hardware runs best
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.seed = int(seed)
         self.reporter = Reporter(progress, cancel_event)
