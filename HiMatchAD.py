@@ -928,6 +928,9 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         cancelEvent=None,
         engine: str = "local",
         engineOptions: Optional[dict] = None,
+        seriesFilter=None,
+        dicomSeg: bool = False,
+        dicomHeatmap: bool = False,
         **detectorOptions,
     ):
         """Detect anomalies in every image of ``inputFolder`` (sub-folders and DICOM series included).
@@ -941,6 +944,10 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         ``engine="ray"`` spreads the cases over a Ray cluster (``engineOptions``: ``address``,
         ``workers``, ``gpus_per_worker``...; Ray must be installed in Slicer's Python).
 
+        Every DICOM series is a case; ``seriesFilter`` (a ``--series-filter`` string or a list of them,
+        e.g. ``"modality=MR,description~flair"``) keeps the series it selects. ``dicomSeg`` /
+        ``dicomHeatmap`` also write a DICOM SEG / parametric map for DICOM cases.
+
         By default this call blocks until the batch ends and returns the summary rows (dicts). With
         ``background=True`` it returns the running job at once; follow it with :meth:`pollJob` and stop
         it with :meth:`cancel` (the module's panel shows its progress).
@@ -950,6 +957,10 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         job = self.runner.start_batch(
             os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite,
             engine=engine, engine_options=engineOptions,
+            batch_options={
+                "series_filter": [seriesFilter] if isinstance(seriesFilter, str) else list(seriesFilter or []),
+                "dicom_seg": bool(dicomSeg), "dicom_heatmap": bool(dicomHeatmap),
+            },
         )
         if background:
             return job

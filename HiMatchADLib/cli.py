@@ -89,8 +89,9 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
     g.add_argument(
-        "--precision", default="fp32", metavar="{fp32,bf16}",
-        help="backbone precision: fp32 (default) or bf16; fp16 is not supported by DINOv3",
+        "--precision", default="auto", metavar="{auto,fp32,bf16,int8}",
+        help="backbone precision: auto (default: bf16 where the GPU or CPU computes it natively, else fp32), fp32, "
+        "bf16, or int8 (CPU only: int8 linear layers); fp16 is not supported by DINOv3",
     )
     if with_method:  # detect, batch, demo: read by detector_from_args
         from .detector import METHODS
@@ -112,6 +113,49 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         )
 
 
+def add_dicom_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DICOM")
+    g.add_argument(
+        "--series-filter", action="append", default=None, metavar="TERMS",
+        help="DICOM series to analyse: comma-separated terms that must all match, KEY=VALUE (exact), KEY~REGEX (search), "
+        "KEY!=VALUE or KEY!~REGEX, case-insensitive, KEY one of modality, description, number, uid; e.g. "
+        "modality=MR,description~flair. Repeat the option to select series matching any of the filters",
+    )
+    g.add_argument("--dicom-seg", action="store_true", help="also write <name>_seg.dcm: the labelmap as a DICOM SEG of the input series (DICOM inputs)")
+    g.add_argument("--dicom-heatmap", action="store_true", help="also write <name>_heatmap_pm.dcm: the heatmap as a DICOM parametric map (DICOM inputs)")
+
+
+def _check_dicom_options(args) -> None:
+    """Parse ``--series-filter`` (bad syntax is refused before any work) and check that the DICOM
+    writer is installed when ``--dicom-seg``/``--dicom-heatmap`` ask for it."""
+    if not hasattr(args, "series_filter"):
+        return
+    from .dicom import parse_series_filters
+
+    args.series_filter = parse_series_filters(args.series_filter)
+    if args.dicom_seg or args.dicom_heatmap:
+        from .output import dicom_writers
+
+        dicom_writers()
+
+
+def _detect_input(inp: Path, args):
+    """What ``detect`` analyses: the DICOM series ``--series-filter`` picks in a folder (or a DICOM
+    file), else the file. DICOM options on a non-DICOM input are refused."""
+    from .imageio import dicom_input
+
+    series = dicom_input(inp, args.series_filter)
+    if series is not None:
+        return series
+    if args.series_filter:
+        raise HiMatchADError(f"--series-filter selects DICOM series, but {inp} is not DICOM; leave the option out")
+    if args.dicom_seg or args.dicom_heatmap:
+        raise HiMatchADError(
+            f"--dicom-seg and --dicom-heatmap need a DICOM input (a folder of DICOM files or a DICOM file); {inp} is not DICOM"
+        )
+    return inp
+
+
 def detector_from_args(args, progress=None):
     from .detector import HiMatchDetector
 
@@ -131,7 +175,7 @@ def detector_from_args(args, progress=None):
         slice_step=args.slice_step,
         device=args.device,
         batch_size=args.batch_size,
-        precision=getattr(args, "precision", "fp32"),
+        precision=getattr(args, "precision", "auto"),
         cache_dir=args.cache_dir,
         progress=progress,
     )
@@ -243,6 +287,7 @@ def _check_out_dir_against_inputs(args) -> None:
 
 def preflight(args) -> None:
     """Checks of a command's folders and input that fail fast, before any model or bank work."""
+    _check_dicom_options(args)
     _check_cache_dir(args)
     _check_out_dir_against_inputs(args)
 
@@ -321,11 +366,12 @@ def cmd_detect(args) -> int:
     if not inp.exists():
         raise HiMatchADError(f"input not found: {inp}")
     out = _check_out_dir(args.out_dir)
+    query = _detect_input(inp, args)
     det = detector_from_args(args, _progress(args))
-    img = det.check_query(inp)  # a bad input fails now, not after minutes of bank building
+    img = det.check_query(query)  # a bad input fails now, not after minutes of bank building
     _fit(det, args.normals, args)
     res = det.predict(img)
-    paths = det.save(res, out)
+    paths = det.save(res, out, dicom_seg=args.dicom_seg, dicom_heatmap=args.dicom_heatmap)
     for w in res.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(_summary_line(res, paths))
@@ -333,12 +379,12 @@ def cmd_detect(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from .batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, SUMMARY_NAME, find_cases, run_batch, summary_counts
+    from .batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, SUMMARY_NAME, find_cases, run_batch, summary_counts
 
     out = _check_out_dir(args.out_dir)
     normals = os.path.abspath(Path(args.normals).expanduser())
     inputs = Path(args.input_dir).expanduser()
-    find_cases(inputs, out, exclude=[normals])  # refuse a bad input folder before the bank is built
+    find_cases(inputs, out, exclude=[normals], series_filter=args.series_filter)  # refuse a bad input folder before the bank is built
 
     def progress(message: str, done: int, total: int) -> None:
         if done < total:
@@ -362,9 +408,11 @@ def cmd_batch(args) -> int:
     rows = run_batch(
         det, inputs, out, overwrite=args.overwrite, exclude=[normals], progress=progress,
         log=lambda m: print(f"warning: {m}", file=sys.stderr), engine=args.engine, engine_options=options,
+        series_filter=args.series_filter, dicom_seg=args.dicom_seg, dicom_heatmap=args.dicom_heatmap,
     )
     n = summary_counts(rows)
-    print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}")
+    skipped = f"{n[STATUS_SKIPPED]} skipped, " if n.get(STATUS_SKIPPED) else ""
+    print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {skipped}{n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}")
     return 1 if n[STATUS_FAILED] else 0
 
 
@@ -373,12 +421,14 @@ def cmd_demo(args) -> int:
 
     from .features import DEFAULT_MODEL, build_random_model, load_backbone
     from .imageio import read_image
+    from .metrics import dice, image_auroc
     from .phantom import write_demo_dataset
 
     out = _check_out_dir(args.out_dir)
     data = out / "data"
     paths = write_demo_dataset(data, n_normals=args.normals_count, shape=(24, 96, 96), seed=args.seed)
     model = args.model
+    stand_in = False
     if model is None:
         try:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo never goes to the network on its own
@@ -387,6 +437,7 @@ def cmd_demo(args) -> int:
             print(f"using the pretrained model {DEFAULT_MODEL} found in the local Hugging Face cache")
         except HiMatchADError:
             model = str(build_random_model(out / "random-dinov3-vits16", "small", seed=0))
+            stand_in = True
             print(
                 "NOTE: pretrained DINOv3 weights are not available on this machine, so this demo uses a DINOv3 "
                 "ViT-S/16 with RANDOM weights (untrained stand-in features). It checks that the installation and "
@@ -400,16 +451,25 @@ def cmd_demo(args) -> int:
     written = det.save(res, out)
     mask = read_image(paths["mask"]).array > 0
     lab = res.labelmap > 0
-    inter = int((mask & lab).sum())
-    dice = 2 * inter / max(int(mask.sum() + lab.sum()), 1)
+    fg = res.foreground > 0
+    auroc = image_auroc(mask[fg], res.heatmap[fg])  # every foreground voxel is one sample
     peak = np.unravel_index(int(np.argmax(res.heatmap)), res.heatmap.shape)
-    found = bool(mask[peak])
     print(f"normal scans: {paths['normals']}")
     print(f"query with a synthetic lesion: {paths['query']} (lesion mask {paths['mask']})")
     for k, v in written.items():
         print(f"{k}: {v}")
-    print(f"volume score {res.volume_score:.4f}; threshold {res.threshold:.4f}; {res.anomalous_voxels} anomalous voxels; Dice with the lesion {dice:.3f}")
-    print(f"lesion found: {'yes' if found else 'no'} (heatmap peak {'inside' if mask[peak] else 'outside'} the lesion)")
+    print(f"volume score {res.volume_score:.4f}; threshold {res.threshold:.4f}; {res.anomalous_voxels} anomalous voxels")
+    print(
+        f"against the lesion mask: heatmap AUROC {auroc:.3f} over the foreground voxels (1 = every lesion voxel scores above "
+        f"every other); Dice of the Anomaly labelmap {dice(lab, mask):.3f} (outlines follow {det.extractor.patch_size}-pixel "
+        "model patches, so they are coarser than the lesion)"
+    )
+    print(f"lesion found: {'yes' if mask[peak] else 'no'} (heatmap peak {'inside' if mask[peak] else 'outside'} the lesion)")
+    if stand_in:
+        print(
+            "The synthetic lesion is large and bright on purpose: untrained features still separate it from the phantom's "
+            "tissue, so this run shows the whole path. Subtle lesions need the pretrained DINOv3 weights."
+        )
     return 0
 
 
@@ -434,10 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bank)
 
     d = sub.add_parser("detect", help="detect anomalies in one volume or image")
-    d.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPEG/TIFF slice")
+    d.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file, DICOM folder or file, or PNG/JPEG/TIFF slice")
     d.add_argument("--normals", required=True, metavar="NORMALS_DIR")
     d.add_argument("--out-dir", required=True, metavar="OUT")
     add_model_options(d)
+    add_dicom_options(d)
     d.set_defaults(func=cmd_detect)
 
     bt = sub.add_parser("batch", help="detect on every input of a folder (resumable, CSV summary)")
@@ -452,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor; a fraction shares a GPU (default 0)")
     eg.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     add_model_options(bt)
+    add_dicom_options(bt)
     bt.set_defaults(func=cmd_batch)
 
     dm = sub.add_parser("demo", help="generate a small synthetic data set and run detection on it")

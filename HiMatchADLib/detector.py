@@ -21,7 +21,8 @@ from . import __version__
 from .bank import BankSettings, NormalBank, build_or_load
 from .scoring import fuse_one, fuse_slices, window
 from .errors import HiMatchADError
-from .features import DEFAULT_MODEL, FeatureExtractor, check_precision
+from .features import DEFAULT_MODEL, FeatureExtractor, resolve_precision
+from .dicom import DicomSeries
 from .imageio import Image, check_storable, read_image, write_text_atomic
 from .preprocess import (
     MODALITIES,
@@ -118,8 +119,12 @@ class HiMatchDetector:
             Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
             files named ``<subject>_<n>`` are grouped by ``<subject>``.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
-        precision: ``"fp32"`` (default) or ``"bf16"`` for the backbone, on any device; float16 is
-            refused (DINOv3 does not support it). Banks are cached per precision and device type.
+        precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU only: dynamic
+            int8 quantisation of the linear layers) for the backbone; float16 is refused (DINOv3 does
+            not support it). ``auto`` is resolved here, once, to ``bf16`` on hardware that computes
+            bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX) and ``fp32``
+            elsewhere; ``self.precision``, the settings and the bank key hold the resolved value.
+            Banks are cached per precision and device type.
         cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
         progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
     """
@@ -155,7 +160,7 @@ class HiMatchDetector:
         device: str = "auto",
         batch_size: int = 8,
         stage_norm: bool = True,
-        precision: str = "fp32",
+        precision: str = "auto",
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         seed: int = 0,
         progress: Optional[ProgressCallback] = None,
@@ -228,7 +233,7 @@ class HiMatchDetector:
         self.device = device
         self.batch_size = int(batch_size)
         self.stage_norm = bool(stage_norm)
-        self.precision = check_precision(precision)
+        self.precision = resolve_precision(precision, device)  # once: "auto" -> what this hardware runs best
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.seed = int(seed)
         self.reporter = Reporter(progress, cancel_event)
@@ -698,13 +703,14 @@ class HiMatchDetector:
         if self.bank is None or self.scorer is None:
             raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
 
-    def prepare(self, image: Union[str, os.PathLike, Image]) -> "PreparedQuery":
+    def prepare(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> "PreparedQuery":
         """Read a query and prepare it for :meth:`predict`, without the model or the normal bank.
 
-        Reads ``image`` (a path, or an already read :class:`Image`): it must be readable, 2D or 3D,
-        on a grid the output files can store exactly, and this detector's modality preset must find
-        finite, non-constant values and a foreground in it; otherwise :class:`HiMatchADError` says
-        why. Returns a :class:`PreparedQuery` to pass to :meth:`predict`.
+        Reads ``image`` (a path, a :class:`~HiMatchADLib.dicom.DicomSeries`, or an already read
+        :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
+        and this detector's modality preset must find finite, non-constant values and a foreground
+        in it; otherwise :class:`HiMatchADError` says why. Returns a :class:`PreparedQuery` to pass
+        to :meth:`predict`.
 
         Thread-safe: it reads the detector's settings (and the loaded bank's pixel spacing and
         modality) but never changes the detector or runs the model, so it may run in another thread
@@ -719,7 +725,7 @@ class HiMatchDetector:
         prep = prepare_volume(img, **settings)
         return PreparedQuery(img, prep, settings, t_read, time.perf_counter() - t)
 
-    def check_query(self, image: Union[str, os.PathLike, Image]) -> Image:
+    def check_query(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> Image:
         """Read a query and check that it can be analysed (see :meth:`prepare`); returns the :class:`Image`.
 
         Passing the returned image to :meth:`predict` reuses the reading and the preparation. Call it
@@ -728,7 +734,7 @@ class HiMatchDetector:
         self._checked = self.prepare(image)
         return self._checked.image
 
-    def _prepared(self, image: Union[str, os.PathLike, Image, "PreparedQuery"], timings: dict) -> tuple[Image, PreparedVolume]:
+    def _prepared(self, image: Union[str, os.PathLike, Image, DicomSeries, "PreparedQuery"], timings: dict) -> tuple[Image, PreparedVolume]:
         """The query read and prepared: ``image`` itself when it is a :class:`PreparedQuery`, or by
         an earlier :meth:`check_query` of this very image, else now; prepared again when the
         preparation settings changed since (a bank loaded in between). The prepared volume is taken
@@ -745,8 +751,8 @@ class HiMatchDetector:
         timings["read"], timings["preprocess"] = query.read_s, query.preprocess_s
         return query.image, prep
 
-    def predict(self, image: Union[str, os.PathLike, Image, "PreparedQuery"]) -> DetectionResult:
-        """Detect anomalies in a 3D volume or 2D image (path, :class:`Image`, or a
+    def predict(self, image: Union[str, os.PathLike, Image, DicomSeries, "PreparedQuery"]) -> DetectionResult:
+        """Detect anomalies in a 3D volume or 2D image (path, DICOM series, :class:`Image`, or a
         :class:`PreparedQuery` from :meth:`prepare`)."""
         self._check_fitted()
         t_start = time.perf_counter()
@@ -851,14 +857,17 @@ class HiMatchDetector:
         )
         if img.is_2d:  # the input slice, for the overlay PNG (a volume's input array is not kept)
             result.image_array = img.array
+        if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
+            result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings
         return result
 
     # ------------------------------------------------------------------ output
-    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike]) -> dict:
-        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``."""
+    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike], *, dicom_seg: bool = False, dicom_heatmap: bool = False) -> dict:
+        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``;
+        for a DICOM input also a DICOM SEG (``dicom_seg``) and a parametric map (``dicom_heatmap``)."""
         from .output import save_result
 
-        return save_result(result, out_dir)
+        return save_result(result, out_dir, dicom_seg=dicom_seg, dicom_heatmap=dicom_heatmap)

@@ -7,6 +7,12 @@ the model's own final layer norm before the L2 normalisation, as DINOv3's
 ``get_intermediate_layers(norm=True)`` and transformers' ``DINOv3ViTBackbone`` /
 ``Dinov2Backbone`` (``apply_layernorm``) do; the last stage is therefore the model's
 ``last_hidden_state``.
+
+Backbone precision (:func:`resolve_precision`): ``fp32``; ``bf16`` (the weights cast to bfloat16:
+``torch.autocast`` fails inside transformers' DINOv3 embeddings, which concatenate tokens of mixed
+dtypes); ``int8`` on CPU (the ``nn.Linear`` layers dynamically quantised to int8 weights, activations
+float32); ``auto``, which resolves to ``bf16`` where the hardware computes bfloat16 natively and
+``fp32`` elsewhere. Never float16. Whatever the precision, the features returned are float32.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import numpy as np
 from .errors import HiMatchADError
 
 DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
-#: Weight and activation precisions of the backbone. float16 is not offered: DINOv3's maintainers do
-#: not support it (activations overflow); bfloat16 has float32's range.
-PRECISIONS = ("fp32", "bf16")
+#: Backbone precisions a user may ask for; ``auto`` resolves to one of the others (see
+#: :func:`resolve_precision`). float16 is not offered: DINOv3's maintainers do not support it
+#: (activations overflow); bfloat16 has float32's range.
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+#: CPU features (names as in ``torch.cpu.get_capabilities()`` and Linux ``/proc/cpuinfo``) that
+#: compute bfloat16 matrix products natively: AVX512-BF16 and AMX-BF16.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 _MODEL_CACHE: dict = {}
 _MODEL_LOCK = threading.Lock()
 
@@ -61,35 +71,150 @@ def _load_error(model: str, exc: Exception) -> HiMatchADError:
 
 
 def check_precision(precision: str) -> str:
-    """``"fp32"`` or ``"bf16"`` (also ``float32``/``bfloat16``); float16 is refused with the reason."""
-    p = str(precision or "fp32").lower()
-    p = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}.get(p, p)
+    """One of :data:`PRECISIONS` (also ``float32``/``bfloat16``/``qint8``; None is ``auto``);
+    float16 is refused with the reason."""
+    p = str(precision or "auto").lower()
+    p = {"float32": "fp32", "bfloat16": "bf16", "qint8": "int8", "float16": "fp16", "half": "fp16"}.get(p, p)
     if p == "fp16":
         raise HiMatchADError(
             "precision fp16 is not supported: DINOv3 activations overflow in float16 (its maintainers do not "
-            "support it); use --precision fp32 (default) or bf16"
+            "support it); use --precision auto (default), fp32, bf16 or int8 (CPU)"
         )
     if p not in PRECISIONS:
-        raise HiMatchADError(f"unknown precision '{precision}'; choose fp32 (default) or bf16")
+        raise HiMatchADError(f"unknown precision '{precision}'; choose auto (default), fp32, bf16 or int8 (CPU)")
     return p
 
 
-def _torch_dtype(precision: str):
+def cpu_flags() -> frozenset:
+    """The instruction-set features of this CPU: ``torch.cpu.get_capabilities()`` (recent torch),
+    else the bf16/AMX probes of older torch, else the ``flags`` of Linux ``/proc/cpuinfo``; empty
+    when none of them answers."""
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[check_precision(precision)]
+    get = getattr(getattr(torch, "cpu", None), "get_capabilities", None)
+    if get is not None:
+        try:
+            return frozenset(k for k, v in get().items() if v is True)
+        except Exception:  # a probe that fails is "unknown", never a crash
+            pass
+    # Older torch: private probes (every CPU with AMX tiles has AMX-BF16).
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    cpu = getattr(torch._C, "_cpu", None)
+    if cpu is not None and all(hasattr(cpu, f) for f in probes.values()):
+        try:
+            return frozenset(name for name, f in probes.items() if getattr(cpu, f)())
+        except Exception:
+            pass
+    return _cpuinfo_flags()
+
+
+def _cpuinfo_flags(path="/proc/cpuinfo") -> frozenset:
+    """The first ``flags`` (x86) or ``Features`` (ARM) line of Linux ``/proc/cpuinfo``; empty elsewhere."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")) and ":" in line:
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cuda_native_bf16(device: str = "cuda") -> bool:
+    """True when the CUDA (or ROCm) GPU ``device`` computes bfloat16 natively (compute capability
+    8.0 or later: Ampere, Hopper, ...), as ``torch.cuda.is_bf16_supported(including_emulation=False)``
+    does for the current GPU."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return True
+    return torch.cuda.get_device_capability(torch.device(device))[0] >= 8
+
+
+def auto_precision(device_type: str, cuda_bf16: bool, flags) -> str:
+    """What ``precision="auto"`` is on ``device_type`` (``"cuda"`` or ``"cpu"``): ``bf16`` on a
+    GPU that computes it natively (``cuda_bf16``) and on a CPU whose ``flags`` include
+    :data:`NATIVE_BF16_CPU_FLAGS`, ``fp32`` elsewhere (emulated bfloat16 is slower than float32).
+    Never float16 (DINOv3 does not support it) nor int8 (an approximation the user asks for)."""
+    if device_type == "cuda":
+        return "bf16" if cuda_bf16 else "fp32"
+    if device_type == "cpu":
+        return "bf16" if any(f in flags for f in NATIVE_BF16_CPU_FLAGS) else "fp32"
+    return "fp32"
+
+
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """The concrete precision (``fp32``, ``bf16`` or ``int8``) the backbone runs in on ``device``.
+
+    ``auto`` is :func:`auto_precision` of the device's hardware. ``int8`` (dynamic quantisation of
+    the linear layers) runs on CPU only: on a GPU it is refused.
+    """
+    import torch
+
+    p = check_precision(precision)
+    device = resolve_device(device)
+    kind = torch.device(device).type
+    if p == "int8" and kind != "cpu":
+        raise HiMatchADError(
+            f"precision int8 runs on CPU only (dynamic int8 quantisation of the linear layers), not on {kind}; "
+            "use --device cpu, or --precision auto or bf16 on the GPU"
+        )
+    if p != "auto":
+        return p
+    if kind == "cuda":
+        return auto_precision(kind, cuda_native_bf16(device), ())
+    return auto_precision(kind, False, cpu_flags())
+
+
+def _torch_dtype(precision: str):
+    """The dtype of the backbone's float weights and activations (int8 keeps float32 activations)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[precision]
+
+
+def quantize_int8(net):
+    """Replace every ``nn.Linear`` of ``net`` (in place) by a dynamically quantised one: int8
+    weights with one scale per output channel (more accurate than one per tensor, and no slower on
+    the ViT-S stand-in), activations quantised per batch inside each product, inputs and outputs
+    float32. The patch embedding (a convolution), attention products and layer norms stay float32.
+
+    Uses ``torch.ao.quantization.quantize_dynamic``, which torch 2.13 (the version this package
+    pins) provides but marks deprecated in favour of the separate ``torchao`` package; its warnings
+    are not the user's concern and are not shown. A torch without it gets a clear error.
+    """
+    import warnings
+
+    import torch
+
+    if torch.backends.quantized.engine in (None, "none"):
+        raise HiMatchADError(
+            f"precision int8: this torch build has no quantised CPU engine (supported: "
+            f"{', '.join(torch.backends.quantized.supported_engines)}); use --precision fp32 or bf16"
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, message=r".*quantize_per_tensor.*deprecated")
+        try:
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+        except ImportError as exc:
+            raise HiMatchADError(
+                f"precision int8 needs torch's dynamic quantisation (torch.ao.quantization), which this torch "
+                f"{torch.__version__} does not have; use --precision fp32 or bf16"
+            ) from exc
+        return quantize_dynamic(net, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
 def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "fp32"):
     """Load (once per process) a DINOv3/DINOv2 ViT by Hub id or local folder; returns (model, info).
 
-    The weights are cast to ``precision`` (``"fp32"`` default, or ``"bf16"``), whatever the device.
+    ``precision`` (see :func:`resolve_precision`; ``auto`` is resolved here): ``fp32`` (default) or
+    ``bf16`` cast the weights, on any device; ``int8`` quantises the linear layers (CPU only).
     """
-    import torch
     from transformers import AutoConfig, AutoModel
 
     model = str(model)
-    precision = check_precision(precision)
+    precision = resolve_precision(precision, device)
     key = (model, device, precision)
     with _MODEL_LOCK:
         if key in _MODEL_CACHE:
@@ -122,6 +247,8 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
                 raise HiMatchADError(f"{path}: the model weights could not be loaded ({str(exc).strip().splitlines()[0][:200]})") from exc
             raise _load_error(model, exc) from exc
         net.eval().to(device)
+        if precision == "int8":
+            net = quantize_int8(net)
         info = {
             "model": model,
             "model_type": config.model_type,
@@ -186,11 +313,12 @@ class FeatureExtractor:
     ):
         """``stage_norm``: pass the intermediate stages through the model's final layer norm (as
         DINOv3's ``get_intermediate_layers(norm=True)``); False keeps their raw hidden states.
-        ``precision``: ``"fp32"`` (default) or ``"bf16"`` for the backbone; float16 is refused.
-        The returned features are float32 whatever the precision."""
+        ``precision``: ``"fp32"`` (default), ``"bf16"``, ``"int8"`` (CPU) or ``"auto"`` (resolved
+        here, see :func:`resolve_precision`) for the backbone; float16 is refused. The returned
+        features are float32 whatever the precision."""
         self.model_id = str(model)
-        self.precision = check_precision(precision)
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.net, self.info = load_backbone(self.model_id, self.device, self.precision)
         L = self.info["num_layers"]
         self.stages = list(stages) if stages else default_stages(L)
@@ -241,7 +369,7 @@ class FeatureExtractor:
         p = self.patch_size
         gh, gw = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
         n_pre = self.info["num_prefix_tokens"]
-        dtype = next(self.net.parameters()).dtype
+        dtype = _torch_dtype(self.precision)
         with torch.inference_mode():
             out = self.net(pixel_values=pixel_values.to(self.device, dtype=dtype), output_hidden_states=True)
             hs = out.hidden_states  # embeddings + one per layer

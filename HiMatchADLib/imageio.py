@@ -21,17 +21,17 @@ import time
 import warnings
 import zlib
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .dicom import DICOM_SUFFIXES, DicomSeries
 from .errors import HiMatchADError
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".ima")
 #: Largest volume accepted (voxels). Larger inputs are refused with a clear message rather than
 #: exhausting memory: 2**30 voxels are 4 GiB as float32.
 MAX_VOXELS = 2**30
@@ -94,6 +94,9 @@ class Image:
     path: Optional[str] = None
     pixel_type: str = "float32"  # pixel type on disk, e.g. "uint8" for 8-bit PNGs
     warnings: list = field(default_factory=list)
+    #: For a DICOM input: its files in slice order, and the series they form (else empty / None).
+    dicom_files: tuple = ()
+    dicom_series: Optional[DicomSeries] = None
 
     @property
     def is_2d(self) -> bool:
@@ -143,120 +146,6 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and low.endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
 
 
-def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
-    """The DICOM series directly in ``folder``: ``(series UID, files)`` pairs, largest first."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    with _quiet_itk():
-        ids = reader.GetGDCMSeriesIDs(str(folder))
-        series = [(sid, list(reader.GetGDCMSeriesFileNames(str(folder), sid))) for sid in ids]
-    return sorted((s for s in series if s[1]), key=lambda s: (-len(s[1]), s[0]))
-
-
-def _dicom_tag(reader, tag: str) -> str:
-    return reader.GetMetaData(tag).strip() if reader.HasMetaDataKey(tag) else ""
-
-
-def _dicom_series_files(folder: Path) -> list[str]:
-    """The files of the one DICOM series in ``folder``, in slice order.
-
-    A folder holding several series is refused with their list (which one is meant cannot be
-    guessed: a localiser, a second echo, a contrast phase), and so is a series whose slices are not
-    evenly spaced (a missing slice would otherwise be read with one uniform, wrong spacing).
-    """
-    import SimpleITK as sitk
-
-    series = _dicom_series(folder)
-    if not series:
-        return []
-    if len(series) > 1:
-        lines = []
-        for sid, files in series:
-            r = sitk.ImageFileReader()
-            r.SetFileName(files[0])
-            desc = ""
-            with contextlib.suppress(RuntimeError), _quiet_itk():
-                r.ReadImageInformation()
-                desc = " ".join(v for v in (_dicom_tag(r, "0008|0060"), _dicom_tag(r, "0008|103e")) if v)
-            lines.append(f"{sid} ({len(files)} files{', ' + desc if desc else ''})")
-        raise HiMatchADError(
-            f"{folder} holds {len(series)} DICOM series: " + "; ".join(lines)
-            + ". Move the series to analyse into a folder of its own and give that folder"
-        )
-    files = series[0][1]
-    _check_dicom_spacing(folder, files)
-    return files
-
-
-def _check_dicom_spacing(folder: Path, files: list[str]) -> None:
-    """Refuse a series that ITK's series reader would place on a wrong grid: slices shifted sideways
-    (a tilted gantry), several slices at one position, or uneven steps along the slice normal (a
-    missing slice). Series without patient position and orientation are not checked."""
-    import SimpleITK as sitk
-
-    if len(files) < 3:
-        return
-    positions = []
-    for f in files:
-        r = sitk.ImageFileReader()
-        r.SetFileName(f)
-        try:
-            with _quiet_itk():
-                r.ReadImageInformation()
-        except RuntimeError as exc:
-            raise HiMatchADError(f"cannot read the DICOM file {f}: {str(exc).strip().splitlines()[-1][:200]}") from exc
-        pos, ori = _dicom_tag(r, "0020|0032"), _dicom_tag(r, "0020|0037")
-        if not pos or not ori:
-            return  # no patient geometry (e.g. secondary capture): nothing to check against
-        try:
-            p = np.array([float(v) for v in pos.split("\\")], dtype=float)
-            o = np.array([float(v) for v in ori.split("\\")], dtype=float)
-        except ValueError:
-            return
-        if p.size != 3 or o.size != 6:
-            return
-        normal = np.cross(o[:3], o[3:])
-        positions.append((float(normal @ p), p, normal))
-    positions.sort(key=lambda t: t[0])
-    first, last = positions[0], positions[-1]
-    along = last[0] - first[0]
-    across = float(np.linalg.norm((last[1] - first[1]) - along * first[2]))
-    if across > max(0.01 * abs(along), 1e-3):
-        raise HiMatchADError(
-            f"the DICOM series in {folder} is sheared: its slices are shifted sideways by {across:.3g} mm over "
-            f"{abs(along):.3g} mm (a tilted gantry?); read as an orthogonal grid its voxels would be misplaced. Resample "
-            "it to an orthogonal grid first (e.g. 3D Slicer's DICOM import with acquisition geometry regularization) and save "
-            "it as NIfTI/NRRD"
-        )
-    gaps = np.diff(np.asarray([t[0] for t in positions]))
-    if np.min(gaps) < 1e-3:
-        raise HiMatchADError(
-            f"the DICOM series in {folder} has several slices at one position ({len(files)} files; several echoes, "
-            "phases or a duplicated slice?). Put the slices of one volume in a folder of their own"
-        )
-    step = float(np.median(gaps))
-    if step <= 0 or np.max(np.abs(gaps - step)) > max(0.01 * step, 1e-3):
-        odd = [i for i, g in enumerate(gaps) if abs(g - step) > max(0.01 * step, 1e-3)]
-        detail = ", ".join(f"{gaps[i]:.3g} mm after slice {i + 1}" for i in odd[:5])
-        raise HiMatchADError(
-            f"the DICOM series in {folder} is not evenly spaced: slices are {step:.3g} mm apart except {detail} "
-            f"({len(files)} slices; a missing or duplicated slice?). Complete the series, or resample it to a "
-            "regular grid and save it as NIfTI/NRRD first"
-        )
-
-
-def is_dicom_folder(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    files = [p for p in path.iterdir() if p.is_file()]
-    if not files:
-        return False
-    if not any(p.suffix.lower() in DICOM_SUFFIXES or p.suffix == "" for p in files):
-        return False
-    return bool(_dicom_series(path))
-
-
 def real_path(path: Path) -> Optional[Path]:
     """``path`` with every link resolved, or None for a link loop or an unreachable target."""
     try:
@@ -276,31 +165,35 @@ def walk_inputs(
     prune: Iterable[Path] = (),
     skip_names: Optional[Callable[[list], set]] = None,
     log: Optional[Callable[[str], None]] = None,
-) -> tuple[list[Path], list[Path]]:
-    """The inputs under the folder ``root`` (image files and DICOM series folders), in the order
-    found, and the files left out by ``skip_names``.
+) -> tuple[list, list[Path]]:
+    """The inputs under the folder ``root``, in the order found, and the files left out by
+    ``skip_names``. An input is an image file (a ``Path``) or a DICOM series
+    (:class:`~HiMatchADLib.dicom.DicomSeries`): every series of every folder is an input of its
+    own, whether it can be analysed or not (its ``problem`` says).
 
     Breadth first, links followed, but every real folder is entered once and every real input kept
     once (of two ways to one input, the shorter). Skipped: hidden entries, link loops and dangling
     links, anything whose real path lies in one of the real folders ``prune``, and in each folder the
     file names returned by ``skip_names(entries)``. ``log(message)`` hears about loops and
-    duplicates. A DICOM series folder is one input; ``root`` itself is one when it holds nothing else.
+    duplicates. A series found in several folders is marked unusable in each.
     """
+    from .dicom import describe_files, is_dicom_candidate, mark_split_series
+
     say = log or (lambda message: None)
     pruned = list(prune)
     root_real = real_path(root) or root
-    found: list[Path] = []
+    found: list = []
     skipped: list[Path] = []
     seen_dirs = {root_real}
     seen_inputs: dict = {}
 
-    def add(path: Path, real: Path) -> None:
-        first = seen_inputs.get(real)
+    def add(item, key, shown) -> None:
+        first = seen_inputs.get(key)
         if first is not None:
-            say(f"{path} is the same input as {first}; processed once")
+            say(f"{shown} is the same input as {first}; processed once")
             return
-        seen_inputs[real] = path
-        found.append(path)
+        seen_inputs[key] = shown
+        found.append(item)
 
     queue = deque([root])
     while queue:
@@ -309,10 +202,8 @@ def walk_inputs(
             entries = sorted(d.iterdir())
         except OSError as exc:
             raise HiMatchADError(f"cannot list folder {d}: {exc.strerror or exc}") from exc
-        if d != root and is_dicom_folder(d):
-            add(d, real_path(d) or d)
-            continue
         names = skip_names(entries) if skip_names is not None else set()
+        candidates = []
         for p in entries:
             if p.name.startswith("."):
                 continue
@@ -326,18 +217,29 @@ def walk_inputs(
                 if recursive and real not in seen_dirs:
                     seen_dirs.add(real)
                     queue.append(p)
+            elif p.name in names and (is_image_file(p) or is_dicom_candidate(p)):
+                skipped.append(p)
             elif is_image_file(p):
-                if p.name in names:
-                    skipped.append(p)
-                else:
-                    add(p, real)
-        if d == root and not found and is_dicom_folder(root):
-            add(root, root_real)
+                add(p, real, p)
+            elif is_dicom_candidate(p):
+                candidates.append(p)
+        d_real = real_path(d) or d
+        for series in describe_files(d, candidates):
+            add(series, (d_real, series.series_uid), f"DICOM series {series.series_uid} in {d}")
+    series_found = mark_split_series([x for x in found if isinstance(x, DicomSeries)])
+    marked = iter(series_found)
+    found = [next(marked) if isinstance(x, DicomSeries) else x for x in found]
     return found, skipped
 
 
+def input_path(item) -> Path:
+    """The path of an input found by :func:`walk_inputs`: the file, or the folder of a DICOM series."""
+    return Path(item.folder) if isinstance(item, DicomSeries) else Path(item)
+
+
 def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Every readable input under ``folder``: image files and DICOM series folders, sorted.
+    """Every input under ``folder``: image files and folders holding DICOM series, sorted (a folder
+    once, however many series it holds: reading it picks its one image series or says why not).
 
     Hidden files and folders (our cache, ``.DS_Store``) and outputs of this tool (heatmaps, labelmaps,
     overlays named by one of our scores JSON beside them) are skipped. Symbolic links are followed,
@@ -353,7 +255,7 @@ def list_images(folder: str | os.PathLike, recursive: bool = True) -> list[Path]
     found, own = walk_inputs(root, recursive=recursive, skip_names=own_outputs)
     if own:
         warn(f"{root}: skipped {len(own)} outputs of this tool (e.g. {own[0].name}); they are not input images")
-    return sorted(found)
+    return sorted(dict.fromkeys(input_path(x) for x in found))
 
 
 _quiet_lock = threading.Lock()
@@ -451,35 +353,105 @@ def check_complete(path: str | os.PathLike) -> None:
             )
 
 
-def read_sitk(path: str | os.PathLike):
-    """Read a file or DICOM series folder into a ``SimpleITK.Image`` (clear errors, no tracebacks).
+def read_sitk(path):
+    """Read a file, a DICOM series folder or a :class:`~HiMatchADLib.dicom.DicomSeries` into a
+    ``SimpleITK.Image`` (clear errors, no tracebacks).
 
-    Truncated files (:func:`check_complete`), folders with several DICOM series and unevenly spaced
-    DICOM series are refused.
+    Truncated files (:func:`check_complete`) are refused. A folder is read as its one image series
+    (:func:`HiMatchADLib.dicom.select_series`: several series are refused with their list), a
+    series exactly from its files, and an unusable series (uneven slices, a localizer...) is
+    refused with its problem.
     """
     import SimpleITK as sitk
 
+    series = path if isinstance(path, DicomSeries) else dicom_input(path)
+    if series is not None:
+        return _read_series(series)
     p = Path(path)
-    if not p.exists():
-        raise HiMatchADError(f"input not found: {p}")
     try:
-        if p.is_dir():
-            files = _dicom_series_files(p)
-            if not files:
-                raise HiMatchADError(f"{p} is a folder but holds no DICOM series")
-            with _quiet_itk():
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(files)
-                return reader.Execute()
         check_complete(p)
         with _quiet_itk():
             return sitk.ReadImage(str(p))
     except HiMatchADError:
         raise
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln or "Could not" in ln), first[-1] if first else "")
-        raise HiMatchADError(f"cannot read {p}: not a readable image ({detail.strip()[:200]})") from exc
+        raise HiMatchADError(f"cannot read {p}: not a readable image ({_itk_detail(exc)})") from exc
+
+
+def dicom_input(path, filters=()) -> Optional[DicomSeries]:
+    """The DICOM series a path given as input stands for: for a folder, its one image series (or
+    the one ``filters`` select; :func:`HiMatchADLib.dicom.select_series`), for a DICOM file, the
+    file alone (named after it); None for other files. A missing path is refused."""
+    from .dicom import describe_files, is_dicom_file, matches, select_series
+
+    p = Path(path)
+    if not p.exists():
+        raise HiMatchADError(f"input not found: {p}")
+    if p.is_dir():
+        return select_series(p, filters)
+    if not p.name.lower().endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES) and is_dicom_file(p):
+        found = describe_files(p.parent, [p])
+        if found:
+            series = replace(found[0], name=strip_suffix(p))
+            if not matches(series, filters):
+                raise HiMatchADError(f"the DICOM file {p} ({series.describe()}) does not match --series-filter")
+            return series
+    return None
+
+
+def _itk_detail(exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()
+    detail = next((ln for ln in first if "ERROR" in ln or "Unable" in ln or "Could not" in ln), first[-1] if first else "")
+    return detail.strip()[:200]
+
+
+def _read_series(series: DicomSeries):
+    """Read exactly the files of ``series`` and check ITK's grid against the one its headers describe."""
+    import SimpleITK as sitk
+
+    if series.problem:
+        raise series.unusable_error()
+    missing = [f for f in series.files if not os.path.isfile(f)]
+    if missing:
+        raise HiMatchADError(f"the DICOM series {series.where()} lost {len(missing)} files since it was found (e.g. {missing[0]})")
+    try:
+        with _quiet_itk():
+            if len(series.files) == 1:
+                img = sitk.ReadImage(series.files[0])
+            else:
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(list(series.files))
+                img = reader.Execute()
+    except RuntimeError as exc:
+        raise HiMatchADError(f"cannot read the DICOM series {series.where()}: {_itk_detail(exc)}") from exc
+    if series.frame_order and img.GetDimension() == 3 and img.GetSize()[2] == len(series.frame_order):
+        # A multi-frame object: ITK keeps its frames in file order; put them in slice order, on the
+        # grid of the per-frame positions.
+        arr = sitk.GetArrayFromImage(img)[list(series.frame_order)]
+        placed = sitk.GetImageFromArray(arr, isVector=img.GetNumberOfComponentsPerPixel() > 1)
+        placed.SetSpacing((*img.GetSpacing()[:2], series.slice_step or img.GetSpacing()[2]))
+        placed.SetOrigin(series.origin)
+        placed.SetDirection(series.direction)
+        img = placed
+    if series.origin and img.GetDimension() == 3:
+        size = img.GetSize()
+        direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+        want = np.asarray(series.direction, dtype=float).reshape(3, 3)
+        problem = None
+        if size[2] != series.frames:
+            problem = f"{size[2]} slices instead of {series.frames}"
+        elif not np.allclose(img.GetOrigin(), series.origin, atol=1e-3):
+            problem = f"origin {tuple(round(v, 3) for v in img.GetOrigin())} instead of {tuple(round(v, 3) for v in series.origin)}"
+        elif not np.allclose(direction[:, :2], want[:, :2], atol=1e-4) or (size[2] > 1 and not np.allclose(direction[:, 2], want[:, 2], atol=1e-4)):
+            problem = "another orientation"
+        elif size[2] > 1 and not np.isclose(img.GetSpacing()[2], series.slice_step, rtol=0.01, atol=1e-4):  # steps are even to 1 %
+            problem = f"slice spacing {img.GetSpacing()[2]:.4g} mm instead of {series.slice_step:.4g} mm"
+        if problem is not None:
+            raise HiMatchADError(
+                f"the DICOM series {series.where()} is read by ITK on another grid than its headers describe ({problem}); "
+                "convert it to NIfTI/NRRD with a DICOM converter (e.g. 3D Slicer's DICOM module) first"
+            )
+    return img
 
 
 def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Image:
@@ -522,16 +494,21 @@ def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Ima
     return out
 
 
-def read_image(path: str | os.PathLike) -> Image:
-    """Read NIfTI, NRRD, MHA/MHD, a DICOM series folder, or a 2D PNG/JPEG/TIFF/BMP slice.
+def read_image(path) -> Image:
+    """Read NIfTI, NRRD, MHA/MHD, a DICOM series (a :class:`~HiMatchADLib.dicom.DicomSeries`, or a
+    folder holding one image series), or a 2D PNG/JPEG/TIFF/BMP slice.
 
     Non-finite voxels (NaN/Inf) are kept in the array as NaN; they are treated as background by the
     preprocessing and a warning is recorded on the image. An image with no finite voxel is refused.
+    A DICOM image keeps its series and files (``dicom_series``, ``dicom_files``, in slice order).
     """
-    p = Path(path)
-    img = read_sitk(p)
-    name = p.name if p.is_dir() else strip_suffix(p)
+    series = path if isinstance(path, DicomSeries) else dicom_input(path)
+    p = Path(series.folder) if isinstance(path, DicomSeries) else Path(path)
+    img = read_sitk(series if series is not None else p)
+    name = series.name if series is not None else strip_suffix(p)
     out = image_from_sitk(img, name=name, path=str(p))
+    if series is not None:
+        out.dicom_series, out.dicom_files = series, tuple(series.files)
     finite = np.isfinite(out.array)
     if not finite.all():
         n_bad = int((~finite).sum())

@@ -128,11 +128,13 @@ class DetectionRunner:
         return self.job
 
     def start_batch(self, input_dir: str, normals: str, out_dir: str, settings: dict, overwrite: bool = False,
-                    engine: str = "local", engine_options: Optional[dict] = None) -> DetectionJob:
+                    engine: str = "local", engine_options: Optional[dict] = None, batch_options: Optional[dict] = None) -> DetectionJob:
         """Run the library's batch runner on a folder in the worker (returns at once); ``engine="ray"``
-        spreads the cases over a Ray cluster (``engine_options``: address, workers, gpus_per_worker...)."""
+        spreads the cases over a Ray cluster (``engine_options``: address, workers, gpus_per_worker...);
+        ``batch_options`` go into the request as they are (``series_filter``, ``dicom_seg``, ``dicom_heatmap``)."""
         self._check_idle()
         rid = self.client.send({
+            **dict(batch_options or {}),
             "cmd": "batch", "input_dir": str(input_dir), "normals": str(normals), "out_dir": str(out_dir),
             "settings": dict(settings), "overwrite": bool(overwrite), "engine": engine, "engine_options": dict(engine_options or {}),
         })

@@ -1,7 +1,14 @@
-"""Writing a detection result: heatmap, labelmap, scores JSON and (for 2D inputs) an overlay PNG.
+"""Writing a detection result: heatmap, labelmap, scores JSON and (for 2D inputs) an overlay PNG;
+on request, for a DICOM input, a DICOM SEG of the labelmap and a DICOM parametric map of the heatmap.
 
 Every file is written under a temporary name and renamed into place; the scores JSON comes last and
-carries ``"complete": true``, so a folder with a readable JSON holds a finished result.
+carries ``"complete": true``, so a folder with a readable JSON holds a finished result. The JSON's
+``"outputs"`` names every file of the result (the DICOM ones included), which is how a rerun and
+the input walk (:func:`own_outputs`) know them.
+
+The DICOM writers live in :mod:`HiMatchADLib.dicom_seg` (``write_dicom_seg``,
+``write_dicom_heatmap``; they need highdicom: ``pip install "himatchad[dicom]"``) and are imported
+only when asked for.
 """
 
 from __future__ import annotations
@@ -37,9 +44,18 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return _INFERNO[lo] * (1 - f) + _INFERNO[hi] * f
 
 
-def output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool, foreground: bool = False) -> dict:
+#: File names of the DICOM outputs: ``<name><suffix>``.
+DICOM_OUTPUT_SUFFIXES = {"dicom_seg": "_seg.dcm", "dicom_heatmap": "_heatmap_pm.dcm"}
+DICOM_INSTALL_HINT = 'DICOM SEG and parametric map outputs need highdicom: pip install "himatchad[dicom]"'
+
+
+def output_paths(
+    out_dir: Union[str, os.PathLike], name: str, is_2d: bool, foreground: bool = False,
+    dicom_seg: bool = False, dicom_heatmap: bool = False,
+) -> dict:
     """Where the outputs of ``name`` go. The foreground mask is written only on request (the worker
-    asks for it, so that a result read back can be re-thresholded exactly)."""
+    asks for it, so that a result read back can be re-thresholded exactly), and so are the DICOM
+    outputs (``<name>_seg.dcm``, ``<name>_heatmap_pm.dcm``)."""
     out = Path(out_dir)
     paths = {
         "heatmap": out / f"{name}_heatmap.nii.gz",
@@ -50,7 +66,21 @@ def output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool, foreg
         paths["overlay"] = out / f"{name}_overlay.png"
     if foreground:
         paths["foreground"] = out / f"{name}_foreground.nii.gz"
+    for key, wanted in (("dicom_seg", dicom_seg), ("dicom_heatmap", dicom_heatmap)):
+        if wanted:
+            paths[key] = out / f"{name}{DICOM_OUTPUT_SUFFIXES[key]}"
     return paths
+
+
+def dicom_writers():
+    """The DICOM writer module (:mod:`HiMatchADLib.dicom_seg`), or :class:`HiMatchADError` saying
+    how to install what it needs."""
+    try:
+        from . import dicom_seg
+    except ImportError as exc:
+        raise HiMatchADError(f"{DICOM_INSTALL_HINT} ({exc})") from None
+    dicom_seg.require()
+    return dicom_seg
 
 
 def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
@@ -113,19 +143,38 @@ def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, th
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
-def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike], foreground: bool = False) -> dict:
+def save_result(
+    result: DetectionResult, out_dir: Union[str, os.PathLike], foreground: bool = False,
+    dicom_seg: bool = False, dicom_heatmap: bool = False,
+) -> dict:
     """Write the result next to nothing half-done; returns the written paths.
 
     The scores JSON of an earlier result of the same name is removed first, so that an interrupted
     re-run never leaves new maps beside an old JSON that says "complete". ``foreground``: also write
     ``<name>_foreground.nii.gz`` (uint8), which :func:`load_result` uses to re-threshold exactly.
+    ``dicom_seg`` / ``dicom_heatmap``: also write ``<name>_seg.dcm`` (DICOM SEG of the labelmap) /
+    ``<name>_heatmap_pm.dcm`` (parametric map of the heatmap) referencing the source series
+    (``result.source_files``; a result of a non-DICOM input is refused). DICOM outputs of an earlier
+    result of the same name that are not written again are removed (they would not match the new maps).
     """
+    dicom = {"dicom_seg": bool(dicom_seg), "dicom_heatmap": bool(dicom_heatmap)}
+    writers = None
+    if any(dicom.values()):
+        if not result.source_files:
+            raise HiMatchADError(
+                f"a DICOM SEG or parametric map needs a DICOM input; {result.name} was read from "
+                f"{result.source_path or 'an array'}, which is not DICOM"
+            )
+        writers = dicom_writers()
     out = Path(out_dir).expanduser()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise HiMatchADError(f"cannot create output folder {out}: {exc.strerror}") from exc
-    paths = output_paths(out, result.name, result.geometry.is_2d, foreground=foreground)
+    paths = output_paths(out, result.name, result.geometry.is_2d, foreground=foreground, **dicom)
+    # DICOM outputs of an earlier result under this name that are not written again (as the maps,
+    # they are replaced by name): they would not match the new maps.
+    stale = [out / f"{result.name}{suffix}" for key, suffix in DICOM_OUTPUT_SUFFIXES.items() if key not in paths]
     try:
         paths["scores"].unlink()
     except FileNotFoundError:
@@ -145,6 +194,16 @@ def save_result(result: DetectionResult, out_dir: Union[str, os.PathLike], foreg
         rgb = overlay_rgb(base, result.heatmap[0], result.labelmap[0], result.threshold, result.display_floor)
         with atomic_path(paths["overlay"]) as tmp:
             PILImage.fromarray(rgb).save(tmp, format="PNG")
+    for path in stale:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise HiMatchADError(f"cannot remove the earlier output {path}: {exc.strerror}") from exc
+    sources = [str(f) for f in result.source_files]
+    if dicom["dicom_seg"]:
+        writers.write_dicom_seg(result, sources, paths["dicom_seg"])
+    if dicom["dicom_heatmap"]:
+        writers.write_dicom_heatmap(result, sources, paths["dicom_heatmap"])
     result.timings["write"] = time.perf_counter() - t
     data = result.to_dict()
     data["outputs"] = {k: v.name for k, v in paths.items()}
@@ -215,4 +274,5 @@ def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
         warnings=list(data.get("warnings", [])),
         threshold_info=data.get("threshold_info", {}),
         labelmap=(lab.array > 0).astype(np.uint8),
+        source_series=data.get("series") if isinstance(data.get("series"), dict) else {},
     )

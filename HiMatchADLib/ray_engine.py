@@ -16,7 +16,8 @@ the driver (the engine ships the driver's copy to the cluster when it connects) 
 has the same result-changing settings.
 
 Faults: a case that fails (unreadable input...) is recorded as "failed" with its message and the
-batch goes on. When a worker process dies (killed, out of memory), a fresh worker replaces it and the
+batch goes on. A DICOM series that cannot be analysed is a "skipped" row, decided by the driver (no
+worker sees it), as with the local engine. When a worker process dies (killed, out of memory), a fresh worker replaces it and the
 case it was processing is retried once; if the worker dies again the case is recorded as failed with
 the reason. ``KeyboardInterrupt`` (Ctrl-C) or :class:`Cancelled` in the driver kills the workers
 before it propagates; a case interrupted while being written has no scores JSON, so it never looks
@@ -161,15 +162,16 @@ class CaseWorker:
         self.current = spec["settings"]
         return {"host": host, "pid": os.getpid(), "device": det.extractor.device}
 
-    def process(self, case: Case, out_root: str, overwrite: bool) -> tuple:
-        """Run one case; returns ``(row, messages, seconds)``."""
+    def process(self, case: Case, out_root: str, overwrite: bool, dicom: Optional[dict] = None) -> tuple:
+        """Run one case; returns ``(row, messages, seconds)``. ``dicom``: the DICOM outputs asked for
+        (``{"dicom_seg": bool, "dicom_heatmap": bool}``)."""
         if self.detector is None:
             raise HiMatchADError("the worker was not set up")
         messages: list = []
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            row = run_case(self.detector, case, out_root, self.current, overwrite=overwrite, log=messages.append)
+            row = run_case(self.detector, case, out_root, self.current, overwrite=overwrite, log=messages.append, **(dicom or {}))
         package = Path(__file__).resolve().parent
         messages += [str(w.message) for w in caught if Path(w.filename).resolve().parent == package]  # ours, as the local run shows them
         return row, messages, round(time.perf_counter() - start, 3)
@@ -310,6 +312,9 @@ def run_batch_ray(
     log: Optional[Callable[[str], None]] = None,
     runtime_env: Optional[dict] = None,
     start_timeout: float = 600.0,
+    series_filter=(),
+    dicom_seg: bool = False,
+    dicom_heatmap: bool = False,
 ) -> list:
     """:func:`HiMatchADLib.batch.run_batch` on Ray actors: same arguments, outputs and rows.
 
@@ -334,7 +339,8 @@ def run_batch_ray(
     if getattr(detector, "device", None) == "cuda" and float(gpus_per_worker) == 0:
         raise HiMatchADError("device 'cuda' with the Ray engine needs GPUs for the workers: set gpus_per_worker (--gpus-per-worker)")
     ray = import_ray()
-    out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say)
+    dicom = dict(dicom_seg=bool(dicom_seg), dicom_heatmap=bool(dicom_heatmap))
+    out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say, series_filter=series_filter, **dicom)
     spec = detector_spec(detector)
     reporter = getattr(detector, "reporter", None)
     summary = out_root / SUMMARY_NAME
@@ -343,7 +349,7 @@ def run_batch_ray(
     todo: deque = deque()
     for i, case in enumerate(cases):
         start = time.perf_counter()
-        row, _ = check_earlier(case, out_root, current, overwrite=overwrite)
+        row, _ = check_earlier(case, out_root, current, overwrite=overwrite, **dicom)
         if row is None:
             todo.append((i, 0))
         else:
@@ -385,7 +391,7 @@ def run_batch_ray(
                 slot = pool.idle.popleft()
                 if progress is not None:
                     progress(f"Case {i + 1}/{total}: {cases[i].case}", done, total)
-                ref = pool.actors[slot].process.remote(cases[i], str(out_root), overwrite)
+                ref = pool.actors[slot].process.remote(cases[i], str(out_root), overwrite, dicom)
                 busy[ref] = (slot, i, attempt, time.perf_counter())
             waiting = [*busy, *pool.starting]
             if not waiting:  # every worker gone and none starting: cannot happen, but never spin

@@ -68,6 +68,8 @@ class DetectionResult:
     - ``slice_axis``: numpy axis (0, 1 or 2) of these arrays along which the volume was sliced;
       ``slice_scores[i]`` and ``supports[i]`` belong to index ``i`` along that axis
       (``slice_scores`` is NaN for a slice without foreground).
+    - ``source_files``: for a DICOM input, its files in slice order (what a DICOM SEG references);
+      ``source_series``: what the scores JSON records about that series (``"series"``).
     """
 
     heatmap: np.ndarray
@@ -115,6 +117,8 @@ class DetectionResult:
             high = low + 1.0
         return low, high
     labelmap: np.ndarray = None  # computed from heatmap/threshold when not given
+    source_files: tuple = ()
+    source_series: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.labelmap is None:
@@ -174,4 +178,5 @@ class DetectionResult:
             "settings": self.settings,
             "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
             "warnings": list(self.warnings),
+            **({"series": dict(self.source_series)} if self.source_series else {}),
         }

@@ -10,7 +10,8 @@ Requests::
     {"id": "1", "cmd": "detect", "input": PATH, "normals": FOLDER, "out_dir": FOLDER,
      "settings": {...HiMatchDetector keywords...}, "foreground": false}
     {"id": "2", "cmd": "batch", "input_dir": FOLDER, "normals": FOLDER, "out_dir": FOLDER,
-     "settings": {...}, "overwrite": false}
+     "settings": {...}, "overwrite": false, "engine": "local", "engine_options": {},
+     "series_filter": ["modality=MR,description~flair"], "dicom_seg": false, "dicom_heatmap": false}
     {"id": "3", "cmd": "ping"}
     {"cmd": "shutdown"}                      (end of stdin does the same)
 
@@ -224,6 +225,8 @@ class Worker:
             det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals],
             progress=self._progress(rid), log=lambda m: log.warning("%s", m),
             engine=str(req.get("engine") or "local"), engine_options=req.get("engine_options") or None,
+            series_filter=req.get("series_filter") or (), dicom_seg=bool(req.get("dicom_seg", False)),
+            dicom_heatmap=bool(req.get("dicom_heatmap", False)),
         )
         self.emit({
             "id": rid, "event": "done",

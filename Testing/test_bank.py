@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import warnings
@@ -226,7 +225,7 @@ def test_precision_and_device_type_are_part_of_the_bank_key(tiny_model, normals_
     folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
     cache = tmp_path / "cache"
     msgs = []
-    d32 = _det(tiny_model, cache, progress=lambda m, d, t: msgs.append(m)).fit(folder)
+    d32 = _det(tiny_model, cache, precision="fp32", progress=lambda m, d, t: msgs.append(m)).fit(folder)
     assert "Building normal bank" in msgs
     msgs.clear()
     d16 = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)

@@ -165,7 +165,9 @@ def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_c
     args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--precision", "bf16"])
     assert detector_from_args(args).precision == "bf16"
     args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model])
-    assert detector_from_args(args).precision == "fp32"
+    from HiMatchADLib.features import resolve_precision
+
+    assert detector_from_args(args).precision == resolve_precision("auto", "auto")  # the default, resolved
 
 
 def _bad_inputs(d):

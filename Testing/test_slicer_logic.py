@@ -243,7 +243,7 @@ def test_module_self_test(HiMatchAD, scene, monkeypatch):
     test.test_HiMatchAD1()
 
 
-def test_a_rerun_over_a_hand_edited_segment_asks_first(HiMatchAD, logic, scene, slicer_modules, settings, normals_dir, lesion_case):
+def test_a_rerun_over_a_hand_edited_segment_asks_first(HiMatchAD, logic, scene, slicer_modules, settings, normals_dir, lesion_case):  # noqa: F811 (the imported fixture)
     from HiMatchADLib.mrml import SegmentEditedError
 
     node = add_case(scene, lesion_case)
