@@ -4,7 +4,8 @@ The ``knn`` mode (AnomalyDINO) scores a query patch token :math:`q` by
 :math:`1 - \max_{b \in \mathcal{B}} \cos(q, b)` over the foreground tokens :math:`b` of every normal
 slice. ``knn_index`` says how the maximum is found:
 
-``exact`` (default): faiss ``IndexFlatIP`` over every token, the true maximum. A bank larger than
+``exact`` (default): faiss brute-force inner-product search (``faiss.knn``, the computation of
+``IndexFlatIP.search``) over every token held as float32, the true maximum. A bank larger than
 :data:`MAX_INDEX_BYTES` (as float32) is searched chunk by chunk of :data:`CHUNK_ROWS` tokens, so
 memory stays bounded.
 
@@ -30,13 +31,16 @@ The parameters were chosen by measuring recall@1 against ``exact`` (see ``docs/m
 ``benchmarks/knn_index.py``).
 
 Excluding the query's own subject (calibration, the only search that excludes tokens): ``exact``
-searches with a faiss ID selector (a bitmap of the tokens that may be returned). ``ivf`` applies the
-same mask to the ids of each probed list; a query token whose probed lists hold only excluded
-tokens is searched exactly. ``hnsw`` falls back to the exact search (with the selector, over the
-tokens the graph stores, so no second copy): a filtered graph search walks through the excluded
-nodes, and when a subject's own tokens are the whole neighbourhood of a query (adjacent slices of
-one volume) it stops at a poor allowed token (recall 0.59 on a constructed case of this kind, against
-0.99 unfiltered; see ``Testing/test_knn_index.py``), which would inflate the calibrated threshold.
+searches each run of consecutive allowed tokens (a subject's slices are stored together) with the
+same brute-force search; a faiss ID selector would be exact too, but faiss then scans row by row
+without the matrix product, about ten times slower. ``ivf`` drops the excluded ids from each
+probed list; a query token whose probed lists hold only excluded tokens is searched exactly.
+``hnsw`` falls back to the exact search, over the float32 tokens the graph stores (no second copy):
+faiss's filtered graph search (``SearchParametersHNSW`` with an ID selector) walks through the
+excluded nodes, and when a subject's own tokens are the whole neighbourhood of a query (adjacent
+slices of one volume) it stops at a poor allowed token: recall 0.59 on a constructed case of this
+kind, which would inflate the calibrated threshold (``Testing/test_knn_index.py``,
+``benchmarks/knn_index.py``).
 
 Memory: ``ivf`` and ``hnsw`` hold every token as float32 in memory (plus ids or graph links). When
 that estimate exceeds :data:`MAX_INDEX_BYTES`, the approximate index is not built: the bank is
@@ -128,12 +132,35 @@ def estimated_bytes(kind: str, n: int, d: int, params: dict) -> int:
 
 
 def keep_selector(keep: np.ndarray):
-    """faiss selector of the rows where ``keep`` is True, and the bitmap it reads (keep it alive
-    while searching: faiss holds a pointer to it)."""
+    """faiss selector of the rows where ``keep`` is True, and the bitmap it reads (faiss holds a
+    pointer to it)."""
     import faiss
 
     bitmap = np.packbits(np.asarray(keep, bool), bitorder="little")
     return faiss.IDSelectorBitmap(bitmap), bitmap
+
+
+def kept_runs(keep: Optional[np.ndarray], n: int) -> list:
+    """``[(start, end), ...]``: the runs of consecutive rows where ``keep`` is True (all ``n`` rows
+    when ``keep`` is None). A subject's slices are stored together, so there are few."""
+    if keep is None:
+        return [(0, n)] if n else []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(keep, np.int8), [0]])))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist()))
+
+
+def flat_max_sim(xb: np.ndarray, q: np.ndarray, keep: Optional[np.ndarray] = None) -> np.ndarray:
+    """Exact max inner product of each row of ``q`` with the rows of the float32 matrix ``xb`` where
+    ``keep`` (``-inf`` where none is kept). Each run of kept rows is one faiss brute-force search
+    (a matrix product), not a search filtered row by row with an ID selector, which faiss runs
+    without the matrix product and is about ten times slower."""
+    import faiss
+
+    best = np.full(q.shape[0], -np.inf, dtype=np.float32)
+    for a, b in kept_runs(keep, xb.shape[0]):
+        D, _ = faiss.knn(q, xb[a:b], 1, metric=faiss.METRIC_INNER_PRODUCT)
+        np.maximum(best, D[:, 0], out=best)
+    return best
 
 
 def _tokens_f32(tokens, a: int, b: int) -> np.ndarray:
@@ -141,22 +168,15 @@ def _tokens_f32(tokens, a: int, b: int) -> np.ndarray:
 
 
 def chunked_max_sim(tokens, q: np.ndarray, keep: Optional[np.ndarray] = None, chunk_rows: Optional[int] = None) -> np.ndarray:
-    """Exact max inner product of each row of ``q`` with the rows of ``tokens`` where ``keep``,
-    reading ``chunk_rows`` rows at a time (memory bounded by one chunk). ``-inf`` where none is kept."""
-    import faiss
-
+    """:func:`flat_max_sim` over ``tokens`` (any float dtype, e.g. the bank's float16 memory map)
+    read ``chunk_rows`` rows at a time, so memory stays bounded by one float32 chunk."""
     chunk_rows = CHUNK_ROWS if chunk_rows is None else int(chunk_rows)
     best = np.full(q.shape[0], -np.inf, dtype=np.float32)
     for a in range(0, tokens.shape[0], chunk_rows):
-        chunk = _tokens_f32(tokens, a, a + chunk_rows)
-        if keep is not None:
-            chunk = chunk[keep[a : a + chunk.shape[0]]]
-        if chunk.shape[0] == 0:
+        b = min(tokens.shape[0], a + chunk_rows)
+        if keep is not None and not keep[a:b].any():
             continue
-        idx = faiss.IndexFlatIP(chunk.shape[1])
-        idx.add(chunk)
-        D, _ = idx.search(q, 1)
-        best = np.maximum(best, D[:, 0])
+        np.maximum(best, flat_max_sim(_tokens_f32(tokens, a, b), q, None if keep is None else keep[a:b]), out=best)
     return best
 
 
@@ -173,13 +193,6 @@ class _Searcher:
     def max_sim(self, q: np.ndarray, keep: Optional[np.ndarray] = None) -> np.ndarray:
         raise NotImplementedError
 
-    def _complete(self, q: np.ndarray, best: np.ndarray, found: np.ndarray, keep: Optional[np.ndarray]) -> np.ndarray:
-        """Search exactly the query rows for which the index found no allowed candidate."""
-        missing = np.flatnonzero(~found)
-        if missing.size:
-            best[missing] = chunked_max_sim(self.tokens, q[missing], keep)
-        return best
-
 
 class ChunkedExact(_Searcher):
     """Exact search chunk by chunk, never holding more than one chunk (large banks)."""
@@ -189,21 +202,14 @@ class ChunkedExact(_Searcher):
 
 
 class FlatExact(_Searcher):
-    """Exact search: one faiss ``IndexFlatIP`` holding every token."""
+    """Exact search over every token held as one float32 matrix ``xb``."""
 
-    def __init__(self, tokens, index):
+    def __init__(self, tokens, xb: np.ndarray):
         super().__init__(tokens)
-        self.index = index
+        self.xb = xb
 
     def max_sim(self, q, keep=None):
-        import faiss
-
-        if keep is None:
-            D, _ = self.index.search(q, 1)
-        else:
-            sel, _bitmap = keep_selector(keep)
-            D, _ = self.index.search(q, 1, params=faiss.SearchParameters(sel=sel))
-        return D[:, 0].copy()
+        return flat_max_sim(self.xb, q, keep)
 
 
 class IvfSearch(_Searcher):
@@ -254,7 +260,10 @@ class IvfSearch(_Searcher):
                     continue
                 r = rows[s:e]
                 out[r] = np.maximum(out[r], (qb[r] @ codes.T).max(1))
-        return self._complete(q, best, np.isfinite(best), keep)
+        missing = np.flatnonzero(~np.isfinite(best))  # every probed token excluded: search exactly
+        if missing.size:
+            best[missing] = chunked_max_sim(self.tokens, q[missing], keep)
+        return best
 
 
 class HnswSearch(_Searcher):
@@ -268,7 +277,9 @@ class HnswSearch(_Searcher):
 
         super().__init__(tokens, params)
         self.index = index
-        self.exact = FlatExact(tokens, faiss.downcast_index(index.storage))
+        storage = faiss.downcast_index(index.storage)  # an IndexFlat of the float32 tokens
+        xb = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d).reshape(storage.ntotal, storage.d)
+        self.exact = FlatExact(tokens, xb)
 
     def max_sim(self, q, keep=None):
         import faiss
@@ -433,7 +444,6 @@ def open_index(bank, kind: str, reporter: Optional[Reporter] = None, max_bytes: 
     the requested index when the bank is too large for it (``max_bytes``, default
     :data:`MAX_INDEX_BYTES`).
     """
-    import faiss
 
     kind = check_knn_index(kind)
     cache_key = f"knn_index_{kind}"
@@ -455,10 +465,10 @@ def open_index(bank, kind: str, reporter: Optional[Reporter] = None, max_bytes: 
             )
         searcher.info.update(how="chunked", bytes=0)
     elif kind == "exact":
-        index = faiss.IndexFlatIP(d)
+        xb = np.empty((n, d), np.float32)
         for a in range(0, n, CHUNK_ROWS):
-            index.add(_tokens_f32(tokens, a, a + CHUNK_ROWS))
-        searcher = FlatExact(tokens, index)
+            xb[a : a + CHUNK_ROWS] = tokens[a : a + CHUNK_ROWS]
+        searcher = FlatExact(tokens, xb)
         searcher.info.update(how="memory", bytes=need)
     else:
         index, how = _load_or_build(bank, kind, params, reporter)

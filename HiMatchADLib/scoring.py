@@ -4,8 +4,9 @@ Notation: a query slice has foreground patches :math:`i` with unit tokens :math:
 stage :math:`s`; :math:`\cos` is the inner product of unit vectors.
 
 ``knn`` (AnomalyDINO): :math:`a_i = 1 - \max_{b \in \mathcal{B}} \cos(q_i, b)` over every
-foreground patch token :math:`b` of every normal slice (last stage; exact, faiss ``IndexFlatIP``, by
-default; ``knn_index`` ``ivf`` or ``hnsw`` find the maximum approximately, see ``knn_index.py``).
+foreground patch token :math:`b` of every normal slice (last stage; by default exact, faiss
+brute-force inner products; ``knn_index`` ``ivf`` or ``hnsw`` find the maximum approximately, see
+``knn_index.py``).
 
 ``dpmm`` (AnomalyDINO-DPMM): a Dirichlet-process Gaussian mixture (truncated at 200 components,
 diagonal covariances, stick-breaking concentration prior 2) is fitted to a seeded sample of at most

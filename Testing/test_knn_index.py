@@ -174,12 +174,19 @@ def test_the_own_subject_is_excluded_by_every_index(tmp_path, kind):
     np.testing.assert_allclose(patch, 1.0 - got, atol=1e-6)
 
 
-def test_chunked_exact_search_equals_one_index(clustered_bank):
+def test_exact_search_by_runs_and_by_chunks_equals_brute_force(clustered_bank):
     bank, x, groups = clustered_bank
     q, _ = _planted_queries(x, n=300, eps=0.5, seed=7)
     keep = np.repeat(groups != 1, 80)
     np.testing.assert_allclose(ki.chunked_max_sim(bank.tokens, q, keep, chunk_rows=333), (q @ x[keep].T).max(1), atol=1e-5)
     np.testing.assert_allclose(ki.chunked_max_sim(bank.tokens, q, None, chunk_rows=1000), (q @ x.T).max(1), atol=1e-5)
+    # a subject whose slices are not stored together (subject_pattern groups): many runs
+    scattered = np.random.default_rng(0).random(len(x)) > 0.3
+    assert len(ki.kept_runs(scattered, len(x))) > 100
+    want = (q @ x[scattered].T).max(1)
+    np.testing.assert_allclose(ki.flat_max_sim(x, q, scattered), want, atol=1e-5)
+    np.testing.assert_allclose(ki.chunked_max_sim(bank.tokens, q, scattered, chunk_rows=333), want, atol=1e-5)
+    assert ki.kept_runs(np.array([0, 1, 1, 0, 1], bool), 5) == [(1, 3), (4, 5)] and ki.kept_runs(None, 3) == [(0, 3)]
 
 
 @pytest.mark.parametrize("kind", APPROXIMATE)
