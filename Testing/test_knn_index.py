@@ -94,7 +94,7 @@ def test_parameters_follow_the_documented_rules():
     small = ki.index_params("ivf", 2000)
     assert small["nlist"] == 2000 // 39 and small["nprobe"] == 16 and small["train_points"] == 2000
     assert ki.index_params("ivf", 10)["nlist"] == 1 and ki.index_params("ivf", 10)["nprobe"] == 1
-    assert ki.index_params("hnsw", 5) == {"M": 32, "efConstruction": 40, "efSearch": 64}
+    assert ki.index_params("hnsw", 5) == {"M": 48, "efConstruction": 60, "efSearch": 64}
     assert ki.index_params("exact", 5) == {}
 
 
