@@ -299,6 +299,9 @@ def test_invalid_knn_index_is_refused(tiny_model, tmp_path, capsys):
     with pytest.raises(HiMatchADError, match="applies to method knn only"):
         HiMatchDetector(model=tiny_model, method="himatch", knn_index="hnsw")
     assert HiMatchDetector(model=tiny_model, method="knn", knn_index="IVF").knn_index == "ivf"
+    from HiMatchADLib.worker import Worker
+
+    assert "knn_index" in Worker(emit=lambda event: None).allowed_settings()  # the Slicer module's worker passes it on
     with pytest.raises(SystemExit) as exc:
         main(["detect", str(tmp_path / "x.nii.gz"), "--normals", str(tmp_path / "n"), "--out-dir", str(tmp_path / "o"), "--knn-index", "lsh"])
     assert exc.value.code == 2 and "invalid choice: 'lsh'" in capsys.readouterr().err
