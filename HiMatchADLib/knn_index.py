@@ -66,6 +66,7 @@ Searching is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -291,22 +292,17 @@ class HnswSearch(_Searcher):
 
 
 # ------------------------------------------------------------------ building and persistence
+@contextlib.contextmanager
 def _single_threaded():
     """Context in which faiss uses one thread (a reproducible build), restored afterwards."""
-    import contextlib
-
     import faiss
 
-    @contextlib.contextmanager
-    def ctx():
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
-            yield
-        finally:
-            faiss.omp_set_num_threads(before)
-
-    return ctx()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def build_index(tokens, kind: str, params: dict, seed: int = 0, reporter: Optional[Reporter] = None):
