@@ -95,10 +95,16 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     )
     if with_method:  # detect, batch, demo: read by detector_from_args
         from .detector import METHODS
+        from .knn_index import KNN_INDEXES
 
         m = p.add_argument_group("detection")
         m.add_argument("--method", default="himatch", choices=METHODS, help="himatch (default), knn (AnomalyDINO) or dpmm (AnomalyDINO-DPMM)")
         m.add_argument("--k", type=_positive_int, default=8, help="normal reference slices per query slice (himatch; default 8)")
+        m.add_argument(
+            "--knn-index", default="exact", choices=KNN_INDEXES,
+            help="knn only: exact nearest-neighbour search (default), or approximate ivf / hnsw (faster on large normal "
+            "sets; built once and cached with the bank)",
+        )
         m.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (calibrated on held-out normals) or a value")
         m.add_argument("--fpr", type=_fraction, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
         m.add_argument("--min-size", type=_positive_int, default=None, help="remove anomalous components smaller than this many voxels")
@@ -163,6 +169,7 @@ def detector_from_args(args, progress=None):
         model=args.model,
         method=getattr(args, "method", "himatch"),
         k=getattr(args, "k", 8),
+        knn_index=getattr(args, "knn_index", "exact"),
         modality=args.modality,
         slice_axis=args.slice_axis,
         resolution=args.resolution,

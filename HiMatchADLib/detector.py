@@ -24,6 +24,7 @@ from .errors import HiMatchADError
 from .features import DEFAULT_MODEL, FeatureExtractor, resolve_precision
 from .dicom import DicomSeries
 from .imageio import Image, check_storable, read_image, write_text_atomic
+from .knn_index import check_knn_index
 from .preprocess import (
     MODALITIES,
     SLICE_AXES,
@@ -90,6 +91,10 @@ class HiMatchDetector:
             side), a number, or None (stretch each slice's longer side to ``resolution``, the papers'
             preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
             have no recorded spacing and are always stretched.
+        knn_index: how ``knn`` finds each query token's nearest normal token: ``"exact"`` (default),
+            ``"ivf"`` or ``"hnsw"`` (approximate, faster on large banks; see ``knn_index.py``). Only
+            ``knn`` searches normal tokens: another method with an index other than ``"exact"`` is
+            refused, and its settings do not record one.
         stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
             ``dpmm`` use the last.
         stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
@@ -134,6 +139,7 @@ class HiMatchDetector:
         model: str = DEFAULT_MODEL,
         method: str = "himatch",
         k: int = 8,
+        knn_index: str = "exact",
         modality: str = "auto",
         slice_axis: str = "auto",
         resolution: int = 448,
@@ -169,6 +175,9 @@ class HiMatchDetector:
         method = str(method).lower()
         if method not in METHODS:
             raise HiMatchADError(f"unknown method '{method}'; choose one of {', '.join(METHODS)}")
+        knn_index = check_knn_index(knn_index)
+        if knn_index != "exact" and method != "knn":
+            raise HiMatchADError(f"knn_index {knn_index} applies to method knn only (method is {method}); leave it at exact")
         if str(modality).lower() not in MODALITIES:
             raise HiMatchADError(f"unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
         if slice_axis not in SLICE_AXES:
@@ -189,6 +198,7 @@ class HiMatchDetector:
         self.model = str(model)
         self.method = method
         self.k = int(k)
+        self.knn_index = knn_index
         self.modality = str(modality).lower()
         self.slice_axis = slice_axis
         self.resolution = int(resolution)
@@ -309,7 +319,7 @@ class HiMatchDetector:
         )
 
     def settings(self) -> dict:
-        return {
+        s = {
             "version": __version__,
             "method": self.method,
             "model": self.model,
@@ -341,6 +351,9 @@ class HiMatchDetector:
             "precision": self.precision,
             "seed": self.seed,
         }
+        if self.method == "knn":  # the other methods search no normal tokens
+            s["knn_index"] = self.knn_index
+        return s
 
     def _method_key(self) -> dict:
         keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "consistency_mm", "seed"]
@@ -348,6 +361,8 @@ class HiMatchDetector:
             keys += ["k", "position_window", "candidates", "alpha"]
         if self.method == "dpmm":
             keys += ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance", "dpmm_concentration"]
+        if self.method == "knn" and self.knn_index != "exact":  # exact: the key calibrations had before
+            keys.append("knn_index")
         s = self.settings()
         return {"format": CALIBRATION_FORMAT, **{k: s[k] for k in keys}}
 
@@ -387,7 +402,8 @@ class HiMatchDetector:
             self.slice_subject, self.subjects, group_warnings = self._subject_groups()
             self._fitted_pattern = self.subject_pattern
             self._prepare_method()
-            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", []))
+            index_warning = [self.scorer.index_info["warning"]] if isinstance(self.scorer, KnnScorer) and "warning" in self.scorer.index_info else []
+            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", [])) + index_warning
             for w in self.fit_warnings:
                 warnings.warn(w)
         self.fit_info = {
@@ -398,6 +414,8 @@ class HiMatchDetector:
             "calibration_subjects": len(self.calibration.get("held_out_groups", [])),
             "warnings": list(self.fit_warnings),
         }
+        if isinstance(self.scorer, KnnScorer):
+            self.fit_info["knn_index"] = self.scorer.index_info
         return self
 
     def _subject_groups(self) -> tuple[np.ndarray, list, list]:
@@ -475,7 +493,8 @@ class HiMatchDetector:
         bank = self.bank
         cal_ids, cal_groups = self._calibration_plan()
         if self.method == "knn":
-            scorer = KnnScorer(bank, groups=self.slice_subject)
+            scorer = KnnScorer(bank, groups=self.slice_subject, index=self.knn_index, reporter=self.reporter)
+            scorer.searcher()  # built or loaded now, not in the first prediction
         elif self.method == "dpmm":
             scorer = self._fit_dpmm(cal_groups)
         else:

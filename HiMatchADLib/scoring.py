@@ -4,7 +4,9 @@ Notation: a query slice has foreground patches :math:`i` with unit tokens :math:
 stage :math:`s`; :math:`\cos` is the inner product of unit vectors.
 
 ``knn`` (AnomalyDINO): :math:`a_i = 1 - \max_{b \in \mathcal{B}} \cos(q_i, b)` over every
-foreground patch token :math:`b` of every normal slice (last stage; exact, faiss ``IndexFlatIP``).
+foreground patch token :math:`b` of every normal slice (last stage; by default exact, faiss
+brute-force inner products; ``knn_index`` ``ivf`` or ``hnsw`` find the maximum approximately, see
+``knn_index.py``).
 
 ``dpmm`` (AnomalyDINO-DPMM): a Dirichlet-process Gaussian mixture (truncated at 200 components,
 diagonal covariances, stick-breaking concentration prior 2) is fitted to a seeded sample of at most
@@ -141,66 +143,42 @@ def _max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices)
 
 
 class KnnScorer:
-    """Exact nearest neighbour over all normal last-stage tokens (faiss IndexFlatIP)."""
+    """Nearest normal last-stage token of every query token, through the index ``index``
+    (``exact``, ``ivf`` or ``hnsw``; see :mod:`HiMatchADLib.knn_index`)."""
 
     name = "knn"
-    #: Bank size (float32 bytes) up to which one faiss index is kept in memory; larger banks are
-    #: searched chunk by chunk so memory stays bounded.
-    max_index_bytes = 3 * 2**30
-    chunk_rows = 262_144
 
-    def __init__(self, bank: NormalBank, groups: Optional[np.ndarray] = None):
+    def __init__(self, bank: NormalBank, groups: Optional[np.ndarray] = None, index: str = "exact", reporter=None):
+        from .knn_index import check_knn_index
+
         self.bank = bank
         # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
         self.groups = bank.slice_group if groups is None else np.asarray(groups)
+        self.index = check_knn_index(index)
+        self.reporter = reporter
         self.timings: dict = {}
 
-    def _index(self):
-        import faiss
+    def searcher(self):
+        """The index over the bank's tokens (built, loaded or reused on first use)."""
+        from .knn_index import open_index
 
-        key = "knn_index"
-        if key not in self.bank._cache:
-            idx = faiss.IndexFlatIP(self.bank.tokens.shape[1])
-            for a in range(0, self.bank.tokens.shape[0], self.chunk_rows):
-                idx.add(np.asarray(self.bank.tokens[a : a + self.chunk_rows], dtype=np.float32))
-            self.bank._cache[key] = idx
-        return self.bank._cache[key]
+        return open_index(self.bank, self.index, self.reporter)
 
-    def _excluded_rows(self, group: int) -> np.ndarray:
-        slices = np.flatnonzero(self.groups == group)
-        o = self.bank.tok_offsets
-        return np.concatenate([np.arange(o[s], o[s + 1]) for s in slices]) if slices.size else np.zeros(0, np.int64)
+    @property
+    def index_info(self) -> dict:
+        """Kind, parameters, bytes and provenance of the index (see ``knn_index.open_index``)."""
+        return dict(self.searcher().info)
 
     def max_sim(self, q: np.ndarray, exclude_group: Optional[int] = None) -> np.ndarray:
-        import faiss
-
+        """Max cosine of each row of ``q`` to the bank's tokens, without the tokens of the slices
+        of subject ``exclude_group`` when given."""
         q = np.ascontiguousarray(q, dtype=np.float32)
-        n_tok = self.bank.tokens.shape[0]
-        excl = self._excluded_rows(exclude_group) if exclude_group is not None else None
-        if n_tok * self.bank.tokens.shape[1] * 4 <= self.max_index_bytes:
-            idx = self._index()
-            if excl is not None and excl.size:
-                sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(excl.astype(np.int64)))
-                D, _ = idx.search(q, 1, params=faiss.SearchParameters(sel=sel))
-            else:
-                D, _ = idx.search(q, 1)
-            return D[:, 0]
-        best = np.full(q.shape[0], -np.inf, dtype=np.float32)
-        for a in range(0, n_tok, self.chunk_rows):
-            chunk = np.asarray(self.bank.tokens[a : a + self.chunk_rows], dtype=np.float32)
-            if excl is not None and excl.size:
-                local = excl[(excl >= a) & (excl < a + chunk.shape[0])] - a
-                if local.size:
-                    keep = np.ones(chunk.shape[0], bool)
-                    keep[local] = False
-                    chunk = chunk[keep]
-            if chunk.shape[0] == 0:
-                continue
-            idx = faiss.IndexFlatIP(chunk.shape[1])
-            idx.add(chunk)
-            D, _ = idx.search(q, 1)
-            best = np.maximum(best, D[:, 0])
-        return best
+        keep = None
+        if exclude_group is not None:
+            keep = np.repeat(self.groups != exclude_group, np.diff(self.bank.tok_offsets))
+            if keep.all():
+                keep = None
+        return self.searcher().max_sim(q, keep)
 
     def score(self, queries: list) -> list:
         t = time.perf_counter()
