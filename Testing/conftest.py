@@ -80,3 +80,31 @@ def oblique_direction() -> np.ndarray:
 def needs_shared_data(*parts):
     path = SHARED_DATA.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not present (development data is not part of the repository)")
+
+
+def one_error_line(err: str) -> str:
+    """The one `error:` line of a command's stderr (asserted to be the only line)."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture()
+def cli(tiny_model, normals_dir, cache_dir, capsys):
+    """Run the command line with the tiny model; returns (status, stdout, stderr)."""
+
+    def _run(*argv, cache=None, normals=None):
+        from HiMatchADLib.cli import main
+
+        args = list(argv)
+        if args[0] in ("detect", "batch"):
+            args += ["--normals", str(normals or normals_dir), "--model", tiny_model, "--resolution", str(RESOLUTION),
+                     "--cache-dir", str(cache or cache_dir), "--method", "knn"]
+        code = main(["--quiet"] + args)
+        out = capsys.readouterr()
+        assert "Traceback" not in out.err
+        return code, out.out, out.err
+
+    return _run
+

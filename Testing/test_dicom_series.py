@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RESOLUTION, oblique_direction
+from conftest import one_error_line, oblique_direction
 from HiMatchADLib import HiMatchADError
 from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, find_cases, run_batch, summary_counts
-from HiMatchADLib.cli import main
 from HiMatchADLib.dicom import DicomSeries, find_series, matches, parse_series_filter, parse_series_filters, select_series
 from HiMatchADLib.imageio import atomic_path, list_images, read_image, walk_inputs, write_image
 from HiMatchADLib.output import is_complete, own_outputs
@@ -445,36 +444,21 @@ def test_a_filter_that_leaves_nothing_is_an_error_before_any_work(det, study_tre
 
 
 # ------------------------------------------------------------------------------- command line
-@pytest.fixture()
-def cli(tiny_model, normals_dir, cache_dir, capsys):
-    def _run(*argv, cache=None):
-        args = list(argv) + ["--normals", str(normals_dir), "--model", tiny_model, "--resolution", str(RESOLUTION),
-                             "--cache-dir", str(cache or cache_dir), "--method", "knn"]
-        code = main(["--quiet"] + args)
-        out = capsys.readouterr()
-        assert "Traceback" not in out.err
-        return code, out.out, out.err
-
-    return _run
 
 
-def _error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def test_detect_on_a_study_folder_needs_a_filter_that_picks_one_series(cli, study_tree, tmp_path):
     _, mr, _, _ = study_tree
     cache = tmp_path / "fresh-cache"
     code, out, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), cache=cache)
-    line = _error_line(err)
+    line = one_error_line(err)
     assert code == 2 and "holds 3 image series (of 4 DICOM series)" in line and "--series-filter" in line
     assert "mrstudy_s5_AX_FLAIR" in line and not cache.exists()  # refused before the bank
     code, _, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality=MR,description~local", cache=cache)
-    assert code == 2 and "is a localizer" in _error_line(err)
+    assert code == 2 and "is a localizer" in one_error_line(err)
     code, _, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality~(", cache=cache)
-    assert code == 2 and "not a valid regular expression" in _error_line(err) and not cache.exists()
+    assert code == 2 and "not a valid regular expression" in one_error_line(err) and not cache.exists()
 
     code, out, err = cli("detect", str(mr), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality=MR,description~flair")
     assert code == 0, err
@@ -490,7 +474,7 @@ def test_batch_command_counts_skipped_series(cli, study_tree, tmp_path):
     assert code == 0, err
     assert out.strip() == f"2 processed, 0 already done, 2 skipped, 0 failed; summary: {tmp_path / 'o' / 'summary.csv'}"
     code, _, err = cli("batch", str(root), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality")
-    assert code == 2 and "is not a term" in _error_line(err)
+    assert code == 2 and "is not a term" in one_error_line(err)
 
 
 # ------------------------------------------------------------------------------- DICOM outputs
@@ -587,10 +571,10 @@ def test_detect_writes_the_dicom_seg_and_refuses_it_for_other_inputs(cli, fake_w
     write_image(img.array, img.geometry, vol)
     cache = tmp_path / "fresh-cache"
     code, _, err = cli("detect", str(vol), "--out-dir", str(tmp_path / "o2"), "--dicom-seg", cache=cache)
-    assert code == 2 and "--dicom-seg and --dicom-heatmap need a DICOM input" in _error_line(err)
+    assert code == 2 and "--dicom-seg and --dicom-heatmap need a DICOM input" in one_error_line(err)
     assert not cache.exists() and not (tmp_path / "o2").exists()
     code, _, err = cli("detect", str(vol), "--out-dir", str(tmp_path / "o2"), "--series-filter", "modality=MR", cache=cache)
-    assert code == 2 and "is not DICOM" in _error_line(err)
+    assert code == 2 and "is not DICOM" in one_error_line(err)
 
 
 def test_the_worker_passes_batch_options_through(study_tree, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RESOLUTION
+from conftest import RESOLUTION, one_error_line
 from HiMatchADLib import imageio
 from HiMatchADLib.cli import MAX_RESOLUTION, main
 from HiMatchADLib.errors import HiMatchADError
@@ -49,28 +49,8 @@ def _random_volume(shape=(20, 64, 64), seed=0) -> Image:
     return Image.from_array(arr, spacing=(0.8, 0.8, 2.0), origin=(-10.0, 5.0, 3.0))
 
 
-def _one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    return lines[0]
 
 
-@pytest.fixture()
-def cli(tiny_model, normals_dir, cache_dir, capsys):
-    """Run the command line with the tiny model; returns (status, stdout, stderr)."""
-
-    def _run(*argv, cache=None, normals=None):
-        args = list(argv)
-        if args[0] in ("detect", "batch"):
-            args += ["--normals", str(normals or normals_dir), "--model", tiny_model, "--resolution", str(RESOLUTION),
-                     "--cache-dir", str(cache or cache_dir), "--method", "knn"]
-        code = main(["--quiet"] + args)
-        out = capsys.readouterr()
-        assert "Traceback" not in out.err
-        return code, out.out, out.err
-
-    return _run
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +140,7 @@ def test_truncated_input_fails_detect_before_any_work(cli, tmp_path, case_file):
     cache = tmp_path / "cache"
     code, out, err = cli("detect", str(tmp_path / "in" / "case.nii.gz"), "--out-dir", str(tmp_path / "o"), cache=cache)
     assert code == 2 and out == ""
-    assert "truncated" in _one_error_line(err)
+    assert "truncated" in one_error_line(err)
     assert not (tmp_path / "o").exists() and not cache.exists()  # refused before the bank was built
 
 
@@ -243,7 +223,7 @@ def test_sheared_input_is_refused_by_detect_before_any_work(cli, tmp_path, lesio
     write_image(sheared.array, sheared.geometry, tmp_path / "in" / "case.mha")
     cache = tmp_path / "cache"
     code, _, err = cli("detect", str(tmp_path / "in" / "case.mha"), "--out-dir", str(tmp_path / "o"), cache=cache)
-    assert code == 2 and "not perpendicular" in _one_error_line(err)
+    assert code == 2 and "not perpendicular" in one_error_line(err)
     assert not (tmp_path / "o").exists() and not cache.exists()
 
 
@@ -331,7 +311,7 @@ def test_read_only_out_dir_is_refused_before_any_work(cli, tmp_path, case_file):
         cache = tmp_path / "cache"
         for command in (("detect", str(case_file)), ("batch", str(case_file.parent))):
             code, out, err = cli(*command, "--out-dir", str(ro / "out"), cache=cache)
-            line = _one_error_line(err)
+            line = one_error_line(err)
             assert code == 2 and out == "" and "not writable" in line and str(ro / "out") in line
             assert not cache.exists()  # nothing computed
 
@@ -339,14 +319,14 @@ def test_read_only_out_dir_is_refused_before_any_work(cli, tmp_path, case_file):
 def test_cache_dir_that_is_a_file_is_refused(cli, tmp_path, case_file):
     (tmp_path / "cachefile").write_text("x")
     code, _, err = cli("detect", str(case_file), "--out-dir", str(tmp_path / "o"), cache=tmp_path / "cachefile")
-    assert code == 2 and "is a file, not a folder" in _one_error_line(err)
+    assert code == 2 and "is a file, not a folder" in one_error_line(err)
     assert not (tmp_path / "o").exists()
 
 
 def test_full_cache_disk_is_one_clear_error(cli, tmp_path, case_file):
     with tmpfs(tmp_path / "cache", size="16k") as cache:
         code, out, err = cli("detect", str(case_file), "--out-dir", str(tmp_path / "o"), cache=cache)
-        line = _one_error_line(err)
+        line = one_error_line(err)
         assert code == 2 and out == ""
         assert "No space left on device" in line and str(cache) in line
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
@@ -364,7 +344,7 @@ def test_read_only_cache_with_a_complete_bank_still_works(cli, tmp_path, case_fi
     assert np.array_equal(a, b)
 
 
-def test_os_error_anywhere_in_a_command_is_one_error_line(tmp_path, capsys, monkeypatch):
+def test_os_error_anywhere_in_a_command_isone_error_line(tmp_path, capsys, monkeypatch):
     from HiMatchADLib import cli as cli_module
 
     def failing(args):
@@ -373,7 +353,7 @@ def test_os_error_anywhere_in_a_command_is_one_error_line(tmp_path, capsys, monk
     monkeypatch.setattr(cli_module, "cmd_bank", failing)
     code = main(["--quiet", "bank", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
-    line = _one_error_line(err)
+    line = one_error_line(err)
     assert code == 2 and str(tmp_path / "somewhere" / "file.npy") in line and "free disk space" in line
 
 
@@ -383,9 +363,9 @@ def test_out_dir_that_is_the_input_folder_is_refused(cli, tmp_path, case_file, n
     before = sorted(p.name for p in case_file.parent.iterdir())
     for command in (("detect", str(case_file)), ("batch", str(case_file.parent))):
         code, _, err = cli(*command, "--out-dir", str(case_file.parent), cache=cache)
-        assert code == 2 and "choose another --out-dir" in _one_error_line(err)
+        assert code == 2 and "choose another --out-dir" in one_error_line(err)
     code, _, err = cli("detect", str(case_file), "--out-dir", str(normals_dir / "results"), cache=cache)
-    assert code == 2 and "normal scans" in _one_error_line(err)
+    assert code == 2 and "normal scans" in one_error_line(err)
     assert not (normals_dir / "results").exists()
     assert sorted(p.name for p in case_file.parent.iterdir()) == before and not cache.exists()
 
@@ -393,7 +373,7 @@ def test_out_dir_that_is_the_input_folder_is_refused(cli, tmp_path, case_file, n
 def test_dicom_folder_as_its_own_out_dir_is_refused(cli, tmp_path):
     d = _dicom_series(tmp_path / "series", "1.2.826.0.1.3680043.2.1125.7.505", range(8))
     code, _, err = cli("detect", str(d), "--out-dir", str(d), cache=tmp_path / "cache")
-    assert code == 2 and "is the input folder" in _one_error_line(err)
+    assert code == 2 and "is the input folder" in one_error_line(err)
     assert all(p.suffix == ".dcm" for p in d.iterdir())
 
 
