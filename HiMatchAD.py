@@ -3,7 +3,7 @@
 The module only connects Slicer to the ``HiMatchADLib`` package and never computes:
 
 - the detection runs in a worker process (``PythonSlicer -m HiMatchADLib worker``) that keeps the
-  model and the normal bank loaded between runs; :class:`HiMatchADLib.mrml_jobs.DetectionRunner`
+  model and the normal bank loaded between runs; :class:`HiMatchADLib.mrml.jobs.DetectionRunner`
   sends it the volume and follows it without blocking (a ``QTimer`` polls it);
 - every conversion between MRML nodes and the library's arrays is done by ``HiMatchADLib.mrml``.
 
@@ -96,13 +96,19 @@ class Modality(enum.Enum):
         return {"auto": _("Auto"), "mri": "MRI", "ct": "CT", "oct": "OCT"}[self.value]
 
 
-class Method(enum.Enum):
-    HIMATCH = "himatch"
-    KNN = "knn"
-    DPMM = "dpmm"
-
+class _MethodChoice(enum.Enum):
     def label(self):
-        return {"himatch": "HiMatch", "knn": _("kNN (AnomalyDINO)"), "dpmm": _("DPMM (AnomalyDINO-DPMM)")}[self.value]
+        return {"himatch": "HiMatch", "knn": _("kNN (AnomalyDINO)"), "dpmm": _("DPMM (AnomalyDINO-DPMM)")}.get(self.value, self.value)
+
+
+def _methodEnum():
+    """The detection methods of the library's registry (numpy only: no torch in Slicer's process)."""
+    from HiMatchADLib.methods import list_methods
+
+    return _MethodChoice("Method", {name.upper(): name for name in list_methods()})
+
+
+Method = _methodEnum()
 
 
 class Device(enum.Enum):
@@ -430,7 +436,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         Returns what ``update`` returns, or None when the user chose to leave the segment as it is.
         No wait cursor is shown here, so the question appears with a normal cursor.
         """
-        from HiMatchADLib.mrml import SegmentEditedError
+        from HiMatchADLib.mrml.segments import SegmentEditedError
 
         try:
             return update("raise")
@@ -639,76 +645,14 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     def ensureDependencies(self, interactive: bool = True, installInTesting: bool = False) -> None:
-        """Install missing or too old Python packages: PyTorch and ``Resources/requirements.txt``.
+        """Install missing or too old Python packages (PyTorch and ``Resources/requirements.txt``)
+        into Slicer's Python; see :func:`HiMatchADLib.mrml.install.ensure_requirements`. Raises
+        ``RuntimeError`` when the user declines or the installation fails."""
+        from HiMatchADLib.mrml import install
 
-        One confirmation lists every package (when ``interactive``). PyTorch comes from the PyTorch
-        extension's installer when that extension is present (it picks the build that matches the GPU
-        driver). Slicer's own numpy and SimpleITK are pinned by a constraints file, so no installation
-        replaces them. Nothing is imported into Slicer's process: the worker process uses the packages.
-        Raises ``RuntimeError`` when the user declines or the installation fails.
-        """
-        from HiMatchADLib import dependencies
-
-        requirements = [dependencies.TORCH_REQUIREMENT] + dependencies.load_requirements(REQUIREMENTS_FILE)
-        missing = dependencies.missing(requirements)
-        if not missing:
-            self.dependenciesReady = True
-            return
         self.dependenciesReady = False
-        if slicer.app.testingEnabled() and not installInTesting:
-            raise RuntimeError("These Python packages are required but not installed: " + ", ".join(missing))
-        if interactive and not slicer.util.confirmOkCancelDisplay(
-            _("HiMatch-AD needs these Python packages, which will be downloaded and installed into Slicer's Python "
-              "environment (this can take several minutes):\n\n{packages}\n\nSlicer's own numpy and SimpleITK are "
-              "kept as they are.").format(packages="\n".join(missing)),
-            _("Install Python packages"),
-        ):
-            raise RuntimeError("Installation of the required Python packages was declined")
-        constraints = tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", prefix="himatchad-", delete=False)
-        try:
-            constraints.write(dependencies.constraints_text())
-            constraints.close()
-            torch = [r for r in missing if r == dependencies.TORCH_REQUIREMENT]
-            others = [r for r in missing if r != dependencies.TORCH_REQUIREMENT]
-            with slicer.util.WaitCursor():
-                if torch:
-                    self._installTorch(constraints.name)
-                if others:
-                    self._pipInstall(others, constraints.name)
-        finally:
-            os.unlink(constraints.name)
-        still = dependencies.missing(requirements)
-        if still:
-            raise RuntimeError(
-                "These Python packages are still missing or too old: " + ", ".join(still)
-                + ". Install them (for example with slicer.util.pip_install) and restart Slicer."
-            )
+        install.ensure_requirements(REQUIREMENTS_FILE, interactive=interactive, install_in_testing=installInTesting)
         self.dependenciesReady = True
-
-    def _installTorch(self, constraintsPath: str) -> None:
-        from HiMatchADLib import dependencies
-
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            PyTorchUtils = None
-        if PyTorchUtils is not None:
-            logging.info("HiMatch-AD: installing PyTorch with the PyTorch extension (this can take several minutes)")
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=" + dependencies.MINIMUM_TORCH) is None:
-                raise RuntimeError("PyTorch could not be installed. Install it with the PyTorch Utils module and try again.")
-            return
-        self._pipInstall([dependencies.TORCH_REQUIREMENT], constraintsPath)
-
-    @staticmethod
-    def _pipInstall(requirements: list, constraintsPath: str) -> None:
-        try:
-            from slicer import packaging
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_install"):  # Slicer 5.12 and later
-            packaging.pip_install(requirements, constraints=constraintsPath, requester="HiMatch-AD")
-        else:
-            slicer.util.pip_install(["-c", constraintsPath] + list(requirements))
 
     # ------------------------------------------------------------------ the worker
     @staticmethod
@@ -726,10 +670,10 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
     @property
     def runner(self):
-        """The :class:`HiMatchADLib.mrml_jobs.DetectionRunner` (its worker starts on the first run)."""
+        """The :class:`HiMatchADLib.mrml.jobs.DetectionRunner` (its worker starts on the first run)."""
         if self._runner is None:
-            from HiMatchADLib.mrml_jobs import DetectionRunner
-            from HiMatchADLib.worker_client import WorkerClient
+            from HiMatchADLib.mrml.jobs import DetectionRunner
+            from HiMatchADLib.worker.client import WorkerClient
 
             client = WorkerClient(
                 python=self.pythonSlicerExecutable(),
@@ -959,7 +903,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             engine=engine, engine_options=engineOptions,
             batch_options={
                 "series_filter": [seriesFilter] if isinstance(seriesFilter, str) else list(seriesFilter or []),
-                "dicom_seg": bool(dicomSeg), "dicom_heatmap": bool(dicomHeatmap),
+                "outputs": [name for name, wanted in (("dicom_seg", dicomSeg), ("dicom_heatmap", dicomHeatmap)) if wanted],
             },
         )
         if background:
@@ -1043,7 +987,7 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
         logic.ensureDependencies(interactive=False, installInTesting=True)
         self.assertTrue(logic.dependenciesReady)
         from HiMatchADLib import mrml
-        from HiMatchADLib.imageio import write_image
+        from HiMatchADLib.io.writers import write_image
 
         with tempfile.TemporaryDirectory(prefix="HiMatchADTest") as tmp:
             self.delayDisplay("Creating synthetic data")

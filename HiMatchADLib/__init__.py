@@ -2,31 +2,66 @@
 
 Slicer-independent: nothing here imports ``slicer``, ``qt``, ``ctk`` or ``vtk`` except the MRML
 adapter ``HiMatchADLib.mrml``, which is imported only inside 3D Slicer (or with ``slicer-core``).
+
+The package is layered; each sub-package imports only from the layers below it (checked by
+``Testing/test_layers.py``)::
+
+    core < io < features, outputs < bank < methods < detector < batch < worker < mrml, evaluation < cli
+
+The public API is re-exported here. ``import HiMatchADLib`` stays light: torch, transformers and
+faiss load when a detector is made.
 """
 
-__version__ = "0.1.0"
+from .core.errors import Cancelled, HiMatchADError
+from .core.geometry import Geometry, Image
+from .core.result import DetectionResult, Support
+from .core.version import __version__
+from .io.dicom import DicomSeries, select_series
+from .io.readers import read_image
+from .io.series_filters import parse_series_filters
+from .io.writers import write_image
+from .outputs.files import load_result, save_result
 
-from .errors import Cancelled, HiMatchADError  # noqa: E402
-from .imageio import Geometry, Image, read_image, write_image  # noqa: E402
-from .result import DetectionResult, Support  # noqa: E402
+_LAZY = {
+    "HiMatchDetector": ("detector", "HiMatchDetector"),
+    "PreparedQuery": ("detector", "PreparedQuery"),
+    "run_batch": ("batch", "run_batch"),
+    "list_methods": ("methods", "list_methods"),
+    "get_method": ("methods", "get_method"),
+    "list_engines": ("batch", "list_engines"),
+    "list_writers": ("outputs", "list_writers"),
+}
 
 
-def __getattr__(name):  # keep `import HiMatchADLib` light: torch/transformers load on first use
-    if name in ("HiMatchDetector", "METHODS"):
-        from . import detector
+def __getattr__(name):  # keep `import HiMatchADLib` light
+    if name in _LAZY:
+        import importlib
 
-        return getattr(detector, name)
-    raise AttributeError(name)
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "Cancelled",
     "DetectionResult",
+    "DicomSeries",
     "Geometry",
     "HiMatchADError",
     "HiMatchDetector",
     "Image",
+    "PreparedQuery",
     "Support",
+    "__version__",
+    "get_method",
+    "list_engines",
+    "list_methods",
+    "list_writers",
+    "load_result",
+    "parse_series_filters",
     "read_image",
+    "run_batch",
+    "save_result",
+    "select_series",
     "write_image",
 ]

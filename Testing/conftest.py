@@ -22,7 +22,7 @@ RESOLUTION = 128
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random DINOv3 ViT (4 layers, 192-d, patch 16) in Hugging Face format."""
-    from HiMatchADLib.features import build_random_model
+    from HiMatchADLib.features.backbone import build_random_model
 
     return str(build_random_model(tmp_path_factory.mktemp("model") / "tiny-dinov3", "tiny", seed=0))
 
@@ -30,8 +30,8 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def normals_dir(tmp_path_factory) -> Path:
     """Five normal phantom volumes (anatomy varies between them)."""
-    from HiMatchADLib.imageio import write_image
-    from HiMatchADLib.phantom import make_phantom
+    from HiMatchADLib.io.writers import write_image
+    from HiMatchADLib.evaluation.phantom import make_phantom
 
     d = tmp_path_factory.mktemp("normals")
     for i in range(5):
@@ -43,7 +43,7 @@ def normals_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def lesion_case():
     """A phantom with a bright lesion (intensity alone separates it) and its mask."""
-    from HiMatchADLib.phantom import make_phantom
+    from HiMatchADLib.evaluation.phantom import make_phantom
 
     return make_phantom(PHANTOM_SHAPE, seed=1000, lesion=True, lesion_radius=0.35, name="case")
 
@@ -95,7 +95,7 @@ def cli(tiny_model, normals_dir, cache_dir, capsys):
     """Run the command line with the tiny model; returns (status, stdout, stderr)."""
 
     def _run(*argv, cache=None, normals=None):
-        from HiMatchADLib.cli import main
+        from HiMatchADLib.cli.main import main
 
         args = list(argv)
         if args[0] in ("detect", "batch"):

@@ -12,8 +12,8 @@ import pytest
 
 from conftest import PHANTOM_SHAPE, RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib.imageio import write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 
 def _copy_normals(src, dst, n=3):
@@ -119,7 +119,7 @@ def test_dpmm_mixture_is_cached_with_the_bank(fitted):
 
 
 def test_codebook_assigns_each_row_to_its_most_similar_entry():
-    from HiMatchADLib.cluster import build_codebook, codebook_size
+    from HiMatchADLib.bank.clusters import build_codebook, codebook_size
 
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((40, 16))
@@ -144,7 +144,7 @@ def test_codebook_assigns_each_row_to_its_most_similar_entry():
 
 def _check_stage_matching(bank, rng):
     """Matching a query against several slices at once equals brute force slice by slice."""
-    from HiMatchADLib.scoring import _max_cos_to_slices
+    from HiMatchADLib.methods.maps import _max_cos_to_slices
 
     for st in bank.stages:
         q = rng.standard_normal((7, bank.cls.shape[1])).astype(np.float32)
@@ -157,9 +157,9 @@ def _check_stage_matching(bank, rng):
 
 def test_stage_maps_use_each_slice_own_centroids(fitted):
     """Default bank: per stage, each slice's own spherical k-means centroids (float16, memory-mapped)."""
-    from HiMatchADLib.cluster import spherical_kmeans
-    from HiMatchADLib.imageio import read_image
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.bank.clusters import spherical_kmeans
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
 
     det = fitted("himatch")
     bank = det.bank
@@ -185,7 +185,7 @@ def test_stage_maps_use_each_slice_own_centroids(fitted):
 
 
 def test_shared_codebook_is_opt_in(tiny_model, normals_dir, tmp_path):
-    from HiMatchADLib.cluster import codebook_size
+    from HiMatchADLib.bank.clusters import codebook_size
 
     folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
     det = HiMatchDetector(model=tiny_model, resolution=RESOLUTION, cache_dir=tmp_path / "c", shared_codebook=True, k=2).fit(folder)
@@ -207,7 +207,7 @@ def test_shared_codebook_is_opt_in(tiny_model, normals_dir, tmp_path):
 
 
 def test_bank_of_an_older_format_is_rebuilt(tiny_model, normals_dir, tmp_path):
-    from HiMatchADLib.bank import BANK_FORMAT
+    from HiMatchADLib.bank.store import BANK_FORMAT
 
     folder = _copy_normals(normals_dir, tmp_path / "n", n=2)
     root = _det(tiny_model, tmp_path / "c").fit(folder).bank.root
@@ -243,7 +243,7 @@ def test_precision_and_device_type_are_part_of_the_bank_key(tiny_model, normals_
     again = _det(tiny_model, cache, precision="bf16", progress=lambda m, d, t: msgs.append(m)).fit(folder)
     assert again.bank.root == d16.bank.root and "Building normal bank" not in msgs
     # a bank made on another device type is another cache entry
-    from HiMatchADLib.bank import bank_key
+    from HiMatchADLib.bank.build import bank_key
 
     ex = d32.extractor
     key_cpu = bank_key(folder, ex, d32._bank_settings())

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import RESOLUTION
 from HiMatchADLib import HiMatchDetector
-from HiMatchADLib.bank import NormalBank, clean_stale_temporaries, verify_checksums
+from HiMatchADLib.bank.store import NormalBank, verify_checksums
+from HiMatchADLib.bank.build import clean_stale_temporaries
 
 
 def damage(path: Path, how: str) -> None:

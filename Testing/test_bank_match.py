@@ -7,8 +7,9 @@ import pytest
 
 from conftest import PHANTOM_SHAPE, RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib.imageio import Image, write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 
 def _ct(seed, lesion=False):

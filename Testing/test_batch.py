@@ -24,8 +24,9 @@ from HiMatchADLib.batch import (
     settings_changes,
     summary_counts,
 )
-from HiMatchADLib.imageio import read_image, write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 SHAPE = (8, 48, 48)  # small cases: the runner is under test, not the detector
 
@@ -259,7 +260,7 @@ def test_runtime_errors_fail_the_case_but_cancellation_stops_the_batch(det, tmp_
 
 
 def test_a_recompute_that_fails_leaves_no_complete_stale_result(det, tmp_path, monkeypatch):
-    from HiMatchADLib.output import is_complete
+    from HiMatchADLib.outputs.files import is_complete
 
     inp = tmp_path / "in"
     _phantom(inp / "a.nii.gz", 1)

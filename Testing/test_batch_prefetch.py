@@ -14,10 +14,11 @@ import pytest
 
 from HiMatchADLib import Cancelled
 from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, run_batch
-from HiMatchADLib.imageio import read_image, write_image
-from HiMatchADLib.output import is_complete
-from HiMatchADLib.phantom import make_phantom
-from HiMatchADLib.progress import Reporter
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.outputs.files import is_complete
+from HiMatchADLib.evaluation.phantom import make_phantom
+from HiMatchADLib.core.progress import Reporter
 
 SHAPE = (8, 48, 48)
 WAIT = 60  # seconds: a safety net for the event waits below, never reached when the stages overlap

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib.imageio import write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 SUBJECTS = 6
 VIEWS = "abcd"
@@ -67,7 +67,7 @@ def test_subject_pattern_keeps_copies_of_a_subject_out_of_its_calibration(tiny_m
 def test_himatch_and_dpmm_calibrate_without_their_held_out_subjects(tiny_model, copies_dir, tmp_path):
     det = _det(tiny_model, tmp_path, method="himatch", calibration_slices=8, subject_pattern=r"^(P\d+)_").fit(copies_dir)
     held = [det.subjects.index(h) for h in det.calibration["held_out_groups"]]
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.features.slicing import prepare_volume
 
     for g in held:
         i = int(np.flatnonzero(det.slice_subject == g)[0])
@@ -110,7 +110,8 @@ def test_subject_pattern_errors(tiny_model, copies_dir, tmp_path):
 
 
 def test_cli_subject_pattern(tiny_model):
-    from HiMatchADLib.cli import build_parser, detector_from_args
+    from HiMatchADLib.cli.main import build_parser
+    from HiMatchADLib.cli.commands import detector_from_args
 
     args = build_parser().parse_args(["detect", "x.nii.gz", "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--subject-pattern", "^(P[0-9]+)_"])
     det = detector_from_args(args)

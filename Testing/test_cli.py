@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from conftest import PHANTOM_SHAPE, RESOLUTION, REPO
-from HiMatchADLib import imageio
-from HiMatchADLib.batch import SUMMARY_COLUMNS
-from HiMatchADLib.cli import main
-from HiMatchADLib.imageio import Image, write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.io import readers
+from HiMatchADLib.batch.summary import SUMMARY_COLUMNS
+from HiMatchADLib.cli.main import main
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 
 @pytest.fixture()
@@ -91,17 +92,17 @@ def test_nan_voxels_and_one_slice_volumes_are_handled(run, tmp_path, lesion_case
     _write(tmp_path / "withnan.mha", arr)
     code, _, err = run("detect", str(tmp_path / "withnan.mha"), "--out-dir", str(tmp_path / "o"))
     assert code == 0 and "non-finite" in err
-    heat = imageio.read_image(tmp_path / "o" / "withnan_heatmap.nii.gz").array
+    heat = readers.read_image(tmp_path / "o" / "withnan_heatmap.nii.gz").array
     assert np.isfinite(heat).all() and (heat[:, :5, :5] == 0).all()
     one = img.array[8:9]
     write_image(one, Image.from_array(one, is_2d=False).geometry, tmp_path / "one.nii.gz")
     code, _, _ = run("detect", str(tmp_path / "one.nii.gz"), "--out-dir", str(tmp_path / "o1"))
     assert code == 0
-    assert imageio.read_image(tmp_path / "o1" / "one_heatmap.nii.gz").array.shape == (1, 64, 64)
+    assert readers.read_image(tmp_path / "o1" / "one_heatmap.nii.gz").array.shape == (1, 64, 64)
 
 
 def test_enormous_volume_is_refused(run, case_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(imageio, "MAX_VOXELS", 1000)
+    monkeypatch.setattr(readers, "MAX_VOXELS", 1000)
     code, _, err = run("detect", str(case_file), "--out-dir", str(tmp_path / "o"))
     assert code == 2 and "voxels" in err and _no_outputs(tmp_path / "o")
 
@@ -228,15 +229,15 @@ def test_failed_write_leaves_no_partial_file(tmp_path, fitted, lesion_case, monk
         det.save(res, tmp_path / "o")
     names = [p.name for p in (tmp_path / "o").iterdir()]
     assert names == ["case_heatmap.nii.gz"]  # no temp file, no labelmap, no scores JSON
-    from HiMatchADLib.output import is_complete
+    from HiMatchADLib.outputs.files import is_complete
 
     assert not is_complete(tmp_path / "o", "case")
 
 
 def test_bank_builds_the_bank_that_detect_uses(tiny_model, normals_dir, lesion_case, tmp_path):
     """`himatchad bank` prepares exactly the cache entry a later `detect` with the same options loads."""
-    from HiMatchADLib.cli import main
-    from HiMatchADLib.imageio import write_image
+    from HiMatchADLib.cli.main import main
+    from HiMatchADLib.io.writers import write_image
 
     img, _ = lesion_case
     case = write_image(img.array, img.geometry, tmp_path / "case.nii.gz")

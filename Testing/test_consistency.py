@@ -7,7 +7,7 @@ import pytest
 
 from conftest import RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib.scoring import fuse_slices, window
+from HiMatchADLib.methods.maps import fuse_slices, window
 
 
 def test_fusion_is_the_gaussian_average_of_scored_foreground_neighbours():

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HiMatchADLib.datasets import TestCase, detect_layout, evenly_spaced, load_dataset, subsample_cases
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.imageio import Image, write_image
+from HiMatchADLib.evaluation.datasets import TestCase, detect_layout, evenly_spaced, load_dataset, subsample_cases
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.writers import write_image
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

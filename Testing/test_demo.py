@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from HiMatchADLib.cli import main
-from HiMatchADLib.imageio import read_image
-from HiMatchADLib.phantom import DEMO_LESION, make_phantom
+from HiMatchADLib.cli.main import main
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.evaluation.phantom import DEMO_LESION, make_phantom
 
 
 def test_demo_lesion_is_the_documented_one():

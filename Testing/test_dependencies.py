@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from HiMatchADLib import dependencies
+from HiMatchADLib.mrml import install as dependencies
 
 REPO = Path(__file__).resolve().parents[1]
 

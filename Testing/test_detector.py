@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import PHANTOM_SHAPE, RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 # Lower bounds of the pixel AUROC (inside the foreground) on the bright-lesion phantom with the
 # random tiny model; brightness alone reaches about 0.95 there. Random features carry intensity and
@@ -57,7 +57,7 @@ def test_himatch_retrieves_k_supports_from_the_bank(fitted, lesion_case):
     assert res.heatmap[fg].min() > 0 and np.isfinite(res.heatmap).all()
     assert (res.heatmap[fg] < np.log(2.0)).mean() > 0.05  # fused score < 0 there, formerly clipped to 0
     # the last stage's similarities computed by retrieval are the ones the stage maps would compute
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.features.slicing import prepare_volume
 
     prep = prepare_volume(lesion_case[0], det.modality, det.slice_axis)
     qs, _ = det._queries(prep, prep.slices_with_foreground()[:3])
@@ -86,7 +86,7 @@ def test_relabel_without_recomputing(fitted, lesion_case):
 
 
 def test_small_components_are_removed():
-    from HiMatchADLib.result import remove_small_components
+    from HiMatchADLib.core.result import remove_small_components
 
     m = np.zeros((1, 20, 20), bool)
     m[0, 2:4, 2:4] = True  # 4 px
@@ -98,7 +98,8 @@ def test_small_components_are_removed():
 def test_2d_query_against_3d_normals_and_reverse(tmp_path, fitted, tiny_model, lesion_case):
     img, mask = lesion_case
     z = int(np.argmax(mask.sum((1, 2))))
-    from HiMatchADLib.imageio import Image, write_image
+    from HiMatchADLib.core.geometry import Image
+    from HiMatchADLib.io.writers import write_image
 
     sl = Image.from_array(img.array[z], name="slice")
     res = fitted("knn").predict(sl)
@@ -152,8 +153,9 @@ def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
 
 
 def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_case):
-    from HiMatchADLib.cli import build_parser, detector_from_args, main
-    from HiMatchADLib.imageio import write_image
+    from HiMatchADLib.cli.main import build_parser, main
+    from HiMatchADLib.cli.commands import detector_from_args
+    from HiMatchADLib.io.writers import write_image
 
     img, _ = lesion_case
     case = tmp_path / "case.nii.gz"
@@ -165,7 +167,7 @@ def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_c
     args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--precision", "bf16"])
     assert detector_from_args(args).precision == "bf16"
     args = build_parser().parse_args(["detect", str(case), "--normals", "n", "--out-dir", "o", "--model", tiny_model])
-    from HiMatchADLib.features import resolve_precision
+    from HiMatchADLib.features.backbone import resolve_precision
 
     assert detector_from_args(args).precision == resolve_precision("auto", "auto")  # the default, resolved
 
@@ -174,7 +176,8 @@ def _bad_inputs(d):
     """A corrupt file, a 4D series, and a volume the CT preset finds no body in."""
     import SimpleITK as sitk
 
-    from HiMatchADLib.imageio import Image, write_image
+    from HiMatchADLib.core.geometry import Image
+    from HiMatchADLib.io.writers import write_image
 
     corrupt = d / "corrupt.nii.gz"
     corrupt.write_bytes(b"\x00not an image")
@@ -187,7 +190,7 @@ def _bad_inputs(d):
 
 
 def test_bad_query_is_reported_before_the_model_or_the_bank(tmp_path, monkeypatch):
-    import HiMatchADLib.detector as detector_mod
+    import HiMatchADLib.detector.detector as detector_mod
 
     def untouchable(*a, **k):
         raise AssertionError("the normal bank was touched before the query was checked")
@@ -201,8 +204,8 @@ def test_bad_query_is_reported_before_the_model_or_the_bank(tmp_path, monkeypatc
 
 
 def test_cli_detect_checks_the_input_before_building_the_bank(tiny_model, normals_dir, tmp_path, capsys, monkeypatch):
-    import HiMatchADLib.detector as detector_mod
-    from HiMatchADLib.cli import main
+    import HiMatchADLib.detector.detector as detector_mod
+    from HiMatchADLib.cli.main import main
 
     calls = []
     real = detector_mod.build_or_load
@@ -217,7 +220,7 @@ def test_cli_detect_checks_the_input_before_building_the_bank(tiny_model, normal
 
 
 def test_predict_reuses_the_checked_query(fitted, lesion_case, tmp_path):
-    from HiMatchADLib.imageio import write_image
+    from HiMatchADLib.io.writers import write_image
 
     det = fitted("knn")
     img, _ = lesion_case

@@ -1,4 +1,4 @@
-"""DICOM SEG and Parametric Map outputs (``HiMatchADLib.dicom_seg``) on small synthetic MR series.
+"""DICOM SEG and Parametric Map outputs (``HiMatchADLib.outputs.dicom_seg``) on small synthetic MR series.
 
 The series are made here with pydicom: 6 slices of 16 x 20 pixels, an oblique orientation,
 anisotropic spacing, files written in a shuffled order with shuffled InstanceNumbers. The generator
@@ -22,11 +22,12 @@ hd = pytest.importorskip("highdicom")
 from conftest import oblique_direction  # noqa: E402
 
 from HiMatchADLib import __version__  # noqa: E402
-from HiMatchADLib import dicom_seg  # noqa: E402
-from HiMatchADLib.dicom_seg import write_dicom_heatmap, write_dicom_seg  # noqa: E402
-from HiMatchADLib.errors import HiMatchADError  # noqa: E402
-from HiMatchADLib.imageio import Geometry, read_image  # noqa: E402
-from HiMatchADLib.result import DetectionResult  # noqa: E402
+from HiMatchADLib.outputs import dicom_seg  # noqa: E402
+from HiMatchADLib.outputs.dicom_seg import write_dicom_heatmap, write_dicom_seg  # noqa: E402
+from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.core.geometry import Geometry  # noqa: E402
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.core.result import DetectionResult  # noqa: E402
 
 NZ, ROWS, COLS = 6, 16, 20
 SPACING = (0.8, 1.3, 2.5)  # (between columns, between rows, between slices), ITK order

@@ -19,11 +19,18 @@ import pytest
 
 from conftest import one_error_line, oblique_direction
 from HiMatchADLib import HiMatchADError
-from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, find_cases, run_batch, summary_counts
-from HiMatchADLib.dicom import DicomSeries, find_series, matches, parse_series_filter, parse_series_filters, select_series
-from HiMatchADLib.imageio import atomic_path, list_images, read_image, walk_inputs, write_image
-from HiMatchADLib.output import is_complete, own_outputs
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, run_batch
+from HiMatchADLib.batch.cases import find_cases
+from HiMatchADLib.batch.summary import summary_counts
+from HiMatchADLib.io.dicom import DicomSeries, find_series, select_series
+from HiMatchADLib.io.series_filters import matches, parse_series_filter, parse_series_filters
+from HiMatchADLib.core.atomic import atomic_path
+from HiMatchADLib.io.discovery import list_images, walk_inputs
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.outputs.files import is_complete
+from HiMatchADLib.io.discovery import own_outputs
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 pydicom = pytest.importorskip("pydicom")
 
@@ -480,7 +487,7 @@ def test_batch_command_counts_skipped_series(cli, study_tree, tmp_path):
 # ------------------------------------------------------------------------------- DICOM outputs
 @pytest.fixture()
 def fake_writer(monkeypatch):
-    """A stand-in ``HiMatchADLib.dicom_seg``: writes a small DICOM SEG-class file (so the input walk
+    """A stand-in ``HiMatchADLib.outputs.dicom_seg``: writes a small DICOM SEG-class file (so the input walk
     can meet it) and records each call."""
     calls = []
 
@@ -495,14 +502,14 @@ def fake_writer(monkeypatch):
             return path
         return writer
 
-    module = types.ModuleType("HiMatchADLib.dicom_seg")
+    module = types.ModuleType("HiMatchADLib.outputs.dicom_seg")
     module.write_dicom_seg = _write("seg")
     module.write_dicom_heatmap = _write("heatmap")
     module.require = lambda: None
-    monkeypatch.setitem(sys.modules, "HiMatchADLib.dicom_seg", module)
+    monkeypatch.setitem(sys.modules, "HiMatchADLib.outputs.dicom_seg", module)
     import HiMatchADLib
 
-    monkeypatch.setattr(HiMatchADLib, "dicom_seg", module, raising=False)
+    monkeypatch.setattr(HiMatchADLib.outputs, "dicom_seg", module, raising=False)
     return calls
 
 
@@ -510,7 +517,7 @@ def test_dicom_outputs_are_written_before_the_scores_and_listed(det, fake_writer
     root, mr, _, _ = study_tree
     write_image(make_phantom(SHAPE, seed=9)[0].array, make_phantom(SHAPE, seed=9)[0].geometry, root / "volume.nii.gz")
     out = tmp_path / "out"
-    rows = run_batch(det, root, out, series_filter=["description~mprage"], dicom_seg=True, dicom_heatmap=True, log=lambda m: None)
+    rows = run_batch(det, root, out, series_filter=["description~mprage"], outputs=("dicom_seg", "dicom_heatmap"), log=lambda m: None)
     assert [(r["case"], r["status"]) for r in rows] == [("patient1/mrstudy/mrstudy_s3_T1_MPRAGE", STATUS_OK), ("volume.nii.gz", STATUS_OK)]
     assert "no DICOM SEG or DICOM parametric map written: the input is not DICOM" in rows[1]["message"]
     t1 = next(s for s in find_series(mr) if s.series_number == 3)
@@ -534,10 +541,10 @@ def test_resume_recomputes_a_case_without_the_dicom_outputs_asked_for(det, fake_
     pick = ["description~flair"]
     assert [r["status"] for r in run_batch(det, root, out, series_filter=pick, log=lambda m: None)] == [STATUS_OK]
     assert fake_writer == []
-    rows = run_batch(det, root, out, series_filter=pick, dicom_seg=True, log=lambda m: None)
+    rows = run_batch(det, root, out, series_filter=pick, outputs=("dicom_seg",), log=lambda m: None)
     assert rows[0]["status"] == STATUS_OK and rows[0]["message"].startswith("recomputed: the earlier result has no DICOM SEG")
     assert (out / "patient1" / "mrstudy_s5_AX_FLAIR_seg.dcm").is_file()
-    assert run_batch(det, root, out, series_filter=pick, dicom_seg=True, log=lambda m: None)[0]["status"] == STATUS_DONE
+    assert run_batch(det, root, out, series_filter=pick, outputs=("dicom_seg",), log=lambda m: None)[0]["status"] == STATUS_DONE
     # recomputed without the SEG: the old SEG (which would not match the new maps) is removed
     run_batch(det, root, out, series_filter=pick, overwrite=True, log=lambda m: None)
     assert not (out / "patient1" / "mrstudy_s5_AX_FLAIR_seg.dcm").exists() and is_complete(out / "patient1", "mrstudy_s5_AX_FLAIR")
@@ -547,9 +554,9 @@ def test_a_failing_dicom_writer_leaves_the_case_incomplete(det, fake_writer, stu
     def mismatch(result, source_files, path):
         raise HiMatchADError("the result's geometry does not match the source series")
 
-    monkeypatch.setattr(sys.modules["HiMatchADLib.dicom_seg"], "write_dicom_seg", mismatch)
+    monkeypatch.setattr(sys.modules["HiMatchADLib.outputs.dicom_seg"], "write_dicom_seg", mismatch)
     out = tmp_path / "out"
-    rows = run_batch(det, study_tree[0], out, series_filter="description~flair", dicom_seg=True, log=lambda m: None)
+    rows = run_batch(det, study_tree[0], out, series_filter="description~flair", outputs=("dicom_seg",), log=lambda m: None)
     assert rows[0]["status"] == STATUS_FAILED and "does not match the source series" in rows[0]["message"]
     assert not is_complete(out / "patient1", "mrstudy_s5_AX_FLAIR")
 
@@ -557,7 +564,7 @@ def test_a_failing_dicom_writer_leaves_the_case_incomplete(det, fake_writer, stu
 def test_without_the_writer_dicom_outputs_are_refused_up_front(det, study_tree, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "highdicom", None)  # highdicom is not installed
     with pytest.raises(HiMatchADError, match=r'pip install "himatchad\[dicom\]"'):
-        run_batch(det, study_tree[0], tmp_path / "out", dicom_seg=True)
+        run_batch(det, study_tree[0], tmp_path / "out", outputs=("dicom_seg",))
     assert not (tmp_path / "out").exists()
 
 
@@ -578,8 +585,8 @@ def test_detect_writes_the_dicom_seg_and_refuses_it_for_other_inputs(cli, fake_w
 
 
 def test_the_worker_passes_batch_options_through(study_tree, tmp_path, monkeypatch):
-    from HiMatchADLib import batch
-    from HiMatchADLib.worker import Worker
+    from HiMatchADLib.worker import server as batch
+    from HiMatchADLib.worker.server import Worker
 
     seen = {}
 
@@ -604,17 +611,17 @@ def test_the_worker_passes_batch_options_through(study_tree, tmp_path, monkeypat
         "series_filter": ["modality=MR"], "dicom_seg": True, "dicom_heatmap": False,
     })
     assert events[-1]["event"] == "done", events
-    assert seen["series_filter"] == ["modality=MR"] and seen["dicom_seg"] is True and seen["dicom_heatmap"] is False
+    assert seen["series_filter"] == ["modality=MR"] and seen["outputs"] == ("dicom_seg",)
 
 
 # ------------------------------------------------------------------------------- Ray engine
 def test_a_ray_worker_passes_the_dicom_outputs_to_the_case(det, fake_writer, study_tree, tmp_path):
-    from HiMatchADLib.ray_engine import CaseWorker, detector_spec
+    from HiMatchADLib.batch.ray import CaseWorker, detector_spec
 
     worker = CaseWorker()
     worker.setup(detector_spec(det))  # in this process: the stand-in writer is importable
     (case,) = find_cases(study_tree[0], tmp_path / "out", series_filter="description~flair")
-    row, _, _ = worker.process(case, str(tmp_path / "out"), False, {"dicom_seg": True, "dicom_heatmap": False})
+    row, _, _ = worker.process(case, str(tmp_path / "out"), False, ("dicom_seg",))
     assert row["status"] == STATUS_OK and [c["kind"] for c in fake_writer] == ["seg"]
     assert fake_writer[0]["files"] == list(case.series.files)
 
@@ -645,12 +652,12 @@ def test_batch_writes_real_dicom_seg_and_parametric_map_on_the_input_voxels(det,
     hd = pytest.importorskip("highdicom")
     import pydicom
 
-    from HiMatchADLib.output import load_result
+    from HiMatchADLib.outputs.files import load_result
 
     root, mr, _, _ = study_tree
     out = tmp_path / "out"
     monkeypatch.setattr(det, "threshold", 0.0)  # a fixed threshold that marks part of each volume
-    rows = run_batch(det, root, out, series_filter="modality=MR", dicom_seg=True, dicom_heatmap=True)
+    rows = run_batch(det, root, out, series_filter="modality=MR", outputs=("dicom_seg", "dicom_heatmap"))
     done = [r for r in rows if r["status"] == "ok"]
     assert {Path(r["case"]).name for r in done} == {"mrstudy_s3_T1_MPRAGE", "mrstudy_s5_AX_FLAIR"}
     scores = {Path(r["case"]).name: out / r["scores"] for r in done}

@@ -43,10 +43,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.evaluate import add_subparser, evaluate, name_positions, normals_folder
-from HiMatchADLib.imageio import Image, list_images, write_image
-from HiMatchADLib.result import DetectionResult
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.evaluation import add_subparser, evaluate, name_positions, normals_folder
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.discovery import list_images
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.core.result import DetectionResult
 
 N_NEG = 16284
 EXPECTED = {
@@ -267,7 +269,7 @@ def test_name_positions_and_normals_folder(tmp_path):
 
 
 def test_cli_subcommand_with_fake_detector(tiny_bmad, tmp_path, monkeypatch, capsys):
-    import HiMatchADLib.evaluate.runner as runner
+    import HiMatchADLib.evaluation.runner as runner
 
     monkeypatch.setattr(runner, "_detector_factory", lambda m, **kw: FakeDetector(m, **kw))
     parser = argparse.ArgumentParser(prog="himatchad")
@@ -283,8 +285,8 @@ def test_cli_subcommand_with_fake_detector(tiny_bmad, tmp_path, monkeypatch, cap
 
 
 def test_package_api_and_the_helpers_the_benchmark_uses():
-    import HiMatchADLib.evaluate as ev
-    from HiMatchADLib.cli import build_parser
+    import HiMatchADLib.evaluation as ev
+    from HiMatchADLib.cli.main import build_parser
 
     assert all(hasattr(ev, name) for name in ev.__all__)
     # The himatchad parser registers the sub-command through the package's add_subparser.
@@ -323,7 +325,7 @@ def tiny_dinov3_p8(tmp_path_factory) -> Path:
 
 def _detector_available() -> bool:
     try:
-        from HiMatchADLib.detector import HiMatchDetector  # noqa: F401
+        from HiMatchADLib.detector.detector import HiMatchDetector  # noqa: F401
     except ImportError:
         return False
     return True
@@ -353,7 +355,7 @@ def test_end_to_end_real_detector_2d(tiny_bmad, tiny_dinov3_p8, tmp_path):
 
 @pytest.mark.skipif(not _detector_available(), reason="HiMatchADLib.detector not available")
 def test_end_to_end_real_detector_on_synthetic_volumes(tiny_dinov3_p8, tmp_path):
-    from HiMatchADLib.synth import SynthConfig, make_synthetic_dataset
+    from HiMatchADLib.evaluation.synth import SynthConfig, make_synthetic_dataset
 
     rng = np.random.default_rng(0)
     z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in (12, 32, 32)], indexing="ij")
@@ -378,7 +380,7 @@ def test_end_to_end_real_detector_on_synthetic_volumes(tiny_dinov3_p8, tmp_path)
 
 def _cli_available() -> bool:
     try:
-        from HiMatchADLib.cli import main  # noqa: F401
+        from HiMatchADLib.cli.main import main  # noqa: F401
     except ImportError:
         return False
     return _detector_available()
@@ -386,7 +388,7 @@ def _cli_available() -> bool:
 
 @pytest.mark.skipif(not _cli_available(), reason="HiMatchADLib.cli not available")
 def test_himatchad_cli_runs_evaluate_and_reports_user_errors(tiny_bmad, tiny_dinov3_p8, tmp_path, capsys):
-    from HiMatchADLib.cli import main
+    from HiMatchADLib.cli.main import main
 
     out = tmp_path / "cli"
     code = main([

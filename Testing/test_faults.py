@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import importlib
 import os
 import subprocess
 import sys
@@ -16,11 +17,16 @@ import numpy as np
 import pytest
 
 from conftest import RESOLUTION, one_error_line
-from HiMatchADLib import imageio
-from HiMatchADLib.cli import MAX_RESOLUTION, main
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.imageio import Image, list_images, read_image, write_image
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.core import atomic
+from HiMatchADLib.io import writers
+from HiMatchADLib.detector.parameters import MAX_RESOLUTION
+from HiMatchADLib.cli.main import main
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.discovery import list_images
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -149,7 +155,7 @@ def test_truncated_nrrd_and_metaimage_are_refused(tmp_path, name, compress):
     import SimpleITK as sitk
 
     img = _random_volume()
-    sitk.WriteImage(imageio.to_sitk(img.array, img.geometry), str(tmp_path / name), compress)
+    sitk.WriteImage(writers.to_sitk(img.array, img.geometry), str(tmp_path / name), compress)
     data = (tmp_path / name).read_bytes()
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / name).write_bytes(data[: len(data) // 2])
@@ -299,7 +305,7 @@ def test_resolution_has_an_upper_bound(case_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["detect", str(case_file), "--normals", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--resolution", "100000"])
     assert info.value.code == 2 and f"at most {MAX_RESOLUTION}" in capsys.readouterr().err
-    from HiMatchADLib.cli import build_parser
+    from HiMatchADLib.cli.main import build_parser
 
     args = build_parser().parse_args(["bank", str(tmp_path), "--resolution", str(MAX_RESOLUTION)])
     assert args.resolution == MAX_RESOLUTION
@@ -345,7 +351,7 @@ def test_read_only_cache_with_a_complete_bank_still_works(cli, tmp_path, case_fi
 
 
 def test_os_error_anywhere_in_a_command_isone_error_line(tmp_path, capsys, monkeypatch):
-    from HiMatchADLib import cli as cli_module
+    cli_module = importlib.import_module("HiMatchADLib.cli.main")
 
     def failing(args):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "somewhere" / "file.npy"))
@@ -384,7 +390,7 @@ def test_outputs_get_the_permissions_of_a_plain_open(tmp_path, umask):
     old = os.umask(umask)
     try:
         write_image(img.array, img.geometry, tmp_path / "x.nii.gz")
-        imageio.write_text_atomic(tmp_path / "s.csv", "a\n")
+        atomic.write_text_atomic(tmp_path / "s.csv", "a\n")
         with open(tmp_path / "plain.txt", "w") as f:
             f.write("a")
     finally:
@@ -396,9 +402,9 @@ def test_outputs_get_the_permissions_of_a_plain_open(tmp_path, umask):
 
 
 def test_a_replaced_file_keeps_its_permissions(tmp_path):
-    imageio.write_text_atomic(tmp_path / "s.csv", "a\n")
+    atomic.write_text_atomic(tmp_path / "s.csv", "a\n")
     os.chmod(tmp_path / "s.csv", 0o640)
-    imageio.write_text_atomic(tmp_path / "s.csv", "b\n")
+    atomic.write_text_atomic(tmp_path / "s.csv", "b\n")
     assert (tmp_path / "s.csv").stat().st_mode & 0o777 == 0o640 and (tmp_path / "s.csv").read_text() == "b\n"
 
 
@@ -407,12 +413,12 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
     out = tmp_path / "out"
     script = (
         "import os, sys\n"
-        "from HiMatchADLib.imageio import atomic_path\n"
+        "from HiMatchADLib.core.atomic import atomic_path\n"
         "with atomic_path(sys.argv[1]) as tmp:\n"
         "    tmp.write_bytes(b'half')\n"
         "    os.kill(os.getpid(), 9)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(imageio.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(atomic.__file__).parents[2]))
     p = subprocess.run([sys.executable, "-c", script, str(out / "case_heatmap.nii.gz")], env=env)
     assert p.returncode == -9
     orphans = [q.name for q in out.iterdir()]
@@ -420,12 +426,12 @@ def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
     # an old temporary without an owner (earlier versions), a fresh one of a live process, another file
     old = out / ".case_labelmap.nii.gz.abcd1234.tmp.nii.gz"
     old.write_bytes(b"x")
-    os.utime(old, (time.time() - imageio.STALE_TEMP_SECONDS - 60,) * 2)
-    live = out / f".other.nii.gz.{os.getppid()}@{imageio._HOST}.zzzz9999.tmp.nii.gz"
+    os.utime(old, (time.time() - atomic.STALE_TEMP_SECONDS - 60,) * 2)
+    live = out / f".other.nii.gz.{os.getppid()}@{atomic._HOST}.zzzz9999.tmp.nii.gz"
     live.write_bytes(b"x")
     (out / ".keep.tmp").write_bytes(b"x")
-    imageio._cleaned_folders.discard(os.path.abspath(out))
-    imageio.write_text_atomic(out / "summary.csv", "a\n")
+    atomic._cleaned_folders.discard(os.path.abspath(out))
+    atomic.write_text_atomic(out / "summary.csv", "a\n")
     assert sorted(q.name for q in out.iterdir()) == sorted([live.name, ".keep.tmp", "summary.csv"])
 
 
@@ -436,7 +442,7 @@ class _Terminal(io.StringIO):
 
 
 def test_no_progress_bars_when_stderr_is_not_a_terminal():
-    from HiMatchADLib.progress import tqdm_callback
+    from HiMatchADLib.core.progress import tqdm_callback
 
     stream = io.StringIO()
     cb = tqdm_callback(stream=stream)
@@ -448,8 +454,8 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal():
 
 
 def test_error_after_a_progress_bar_starts_on_its_own_line(monkeypatch, tmp_path):
-    from HiMatchADLib import cli as cli_module
-    from HiMatchADLib.progress import tqdm_callback
+    cli_module = importlib.import_module("HiMatchADLib.cli.main")
+    from HiMatchADLib.core.progress import tqdm_callback
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
@@ -469,8 +475,8 @@ def test_error_after_a_progress_bar_starts_on_its_own_line(monkeypatch, tmp_path
 
 
 def test_interrupted_starts_on_its_own_line(monkeypatch, tmp_path):
-    from HiMatchADLib import cli as cli_module
-    from HiMatchADLib.progress import tqdm_callback
+    cli_module = importlib.import_module("HiMatchADLib.cli.main")
+    from HiMatchADLib.core.progress import tqdm_callback
 
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
@@ -511,7 +517,7 @@ def test_outputs_of_this_tool_in_a_normal_folder_are_never_banked(fitted, normal
     there by hand) are recognised by their scores JSON and stay out of the bank."""
     import shutil
 
-    from HiMatchADLib.imageio import list_images
+    from HiMatchADLib.io.discovery import list_images
 
     normals = tmp_path / "normals"
     shutil.copytree(normals_dir, normals)
@@ -532,7 +538,7 @@ def test_outputs_of_this_tool_in_a_normal_folder_are_never_banked(fitted, normal
 def test_the_detector_refuses_a_non_finite_threshold(value):
     """From Python too (the Slicer module and the worker pass settings straight to the detector)."""
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.errors import HiMatchADError
+    from HiMatchADLib.core.errors import HiMatchADError
 
     with pytest.raises(HiMatchADError, match="finite"):
         HiMatchDetector(threshold=value)

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from HiMatchADLib.features import FeatureExtractor
+from HiMatchADLib.features.extractor import FeatureExtractor
 
 
 def _with_distinct_norm(src: Path, dst: Path, seed: int = 3) -> Path:

@@ -10,9 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import PHANTOM_SHAPE, oblique_direction
-from HiMatchADLib.imageio import Geometry, Image, read_image, write_image
-from HiMatchADLib.orientation import canonical_reorientation
-from HiMatchADLib.preprocess import prepare_volume
+from HiMatchADLib.core.geometry import Geometry, Image
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.core.geometry import canonical_reorientation
+from HiMatchADLib.features.slicing import prepare_volume
 
 
 def signed_permutations():
@@ -109,7 +111,7 @@ def test_2d_image_outputs_keep_the_pixel_grid(tmp_path, fitted):
     from PIL import Image as PILImage
 
     rng = np.random.default_rng(3)
-    from HiMatchADLib.phantom import make_phantom
+    from HiMatchADLib.evaluation.phantom import make_phantom
 
     ph, _ = make_phantom((1, 80, 72), seed=5, lesion=True)
     png = (np.clip(ph.array[0] / ph.array.max(), 0, 1) * 255).astype(np.uint8)

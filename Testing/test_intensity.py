@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from HiMatchADLib.imageio import Image
-from HiMatchADLib.preprocess import PRESETS, normalise, otsu_threshold, padding_values, prepare_volume
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.features.presets import PRESETS, normalise, otsu_threshold, padding_values
+from HiMatchADLib.features.slicing import prepare_volume
 
 
 def _t2_like(seed=0):

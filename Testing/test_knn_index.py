@@ -10,9 +10,11 @@ import warnings
 import numpy as np
 import pytest
 
-from HiMatchADLib import knn_index as ki
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.scoring import KnnScorer, QuerySlice, top_percent_mean
+from HiMatchADLib.methods import knn_index as ki
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.methods.knn import KnnScorer
+from HiMatchADLib.methods.base import QuerySlice
+from HiMatchADLib.methods.maps import top_percent_mean
 
 from conftest import RESOLUTION
 
@@ -26,7 +28,8 @@ def _unit(x):
 def _token_bank(root, tokens, slice_sizes, groups, seed=0):
     """A NormalBank holding ``tokens`` (float16 on disk, memory-mapped, as built banks hold them),
     ``slice_sizes`` tokens per slice and the subject ``groups`` of the slices."""
-    from HiMatchADLib.bank import NormalBank, file_digest
+    from HiMatchADLib.bank.store import NormalBank
+    from HiMatchADLib.core.digest import file_digest
 
     import os
 
@@ -289,7 +292,7 @@ def test_an_unwritable_bank_folder_keeps_the_index_in_memory(clustered_bank, tmp
 # ------------------------------------------------------------------ the setting
 def test_invalid_knn_index_is_refused(tiny_model, tmp_path, capsys):
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.cli import main
+    from HiMatchADLib.cli.main import main
 
     (tmp_path / "x.nii.gz").write_bytes(b"")
     (tmp_path / "n").mkdir()
@@ -299,7 +302,7 @@ def test_invalid_knn_index_is_refused(tiny_model, tmp_path, capsys):
     with pytest.raises(HiMatchADError, match="applies to method knn only"):
         HiMatchDetector(model=tiny_model, method="himatch", knn_index="hnsw")
     assert HiMatchDetector(model=tiny_model, method="knn", knn_index="IVF").knn_index == "ivf"
-    from HiMatchADLib.worker import Worker
+    from HiMatchADLib.worker.server import Worker
 
     assert "knn_index" in Worker(emit=lambda event: None).allowed_settings()  # the Slicer module's worker passes it on
     with pytest.raises(SystemExit) as exc:
@@ -313,8 +316,8 @@ def test_invalid_knn_index_is_refused(tiny_model, tmp_path, capsys):
 def test_settings_record_the_index_and_a_batch_resume_recomputes_when_it_changes(fitted, tiny_model, normals_dir, cache_dir, tmp_path):
     from HiMatchADLib import HiMatchDetector
     from HiMatchADLib.batch import STATUS_DONE, STATUS_OK, run_batch
-    from HiMatchADLib.imageio import write_image
-    from HiMatchADLib.phantom import make_phantom
+    from HiMatchADLib.io.writers import write_image
+    from HiMatchADLib.evaluation.phantom import make_phantom
 
     exact = fitted("knn")
     assert exact.settings()["knn_index"] == "exact"

@@ -9,10 +9,11 @@ import weakref
 import numpy as np
 import pytest
 
-from HiMatchADLib import preprocess
-from HiMatchADLib.imageio import Image
-from HiMatchADLib.phantom import make_phantom
-from HiMatchADLib.preprocess import PRESETS, _percentile_below, _sample, normalise, prepare_volume
+from HiMatchADLib.features import presets as preprocess
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.evaluation.phantom import make_phantom
+from HiMatchADLib.features.presets import PRESETS, _percentile_below, _sample, normalise
+from HiMatchADLib.features.slicing import prepare_volume
 
 SAGITTAL = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 

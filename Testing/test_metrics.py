@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from HiMatchADLib.metrics import (
+from HiMatchADLib.evaluation.metrics import (
     PixelAccumulator,
     aupro,
     best_dice,

@@ -17,9 +17,9 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 vtk = pytest.importorskip("vtk")
 
 from HiMatchADLib import mrml  # noqa: E402
-from HiMatchADLib.errors import HiMatchADError  # noqa: E402
-from HiMatchADLib.imageio import read_image  # noqa: E402
-from HiMatchADLib.result import DetectionResult, Support  # noqa: E402
+from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.io.readers import read_image  # noqa: E402
+from HiMatchADLib.core.result import DetectionResult, Support  # noqa: E402
 
 SHAPE = (9, 12, 14)  # (nz, ny, nx)
 LESION = (slice(3, 6), slice(4, 8), slice(6, 10))

@@ -42,7 +42,7 @@ from test_mrml import (  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from HiMatchADLib import mrml  # noqa: E402
-from HiMatchADLib.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
 
 #: A git repository of Slicer's source (optional): SLICER_SOURCE_GIT, else a local mirror if there is one.
 SLICER_SOURCE_GIT = pathlib.Path(os.environ.get("SLICER_SOURCE_GIT", "/work/.mirror/Slicer+Slicer/repo"))
@@ -542,7 +542,7 @@ def test_input_candidates(scene):
 def test_single_slice_and_reference_free_segmentations(scene):
     """A 2D image (one slice) and a segmentation made without an input node (on the result's own
     grid) take the same path: exact content, no false "edited" after an update."""
-    from HiMatchADLib.result import DetectionResult
+    from HiMatchADLib.core.result import DetectionResult
 
     node = add_volume(scene, synthetic_array()[:1], oblique_ijk_to_ras(flip=True), name="b-scan")
     image = mrml.image_from_volume_node(node)

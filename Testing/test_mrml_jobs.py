@@ -15,8 +15,8 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import RESOLUTION  # noqa: E402
 from HiMatchADLib import mrml  # noqa: E402
-from HiMatchADLib.errors import HiMatchADError  # noqa: E402
-from HiMatchADLib.mrml_jobs import DetectionRunner  # noqa: E402
+from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.mrml.jobs import DetectionRunner  # noqa: E402
 
 TIMEOUT = 300
 

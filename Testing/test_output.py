@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import oblique_direction
-from HiMatchADLib import output
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.imageio import Geometry
-from HiMatchADLib.output import is_complete, load_result, save_result
-from HiMatchADLib.result import DetectionResult, Support
+from HiMatchADLib.outputs import files as output
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.core.geometry import Geometry
+from HiMatchADLib.outputs.files import is_complete, load_result, save_result
+from HiMatchADLib.core.result import DetectionResult, Support
 
 
 def make_result(is_2d=False, seed=0, name="case") -> DetectionResult:

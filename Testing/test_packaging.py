@@ -1,13 +1,12 @@
-"""The Slicer extension packages exactly the library files it needs at run time.
+"""The Slicer extension packages every file of the library, and pip installs every sub-package.
 
-``CMakeLists.txt`` lists the library modules one by one; a module that the Slicer module, the
-command line or the worker process imports (at module level or inside a function) but that is not
-listed would be missing from an installed extension, and the worker would fail in the user's hands.
+``CMakeLists.txt`` lists the library's files one by one (the extension template has no globbing);
+a file missing from the list would be missing from an installed extension, and the worker process
+(which runs the same library and command line as outside Slicer) would fail in the user's hands.
 """
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -15,45 +14,21 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "HiMatchADLib"
-#: Imported by the command line only inside ``try/except ImportError`` (evaluation tools).
-OPTIONAL = {"evaluate", "synth"}
 
 
-def packaged_modules() -> set:
+def packaged_files() -> list:
     text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     block = re.search(r"set\(HIMATCHADLIB_PYTHON_SCRIPTS(.*?)\)", text, re.S)
     assert block, "CMakeLists.txt has no HIMATCHADLIB_PYTHON_SCRIPTS list"
-    return {Path(line.strip()).stem for line in block.group(1).split() if line.strip().startswith("HiMatchADLib/")}
+    return [line.strip() for line in block.group(1).split() if line.strip().startswith("HiMatchADLib/")]
 
 
-def library_imports(path: Path) -> set:
-    """Names of HiMatchADLib modules imported anywhere in ``path`` (relative and absolute imports)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
-                names |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif node.module and node.module.split(".")[0] == "HiMatchADLib":
-                parts = node.module.split(".")
-                names |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
-        elif isinstance(node, ast.Import):
-            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("HiMatchADLib.")}
-    return {n for n in names if (LIB / f"{n}.py").exists()}
-
-
-def test_every_module_needed_at_run_time_is_packaged():
-    packaged = packaged_modules()
-    assert all((LIB / f"{m}.py").exists() for m in packaged), "CMakeLists.txt lists a file that does not exist"
-    needed, todo = set(), [REPO / "HiMatchAD.py", LIB / "__init__.py", LIB / "__main__.py", LIB / "worker.py"]
-    while todo:
-        path = todo.pop()
-        for name in library_imports(path) - needed - OPTIONAL:
-            needed.add(name)
-            todo.append(LIB / f"{name}.py")
-    needed |= {"__init__", "__main__"}
-    assert needed - packaged == set(), f"imported at run time but not packaged: {sorted(needed - packaged)}"
-    # Nothing is packaged that the module, the worker and the command line never use.
-    assert packaged - needed == set(), f"packaged but never imported: {sorted(packaged - needed)}"
+def test_every_library_file_is_packaged_once():
+    listed = packaged_files()
+    assert len(listed) == len(set(listed)), "CMakeLists.txt lists a file twice"
+    tree = {p.relative_to(REPO).as_posix() for p in LIB.rglob("*.py") if "__pycache__" not in p.parts}
+    assert set(listed) - tree == set(), f"listed but not in the tree: {sorted(set(listed) - tree)}"
+    assert tree - set(listed) == set(), f"in the tree but not packaged: {sorted(tree - set(listed))}"
 
 
 def test_the_build_follows_the_current_extension_template():

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import RESOLUTION, oblique_direction
-from HiMatchADLib.imageio import Geometry, Image, write_image
-from HiMatchADLib.preprocess import common_spacing, in_plane_extent, model_grid, prepare_volume
+from HiMatchADLib.core.geometry import Geometry, Image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.features.slicing import common_spacing, in_plane_extent, prepare_volume
+from HiMatchADLib.features.canvas import model_grid
 
 
 def _disc_volume(n_rows, n_cols, spacing_rc, radius_mm=(30.0, 30.0), centre_mm=None, n_slices=3):
@@ -64,7 +66,7 @@ def test_maps_return_to_the_native_grid_at_the_right_place():
     prep = prepare_volume(img, "mri", "axial", 0.6, 224, 16)
     native = np.zeros((1,) + prep.native_shape[1:], np.float32)
     native[0, 40:46, 70:78] = 1.0
-    from HiMatchADLib.preprocess import _to_canvas
+    from HiMatchADLib.features.canvas import _to_canvas
 
     back = prep.plane.to_native(_to_canvas(native, prep.plane))
     assert back.shape == native.shape
@@ -90,7 +92,7 @@ def test_large_field_of_view_coarsens_the_spacing_with_a_warning():
 def test_png_slices_keep_the_stretched_grid(tmp_path):
     from PIL import Image as PILImage
 
-    from HiMatchADLib.imageio import read_image
+    from HiMatchADLib.io.readers import read_image
 
     arr = np.zeros((80, 60), np.uint8)
     arr[20:60, 10:50] = 200
@@ -144,7 +146,8 @@ def test_bank_records_its_spacing_and_queries_use_it(tiny_model, normals_dir, le
 
 def test_pixel_spacing_option(tiny_model):
     from HiMatchADLib import HiMatchADError, HiMatchDetector
-    from HiMatchADLib.cli import build_parser, detector_from_args
+    from HiMatchADLib.cli.main import build_parser
+    from HiMatchADLib.cli.commands import detector_from_args
 
     base = ["detect", "x.nii.gz", "--normals", "n", "--out-dir", "o", "--model", tiny_model]
     assert detector_from_args(build_parser().parse_args(base)).pixel_spacing == "auto"

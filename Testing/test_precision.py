@@ -12,15 +12,9 @@ import torch
 
 from conftest import RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
-from HiMatchADLib import features
-from HiMatchADLib.features import (
-    NATIVE_BF16_CPU_FLAGS,
-    FeatureExtractor,
-    auto_precision,
-    check_precision,
-    cpu_flags,
-    resolve_precision,
-)
+from HiMatchADLib.features import backbone as features
+from HiMatchADLib.features.backbone import NATIVE_BF16_CPU_FLAGS, auto_precision, check_precision, cpu_flags, resolve_precision
+from HiMatchADLib.features.extractor import FeatureExtractor
 
 
 @pytest.fixture()
@@ -133,7 +127,7 @@ def test_int8_on_cuda_is_refused(tiny_model, fake_cuda, capsys, tmp_path):
         FeatureExtractor(tiny_model, device="cuda:0", precision="int8")
     assert resolve_precision("int8", "cpu") == "int8"
 
-    from HiMatchADLib.cli import main
+    from HiMatchADLib.cli.main import main
 
     (tmp_path / "n").mkdir()
     code = main(["--quiet", "bank", str(tmp_path / "n"), "--model", tiny_model, "--device", "cuda", "--precision", "int8"])
@@ -181,7 +175,7 @@ def test_int8_tokens_are_unit_float32_and_close_to_fp32(tiny_model):
 
 # ------------------------------------------------------------------------------------ recorded
 def test_settings_record_the_resolved_precision(tiny_model, monkeypatch):
-    from HiMatchADLib.batch import result_settings, settings_changes
+    from HiMatchADLib.batch.resume import result_settings, settings_changes
 
     monkeypatch.setattr(features, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     det = HiMatchDetector(model=tiny_model, device="cpu")  # the default is auto
@@ -199,7 +193,7 @@ def test_settings_record_the_resolved_precision(tiny_model, monkeypatch):
 
 
 def test_worker_detectors_share_a_model_by_resolved_precision(tiny_model, cpu_without_bf16):
-    from HiMatchADLib.worker import Worker
+    from HiMatchADLib.worker.server import Worker
 
     worker = Worker(lambda event: None)
     base = {"model": tiny_model, "device": "cpu", "resolution": RESOLUTION}
@@ -240,8 +234,9 @@ def test_bank_key_is_the_resolved_precision(tiny_model, normals_dir, tmp_path, c
 def test_cli_int8_end_to_end(tiny_model, normals_dir, lesion_case, tmp_path, capsys):
     from scipy.stats import spearmanr
 
-    from HiMatchADLib.cli import build_parser, main
-    from HiMatchADLib.imageio import read_image, write_image
+    from HiMatchADLib.cli.main import build_parser, main
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.io.writers import write_image
 
     img, _ = lesion_case
     case = tmp_path / "case.nii.gz"

@@ -19,11 +19,13 @@ import pytest
 
 from conftest import RESOLUTION
 from HiMatchADLib import HiMatchADError
-from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, SUMMARY_COLUMNS, run_batch
-from HiMatchADLib.cli import main
-from HiMatchADLib.imageio import read_image, write_image
-from HiMatchADLib.output import is_complete
-from HiMatchADLib.phantom import make_phantom
+from HiMatchADLib.batch import STATUS_DONE, STATUS_FAILED, STATUS_OK, run_batch
+from HiMatchADLib.batch.summary import SUMMARY_COLUMNS
+from HiMatchADLib.cli.main import main
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.outputs.files import is_complete
+from HiMatchADLib.evaluation.phantom import make_phantom
 
 SHAPE = (8, 48, 48)
 CASES = ("a.nii.gz", "b.nii.gz", "site/c.nii.gz", "site/d.nii.gz")
@@ -36,8 +38,8 @@ from pathlib import Path
 
 
 def install():
-    from HiMatchADLib.bank import NormalBank
-    from HiMatchADLib.detector import HiMatchDetector
+    from HiMatchADLib.bank.store import NormalBank
+    from HiMatchADLib.detector.detector import HiMatchDetector
 
     load = NormalBank.load.__func__
 
@@ -157,7 +159,7 @@ def test_engine_options_need_the_ray_engine(inputs, tmp_path, capsys, tiny_model
 
 
 def test_a_worker_refuses_a_bank_or_library_it_cannot_reproduce(det, tmp_path):
-    from HiMatchADLib.ray_engine import CaseWorker, detector_spec
+    from HiMatchADLib.batch.ray import CaseWorker, detector_spec
 
     spec = detector_spec(det)
     with pytest.raises(HiMatchADError, match="cannot read the normal bank at .*shared by all of them"):

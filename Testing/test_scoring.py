@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from HiMatchADLib.scoring import DpmmScorer, QuerySlice
+from HiMatchADLib.methods.dpmm import DpmmScorer
+from HiMatchADLib.methods.base import QuerySlice
 
 
 def _unit(x):
@@ -62,7 +63,7 @@ def test_unused_stick_components_sit_at_the_global_mean():
 
 def _hand_bank(tmp_path, centroids_per_slice: list, stages=(1, 2)):
     """A NormalBank built in memory: per stage, each slice's centroids as given (float16 memmaps)."""
-    from HiMatchADLib.bank import NormalBank
+    from HiMatchADLib.bank.store import NormalBank
 
     n = len(centroids_per_slice)
     d = centroids_per_slice[0].shape[1]
@@ -93,7 +94,7 @@ def _hand_bank(tmp_path, centroids_per_slice: list, stages=(1, 2)):
 
 def test_stage_scores_against_the_supports_own_centroids(tmp_path):
     """a = min_k (1 - max_c cos(q, c in C_k)), v = Var_k of the same distances (population variance)."""
-    from HiMatchADLib.scoring import HiMatchScorer
+    from HiMatchADLib.methods.himatch import HiMatchScorer
 
     rng = np.random.default_rng(0)
     d = 16

@@ -26,8 +26,8 @@ vtk = pytest.importorskip("vtk")
 
 from conftest import RESOLUTION  # noqa: E402
 from HiMatchADLib import Cancelled, mrml  # noqa: E402
-from HiMatchADLib.errors import HiMatchADError  # noqa: E402
-from HiMatchADLib.imageio import write_image  # noqa: E402
+from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
+from HiMatchADLib.io.writers import write_image  # noqa: E402
 from test_mrml_export import slicer_modules  # noqa: E402,F401  (fixture: slicer.modules for slicer.util)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def add_case(scene, lesion_case, name="case"):
 def test_dependencies_are_found_and_a_missing_one_is_named(HiMatchAD, logic, monkeypatch):
     logic.ensureDependencies(interactive=False)
     assert logic.dependenciesReady
-    from HiMatchADLib import dependencies
+    from HiMatchADLib.mrml import install as dependencies
 
     monkeypatch.setattr(dependencies, "missing", lambda reqs: ["torch>=2.1"])
     with pytest.raises(RuntimeError, match="torch>=2.1"):  # testing mode: nothing is installed
@@ -198,7 +198,7 @@ def read_summary(path):
 
 
 def test_process_folder_is_the_command_line_batch(HiMatchAD, logic, settings, normals_dir, lesion_case, tmp_path):
-    from HiMatchADLib.cli import main
+    from HiMatchADLib.cli.main import main
 
     img, _ = lesion_case
     incoming = tmp_path / "incoming"
@@ -229,7 +229,7 @@ def test_process_folder_is_the_command_line_batch(HiMatchAD, logic, settings, no
 
 
 def mrml_free_heatmap(path):
-    from HiMatchADLib.imageio import read_image
+    from HiMatchADLib.io.readers import read_image
 
     return read_image(path).array
 
@@ -244,7 +244,7 @@ def test_module_self_test(HiMatchAD, scene, monkeypatch):
 
 
 def test_a_rerun_over_a_hand_edited_segment_asks_first(HiMatchAD, logic, scene, slicer_modules, settings, normals_dir, lesion_case):  # noqa: F811 (the imported fixture)
-    from HiMatchADLib.mrml import SegmentEditedError
+    from HiMatchADLib.mrml.segments import SegmentEditedError
 
     node = add_case(scene, lesion_case)
     out = logic.process(node, normals_dir, **settings)

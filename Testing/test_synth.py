@@ -9,10 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from HiMatchADLib.datasets import load_dataset
-from HiMatchADLib.errors import HiMatchADError
-from HiMatchADLib.imageio import Image, list_images, read_image, write_image
-from HiMatchADLib.synth import SynthConfig, add_subparser, foreground_mask, insert_lesions, make_synthetic_dataset
+from HiMatchADLib.evaluation.datasets import load_dataset
+from HiMatchADLib.core.errors import HiMatchADError
+from HiMatchADLib.core.geometry import Image
+from HiMatchADLib.io.discovery import list_images
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.evaluation.synth import SynthConfig, add_subparser, foreground_mask, insert_lesions, make_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 DIRECTION = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # a sagittally stored volume

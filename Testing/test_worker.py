@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from conftest import RESOLUTION
-from HiMatchADLib.imageio import read_image, write_image
-from HiMatchADLib.output import is_complete, load_result
-from HiMatchADLib.worker import Worker, serve
-from HiMatchADLib.worker_client import WorkerClient, WorkerError
+from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.io.writers import write_image
+from HiMatchADLib.outputs.files import is_complete, load_result
+from HiMatchADLib.worker.server import Worker, serve
+from HiMatchADLib.worker.client import WorkerClient, WorkerError
 
 TIMEOUT = 300
 
@@ -153,7 +154,7 @@ def test_shutdown_and_end_of_input_exit_with_status_zero():
 
 FAKE_WORKER = textwrap.dedent('''
     import os, sys
-    from HiMatchADLib import worker
+    from HiMatchADLib.worker import server as worker
 
     class Noisy:
         """A detector whose every step writes to stdout, as careless libraries do."""

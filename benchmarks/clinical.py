@@ -216,7 +216,7 @@ def child_detect(job: dict) -> dict:
     """One detection with a cached bank: ``predict`` + ``save`` of ``job["query"]``."""
     import warnings
 
-    from HiMatchADLib import preprocess
+    from HiMatchADLib.features import slicing as preprocess
 
     det = _detector(job)
     t = time.perf_counter()
@@ -356,8 +356,8 @@ def mode_batch(args) -> None:
     import warnings
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.batch import run_batch
-    from HiMatchADLib.imageio import list_images
+    from HiMatchADLib.batch.runner import run_batch
+    from HiMatchADLib.io.discovery import list_images
 
     files = list_images(args.ixi)
     need = args.ixi_normals + args.ixi_cases

@@ -42,10 +42,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from HiMatchADLib.bank import build_or_load  # noqa: E402
-from HiMatchADLib.datasets import evenly_spaced, load_dataset  # noqa: E402
-from HiMatchADLib.evaluate import MemoryProbe, environment, markdown_table, normals_folder  # noqa: E402
-from HiMatchADLib.imageio import read_image, write_text_atomic  # noqa: E402
+from HiMatchADLib.bank.build import build_or_load  # noqa: E402
+from HiMatchADLib.evaluation.datasets import evenly_spaced, load_dataset  # noqa: E402
+from HiMatchADLib.evaluation import MemoryProbe, environment, markdown_table, normals_folder  # noqa: E402
+from HiMatchADLib.io.readers import read_image  # noqa: E402
+from HiMatchADLib.core.atomic import write_text_atomic
 
 
 class _Clock:
@@ -104,7 +105,10 @@ class _Clock:
 
 
 def _instrument(clock: _Clock) -> None:
-    from HiMatchADLib import bank, detector, features, scoring
+    from HiMatchADLib.bank import build as bank
+    from HiMatchADLib.detector import detector
+    from HiMatchADLib.features import extractor as features
+    from HiMatchADLib.methods import dpmm
 
     clock.wrap(features.FeatureExtractor, "extract", "features")
     clock.wrap(bank, "spherical_kmeans", "clustering")
@@ -113,7 +117,7 @@ def _instrument(clock: _Clock) -> None:
     clock.wrap(bank, "prepare_volume", "preprocess")
     clock.wrap(detector.HiMatchDetector, "_ensure_extractor", "model_load")
     clock.wrap(detector.HiMatchDetector, "_calibrate", "calibration")
-    clock.wrap(scoring.DpmmScorer, "fit", "dpmm_fit")
+    clock.wrap(dpmm.DpmmScorer, "fit", "dpmm_fit")
     clock.wrap_scope(bank, "_build", "bank_build")  # bank.build_or_load calls the module-level _build
 
 
@@ -135,7 +139,7 @@ def _dir_mb(path: Path) -> float:
 
 
 def run(args) -> dict:
-    from HiMatchADLib.detector import HiMatchDetector
+    from HiMatchADLib.detector.detector import HiMatchDetector
 
     sizes = [int(s) for s in args.normals.split(",")]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -146,7 +150,7 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # Load the model once before any measurement (the detector reuses it): memory figures are then
     # those of the modes themselves, not of importing torch and loading the weights.
-    from HiMatchADLib.features import load_backbone, resolve_device
+    from HiMatchADLib.features.backbone import load_backbone, resolve_device
 
     load_backbone(args.model, resolve_device(args.device or "auto"))
     clock = _Clock()

@@ -61,12 +61,12 @@ def main() -> None:
     import faiss
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib import knn_index as ki
-    from HiMatchADLib.bank import build_or_load
-    from HiMatchADLib.datasets import load_dataset
-    from HiMatchADLib.imageio import read_image
-    from HiMatchADLib.preprocess import prepare_volume
-    from HiMatchADLib.scoring import top_percent_mean
+    from HiMatchADLib.methods import knn_index as ki
+    from HiMatchADLib.bank.build import build_or_load
+    from HiMatchADLib.evaluation.datasets import load_dataset
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
+    from HiMatchADLib.methods.maps import top_percent_mean
 
     ds = load_dataset(args.data, max_test=args.queries)
     det = HiMatchDetector(model=args.model, method="knn", resolution=args.resolution, cache_dir=args.cache_dir, device="cpu")

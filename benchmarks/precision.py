@@ -53,8 +53,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 def _slices(files, n_slices: int, modality: str = "mri"):
     """``n_slices`` foreground slices evenly spaced over the volumes ``files`` (canonical, in [0, 1])."""
-    from HiMatchADLib.imageio import read_image
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
 
     pool = []
     for f in files:
@@ -68,8 +68,8 @@ def _slab(src: Path, dst: Path, n_slices: int) -> Path:
     """The ``n_slices`` central slices (along the detector's slicing axis) of ``src``, with their geometry."""
     import SimpleITK as sitk
 
-    from HiMatchADLib.imageio import read_image
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
 
     axis = prepare_volume(read_image(src), "mri", "auto").slice_axis_input  # numpy (z, y, x) axis
     img = sitk.ReadImage(str(src))
@@ -96,8 +96,8 @@ def forward_and_tokens(args, precisions, ixi_files) -> dict:
     """(a) forward time and (b) token cosines on the same IXI slices."""
     import torch
 
-    from HiMatchADLib.features import FeatureExtractor, Features
-    from HiMatchADLib.preprocess import to_model_input
+    from HiMatchADLib.features.extractor import FeatureExtractor, Features
+    from HiMatchADLib.features.canvas import to_model_input
 
     slices = _slices(ixi_files, args.n_slices)
     extractors = {p: FeatureExtractor(args.model, "cpu", resolution=args.resolution, batch_size=args.batch_size, precision=p) for p in precisions}
@@ -168,10 +168,10 @@ def lgg_agreement(args, precisions, work: Path) -> dict:
     from scipy.stats import spearmanr
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.datasets import load_dataset
-    from HiMatchADLib.evaluate import normals_folder
-    from HiMatchADLib.evaluate.inputs import read_mask
-    from HiMatchADLib.metrics import PixelAccumulator
+    from HiMatchADLib.evaluation.datasets import load_dataset
+    from HiMatchADLib.evaluation import normals_folder
+    from HiMatchADLib.evaluation.inputs import read_mask
+    from HiMatchADLib.evaluation.metrics import PixelAccumulator
 
     ds = load_dataset(args.lgg, max_normals=args.max_normals, max_test=args.max_cases)
     folder = normals_folder(ds.normals, ds.normal_dir, work / "cache")
@@ -245,8 +245,8 @@ def main() -> None:
 
     import torch
 
-    from HiMatchADLib.features import check_precision, cpu_flags, resolve_precision
-    from HiMatchADLib.imageio import list_images
+    from HiMatchADLib.features.backbone import check_precision, cpu_flags, resolve_precision
+    from HiMatchADLib.io.discovery import list_images
 
     precisions = [check_precision(p.strip()) for p in args.precisions.split(",") if p.strip()]
     if precisions[0] != "fp32" or "auto" in precisions:

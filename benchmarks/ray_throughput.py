@@ -39,9 +39,10 @@ def main() -> None:
     import torch
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.batch import run_batch
-    from HiMatchADLib.imageio import list_images, read_image
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.batch.runner import run_batch
+    from HiMatchADLib.io.discovery import list_images
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
 
     files = list_images(args.data)
     if len(files) < args.n_normals + args.n_cases:

@@ -39,8 +39,9 @@ def main() -> None:
     import torch
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.imageio import list_images, read_image
-    from HiMatchADLib.preprocess import prepare_volume
+    from HiMatchADLib.io.discovery import list_images
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.features.slicing import prepare_volume
 
     files = list_images(args.normals)
     work = Path(tempfile.mkdtemp(prefix="himatchad-bench-"))

@@ -41,7 +41,7 @@ BACKGROUND = "#202124"
 def _display_slice(result, image_array):
     """(image, heatmap, labelmap, foreground, title, slice index) of the most anomalous slice,
     in radiological display orientation for volumes."""
-    from HiMatchADLib.orientation import canonical_reorientation
+    from HiMatchADLib.core.geometry import canonical_reorientation
 
     index = result.most_anomalous_slice
     if result.geometry.is_2d or result.heatmap.shape[0] == 1:
@@ -62,7 +62,7 @@ def _display_slice(result, image_array):
 
 
 def _spacing_aspect(result):
-    from HiMatchADLib.orientation import canonical_reorientation
+    from HiMatchADLib.core.geometry import canonical_reorientation
 
     if result.geometry.is_2d:
         return result.geometry.spacing[1] / result.geometry.spacing[0]
@@ -165,12 +165,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from HiMatchADLib import HiMatchDetector
-    from HiMatchADLib.imageio import read_image
-    from HiMatchADLib.progress import tqdm_callback
+    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.core.progress import tqdm_callback
 
     with tempfile.TemporaryDirectory(prefix="himatchad-figure-") as tmp:
         if args.demo:
-            from HiMatchADLib.phantom import write_demo_dataset
+            from HiMatchADLib.evaluation.phantom import write_demo_dataset
 
             demo = write_demo_dataset(tmp)
             normals, case, mask_path = demo["normals"], demo["query"], demo["mask"]

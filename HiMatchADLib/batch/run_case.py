@@ -1,0 +1,77 @@
+"""One case of a batch: read, detect, write; errors become a ``failed`` row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.errors import Cancelled, HiMatchADError
+from ..outputs.files import output_paths
+from .cases import Case, PathLike, _absolute
+from .resume import _read_scores, case_outputs, check_earlier
+from .summary import (
+    STATUS_FAILED,
+    STATUS_OK,
+    _error_message,
+    _join,
+    _one_line,
+    _row,
+    _warn,
+)
+
+#: Errors of one case that are recorded as "failed" while the batch goes on. ``Cancelled`` and
+#: ``KeyboardInterrupt`` stop the batch.
+CASE_ERRORS = (HiMatchADError, OSError, ValueError, RuntimeError, MemoryError)
+
+
+def _write_case(detector, case: Case, result, save_options: dict) -> dict:
+    """Write the outputs of a computed case and return its scores JSON as read back."""
+    paths = output_paths(case.out_dir, case.name, False)
+    # From here on the case is not complete until its new scores JSON is written.
+    paths["scores"].unlink(missing_ok=True)
+    detector.save(result, case.out_dir, **save_options)
+    data = _read_scores(paths["scores"])
+    if data is None:
+        raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
+    return data
+
+
+def _case_error(exc: BaseException) -> str:
+    """The summary message of an error of one case."""
+    return _one_line(_error_message(exc))
+
+
+def _failed_row(case: Case, out_root: Path, message: str, say) -> dict:
+    say(f"{case.case}: {message}")
+    return _row(case, out_root, STATUS_FAILED, None, message)
+
+
+def run_case(
+    detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None,
+    outputs: tuple = (),
+) -> dict:
+    """Process one case (or find it done earlier, or skipped) and return its summary row
+    (``seconds`` empty).
+
+    ``current`` is :func:`result_settings` of ``detector``. ``outputs``: optional outputs to
+    write too (e.g. the DICOM SEG / parametric map of a DICOM case). Errors of the case are recorded in the row
+    (status "failed"); :class:`Cancelled` propagates. Reads, computes and writes in this thread,
+    one after the other (the local engine of :func:`run_batch` overlaps them across cases).
+    """
+    say = log or _warn
+    out_root = _absolute(out_root)
+    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
+    if earlier is not None:
+        return earlier
+    if note:
+        say(f"{case.case}: {note}")
+    save_options, dicom_note = case_outputs(case, outputs)
+    try:
+        result = detector.predict(case.input)
+        result.name = case.name
+        data = _write_case(detector, case, result, save_options)
+    except Cancelled:
+        raise
+    except CASE_ERRORS as exc:
+        return _failed_row(case, out_root, _case_error(exc), say)
+    return _row(case, out_root, STATUS_OK, data, _join(note, dicom_note, *map(str, result.warnings)))

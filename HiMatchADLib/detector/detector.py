@@ -1,0 +1,841 @@
+"""``HiMatchDetector``: configure, ``fit`` on a folder of normal scans, ``predict`` on a volume.
+
+The three modes (``himatch``, ``knn``, ``dpmm``) share one feature extractor and one cached bank,
+so they can be compared on the same data. See ``HiMatchADLib.methods`` and ``docs/method.md`` for the maths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..bank.build import build_or_load, scan_normals
+from ..bank.store import BankSettings, NormalBank
+from ..core.atomic import write_text_atomic
+from ..core.errors import HiMatchADError
+from ..core.geometry import Image
+from ..core.progress import ProgressCallback, Reporter
+from ..core.result import DetectionResult
+from ..core.version import __version__
+from ..features.backbone import DEFAULT_MODEL, resolve_precision
+from ..features.canvas import patch_foreground
+from ..features.extractor import FeatureExtractor
+from ..features.presets import MODALITIES, resolve_modality
+from ..features.slicing import (
+    SLICE_AXES,
+    PreparedVolume,
+    common_spacing,
+    in_plane_extent,
+    prepare_volume,
+)
+from ..io.dicom import DicomSeries
+from ..io.readers import is_2d_file, read_image
+from ..io.subjects import compile_subject_pattern, subject_of
+from ..io.writers import check_storable
+from ..methods.base import QuerySlice, get_method
+from ..methods.knn_index import check_knn_index
+from ..methods.maps import (
+    fuse_one,
+    fuse_slices,
+    patch_to_pixels,
+    top_percent_mean,
+    window,
+)
+from ..outputs.files import save_result
+
+#: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
+#: ``calibration_slices`` held-out slices when the normal set has them, warnings kept with it).
+CALIBRATION_FORMAT = 3
+
+
+#: Fewer held-out calibration slices than this is reported as a warning (the threshold is uncertain).
+MIN_CALIBRATION_SLICES = 8
+
+
+
+
+@dataclass
+class PreparedQuery:
+    """A query read, checked and prepared by :meth:`HiMatchDetector.prepare`, for :meth:`~HiMatchDetector.predict`.
+
+    ``settings`` are the preparation settings it was made with (``predict`` prepares the image again
+    when the detector's differ). ``predict`` takes ``prep`` out of it (``prep`` is then None), so that
+    the prepared volume is freed as soon as its maps are made; passed again, the query is prepared
+    again from ``image``. It stands for the file it was read from: ``os.fspath(query)`` is that
+    path, so code written for paths accepts it.
+    """
+
+    image: Image
+    prep: Optional[PreparedVolume]
+    settings: dict
+    read_s: float  # seconds spent reading the image
+    preprocess_s: float  # seconds spent preparing it
+
+    def __fspath__(self) -> str:
+        if self.image.path is None:
+            raise TypeError(f"{self.image.name} was not read from a file")
+        return str(self.image.path)
+
+
+class HiMatchDetector:
+    """Training-free anomaly detector on frozen DINOv3 features.
+
+    Parameters (all keyword):
+        model: Hugging Face id or local folder of a DINOv3/DINOv2 ViT.
+        method: ``"himatch"`` (default), ``"knn"`` (AnomalyDINO) or ``"dpmm"`` (AnomalyDINO-DPMM).
+        k: number of normal reference slices retrieved per query slice (``himatch``).
+        modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
+        slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
+        resolution: longer side of the model input in pixels (rounded to the patch size).
+        pixel_spacing: in-plane pixel spacing (mm) at which every slice is resampled before the
+            model, so one millimetre is the same number of model pixels in the normals and the query:
+            ``"auto"`` (default: the normal set's median field of view over the model's longer
+            side), a number, or None (stretch each slice's longer side to ``resolution``, the papers'
+            preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
+            have no recorded spacing and are always stretched.
+        knn_index: how ``knn`` finds each query token's nearest normal token: ``"exact"`` (default),
+            ``"ivf"`` or ``"hnsw"`` (approximate, faster on large banks; see ``knn_index.py``). Only
+            ``knn`` searches normal tokens: another method with an index other than ``"exact"`` is
+            refused, and its settings do not record one.
+        stages: transformer layers used by ``himatch`` (default four, evenly spaced). ``knn`` and
+            ``dpmm`` use the last.
+        stage_norm: pass every stage through the model's final layer norm (default, as DINOv3's
+            ``get_intermediate_layers(norm=True)``); False keeps the intermediate hidden states raw.
+        threshold: ``"auto"`` (calibrated on held-out normal slices at ``target_fpr``) or a number.
+        target_fpr: pixel false-positive rate on held-out normal foreground for ``threshold="auto"``.
+        min_component_size: components of the labelmap smaller than this many voxels are removed
+            (default: the pixel area of one model patch).
+        sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
+        position_window: slice-position prior for volumes (relative position distance), None = off.
+        clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
+        shared_codebook: replace every slice centroid by its entry in a codebook shared by the normal
+            set (opt-in; default False: the stage maps compare with each support slice's own centroids).
+        codebook_factor: with ``shared_codebook``, the codebook of a stage has ``codebook_factor *
+            sqrt(m)`` entries for ``m`` slice centroids (it grows as the square root of the normal set).
+        dpmm_components, dpmm_max_tokens, dpmm_covariance, dpmm_concentration: the mixture's
+            settings: truncation (200), normal tokens it is fitted on (a seeded sample of at most
+            50 000), covariance type (``"diag"``), stick-breaking concentration prior (2, the
+            reference's; None = scikit-learn's 1/dpmm_components). See docs/method.md.
+        calibration_slices: number of held-out normal slices used for calibration (subjects are
+            added until there are this many, when the normal set has them).
+        consistency_mm: for volumes, fuse each slice's pixel map with those of the neighbouring
+            slices (Gaussian weights, sigma in mm, up to 3 sigma; see ``fuse_slices`` in ``HiMatchADLib.methods.maps``). None
+            (default): every slice's map on its own, as in the papers. Calibration fuses the same way.
+        subject_pattern: regular expression with one group naming the subject of a normal file,
+            searched in its path relative to the normal folder (e.g. ``r"^(TCGA_[A-Z0-9]+_[0-9]+)_"``).
+            Calibration holds out whole subjects. Default None: a volume is its own subject, and 2D
+            files named ``<subject>_<n>`` are grouped by ``<subject>``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``. batch_size: slices per forward pass.
+        precision: ``"auto"`` (default), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU only: dynamic
+            int8 quantisation of the linear layers) for the backbone; float16 is refused (DINOv3 does
+            not support it). ``auto`` is resolved here, once, to ``bf16`` on hardware that computes
+            bfloat16 natively (CUDA GPUs from Ampere on, CPUs with AVX512-BF16 or AMX) and ``fp32``
+            elsewhere; ``self.precision``, the settings and the bank key hold the resolved value.
+            Banks are cached per precision and device type.
+        cache_dir: where banks are cached (default ``$HIMATCHAD_CACHE`` or ``~/.cache/himatchad``).
+        progress: ``callback(message, done, total)``; cancel_event: ``threading.Event``.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        method: str = "himatch",
+        k: int = 8,
+        knn_index: str = "exact",
+        modality: str = "auto",
+        slice_axis: str = "auto",
+        resolution: int = 448,
+        pixel_spacing: Union[str, float, None] = "auto",
+        stages: Optional[Sequence[int]] = None,
+        threshold: Union[str, float] = "auto",
+        target_fpr: float = 0.01,
+        min_component_size: Optional[int] = None,
+        sigma: float = 4.0,
+        position_window: Optional[float] = 0.15,
+        candidates: int = 32,
+        alpha: float = 0.5,
+        clusters_per_slice: int = 64,
+        codebook_factor: float = 8.0,
+        shared_codebook: bool = False,
+        slice_step: int = 1,
+        dpmm_components: int = 200,
+        dpmm_max_tokens: int = 50000,
+        dpmm_covariance: str = "diag",
+        dpmm_concentration: Optional[float] = 2.0,
+        calibration_slices: int = 48,
+        consistency_mm: Optional[float] = None,
+        subject_pattern: Optional[str] = None,
+        device: str = "auto",
+        batch_size: int = 8,
+        stage_norm: bool = True,
+        precision: str = "auto",
+        cache_dir: Optional[Union[str, os.PathLike]] = None,
+        seed: int = 0,
+        progress: Optional[ProgressCallback] = None,
+        cancel_event=None,
+    ):
+        spec = get_method(method)
+        method = spec.name
+        knn_index = check_knn_index(knn_index)
+        if knn_index != "exact" and not spec.uses_knn_index:
+            raise HiMatchADError(f"knn_index {knn_index} applies to method knn only (method is {method}); leave it at exact")
+        if str(modality).lower() not in MODALITIES:
+            raise HiMatchADError(f"unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
+        if slice_axis not in SLICE_AXES:
+            raise HiMatchADError(f"unknown slice axis '{slice_axis}'; choose one of {', '.join(SLICE_AXES)}")
+        if isinstance(threshold, str) and threshold != "auto":
+            try:
+                threshold = float(threshold)
+            except ValueError:
+                raise HiMatchADError(f"threshold must be 'auto' or a number, not '{threshold}'") from None
+        if threshold != "auto" and not math.isfinite(float(threshold)):
+            raise HiMatchADError(f"threshold must be 'auto' or a finite number, not {threshold}")
+        if not (0.0 < float(target_fpr) < 1.0):
+            raise HiMatchADError(f"target false-positive rate must be between 0 and 1, not {target_fpr}")
+        if int(k) < 1:
+            raise HiMatchADError(f"k must be at least 1, not {k}")
+        if int(resolution) < 16:
+            raise HiMatchADError(f"resolution {resolution} is too small")
+        self.model = str(model)
+        self.method = method
+        self.k = int(k)
+        self.knn_index = knn_index
+        self.modality = str(modality).lower()
+        self.slice_axis = slice_axis
+        self.resolution = int(resolution)
+        if isinstance(pixel_spacing, str) and pixel_spacing.lower() in ("none", "off"):
+            pixel_spacing = None
+        if isinstance(pixel_spacing, str) and pixel_spacing != "auto":
+            try:
+                pixel_spacing = float(pixel_spacing)
+            except ValueError:
+                raise HiMatchADError(f"pixel spacing must be 'auto', 'off' or a number of mm, not '{pixel_spacing}'") from None
+        if pixel_spacing not in (None, "auto") and not (math.isfinite(float(pixel_spacing)) and float(pixel_spacing) > 0):
+            raise HiMatchADError(f"pixel spacing must be a positive number of mm, not {pixel_spacing}")
+        self.pixel_spacing = pixel_spacing if pixel_spacing in (None, "auto") else float(pixel_spacing)
+        self.stages = list(stages) if stages else None
+        self.threshold = threshold
+        self.target_fpr = float(target_fpr)
+        self.min_component_size = min_component_size
+        self.sigma = float(sigma)
+        self.position_window = position_window
+        self.candidates = int(candidates)
+        self.alpha = float(alpha)
+        self.clusters_per_slice = int(clusters_per_slice)
+        self.codebook_factor = float(codebook_factor)
+        self.shared_codebook = bool(shared_codebook)
+        if self.clusters_per_slice < 1 or self.codebook_factor <= 0:
+            raise HiMatchADError("clusters_per_slice and codebook_factor must be positive")
+        self.slice_step = int(slice_step)
+        self.dpmm_components = int(dpmm_components)
+        self.dpmm_max_tokens = int(dpmm_max_tokens)
+        self.dpmm_covariance = dpmm_covariance
+        self.dpmm_concentration = None if dpmm_concentration is None else float(dpmm_concentration)
+        if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
+            raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
+        self.calibration_slices = int(calibration_slices)
+        if self.calibration_slices < 1:
+            raise HiMatchADError(f"calibration_slices must be at least 1, not {calibration_slices}")
+        compile_subject_pattern(subject_pattern)  # a bad pattern is a user error now, not after the bank
+        self.subject_pattern = subject_pattern or None
+        if consistency_mm is not None and not (math.isfinite(float(consistency_mm)) and float(consistency_mm) > 0):
+            raise HiMatchADError(f"consistency_mm must be a positive distance in mm (or None), not {consistency_mm}")
+        self.consistency_mm = None if consistency_mm is None else float(consistency_mm)
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.stage_norm = bool(stage_norm)
+        self.precision = resolve_precision(precision, device)  # once: "auto" -> what this hardware runs best
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.seed = int(seed)
+        self.reporter = Reporter(progress, cancel_event)
+        self.extractor: Optional[FeatureExtractor] = None
+        self.bank: Optional[NormalBank] = None
+        self.scorer = None
+        self.calibration: Optional[dict] = None
+        self.normals_dir: Optional[Path] = None
+        self.fit_info: dict = {}
+        self.slice_subject: Optional[np.ndarray] = None  # subject index of each bank slice
+        self.subjects: list = []  # subject names
+        self.fit_warnings: list = []
+        self._checked: Optional[PreparedQuery] = None  # the query last read by check_query
+        self._fitted_pattern: Optional[str] = None
+
+    # ------------------------------------------------------------------ settings
+    def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
+        self.reporter = Reporter(progress, cancel_event)
+
+    def _describe_normals(self, folder: Optional[Path]) -> dict:
+        """What the bank of ``folder`` records about its images, from their headers (and, for
+        ``modality="auto"``, from reading up to three of them): the intensity preset, the
+        dimensionality (``"2d"``, ``"3d"`` or ``"mixed"``) and the in-plane pixel spacing (mm) for
+        ``pixel_spacing`` (see the class docstring)."""
+        out = {"modality": self.modality, "dims": "", "pixel_spacing_mm": None if self.pixel_spacing in (None, "auto") else float(self.pixel_spacing)}
+        if folder is None:
+            return out
+
+        _, files, _ = scan_normals(folder)
+        extents, flat = [], []
+        for f in files:
+            try:
+                flat.append(is_2d_file(f))
+                extents.append(in_plane_extent(f, self.modality, self.slice_axis))
+            except Exception:  # unreadable: the bank build skips it and says why
+                extents.append(None)
+        if flat:
+            out["dims"] = "2d" if all(flat) else "3d" if not any(flat) else "mixed"
+        if self.pixel_spacing == "auto":
+            sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
+            out["pixel_spacing_mm"] = None if sp is None else float(f"{sp:.6g}")
+        if self.modality == "auto":
+            seen: dict = {}
+            for f in dict.fromkeys([files[0], files[len(files) // 2], files[-1]]):
+                try:
+                    seen[resolve_modality(read_image(f), "auto")] = f
+                except HiMatchADError:
+                    continue
+            if len(seen) > 1:
+                which = ", ".join(f"{Path(p).name} looks like {m}" for m, p in seen.items())
+                raise HiMatchADError(f"the normal folder {folder} mixes modalities ({which}); pass the modality explicitly (--modality)")
+            if seen:
+                out["modality"] = next(iter(seen))
+        return out
+
+    def _bank_settings(self, folder: Optional[Union[str, os.PathLike]] = None) -> BankSettings:
+        """Settings of the normal bank of ``folder`` (the modality for ``"auto"``, the
+        dimensionality and ``pixel_spacing="auto"`` are read from the folder)."""
+        info = self._describe_normals(Path(folder).expanduser() if folder is not None else None)
+        return BankSettings(
+            modality=info["modality"],
+            dims=info["dims"],
+            slice_axis=self.slice_axis,
+            resolution=self.resolution,
+            pixel_spacing_mm=info["pixel_spacing_mm"],
+            stages=tuple(self.extractor.stages),
+            clusters_per_slice=self.clusters_per_slice,
+            codebook_factor=self.codebook_factor,
+            shared_codebook=self.shared_codebook,
+            slice_step=self.slice_step,
+            seed=self.seed,
+        )
+
+    def settings(self) -> dict:
+        s = {
+            "version": __version__,
+            "method": self.method,
+            "model": self.model,
+            "k": self.k,
+            "modality": self.modality,
+            "slice_axis": self.slice_axis,
+            "resolution": self.resolution,
+            "pixel_spacing": self.pixel_spacing,
+            "stages": list(self.extractor.stages) if self.extractor else self.stages,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "sigma": self.sigma,
+            "position_window": self.position_window,
+            "candidates": self.candidates,
+            "alpha": self.alpha,
+            "clusters_per_slice": self.clusters_per_slice,
+            "codebook_factor": self.codebook_factor,
+            "shared_codebook": self.shared_codebook,
+            "slice_step": self.slice_step,
+            "dpmm_components": self.dpmm_components,
+            "dpmm_max_tokens": self.dpmm_max_tokens,
+            "dpmm_covariance": self.dpmm_covariance,
+            "dpmm_concentration": self.dpmm_concentration,
+            "calibration_slices": self.calibration_slices,
+            "subject_pattern": self.subject_pattern,
+            "consistency_mm": self.consistency_mm,
+            "device": self.extractor.device if self.extractor else self.device,
+            "stage_norm": self.stage_norm,
+            "precision": self.precision,
+            "seed": self.seed,
+        }
+        if get_method(self.method).uses_knn_index:  # the other methods search no normal tokens
+            s["knn_index"] = self.knn_index
+        return s
+
+    def method_key(self) -> dict:
+        """The settings that change the method's scores (the calibration's cache key): the common
+        ones and those the method's registry entry names."""
+        keys = ["method", "target_fpr", "sigma", "calibration_slices", "subject_pattern", "consistency_mm", "seed"]
+        keys += get_method(self.method).key_settings(self)
+        s = self.settings()
+        return {"format": CALIBRATION_FORMAT, **{k: s[k] for k in keys}}
+
+    # ------------------------------------------------------------------ fit
+    def _ensure_extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            self.reporter("Loading model", 0, 1)
+            self.extractor = FeatureExtractor(
+                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm, precision=self.precision
+            )
+            self.reporter("Loading model", 1, 1)
+        return self.extractor
+
+    def fit(self, normals_dir: Union[str, os.PathLike], rebuild: bool = False) -> "HiMatchDetector":
+        """Build (or load from the cache) the normal bank of ``normals_dir`` and calibrate.
+
+        A second call with an unchanged folder reuses the bank and calibration already in memory.
+        """
+        t0 = time.perf_counter()
+        self._ensure_extractor()
+        folder = Path(normals_dir).expanduser()
+        bank = build_or_load(folder, self.extractor, self._bank_settings(folder), self.cache_dir, self.reporter, rebuild)
+        same = (
+            self.bank is not None
+            and self.bank.root == bank.root
+            and self.bank.manifest["content"] == bank.manifest["content"]
+            and self._fitted_pattern == self.subject_pattern
+        )
+        if not same:
+            self.bank = bank
+            self.scorer = None
+            self.calibration = None
+        self.normals_dir = folder
+        for s in self.bank.skipped:
+            warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
+        if self.scorer is None:
+            self.slice_subject, self.subjects, group_warnings = self._subject_groups()
+            self._fitted_pattern = self.subject_pattern
+            self._prepare_method()
+            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", [])) + self.scorer.fit_warnings()
+            for w in self.fit_warnings:
+                warnings.warn(w)
+        self.fit_info = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            **self.bank.describe(),
+            "subjects": len(self.subjects),
+            "calibration_slices": self.calibration.get("n_slices"),
+            "calibration_subjects": len(self.calibration.get("held_out_groups", [])),
+            "warnings": list(self.fit_warnings),
+        }
+        self.fit_info.update(self.scorer.describe())
+        return self
+
+    def _subject_groups(self) -> tuple[np.ndarray, list, list]:
+        """Subject of every bank slice: (index per slice, subject names, warnings).
+
+        With ``subject_pattern`` the pattern's group names the subject of each normal file (a file
+        it does not match is an error); otherwise the bank's grouping (a volume is its own subject;
+        2D files named ``<subject>_<n>`` share ``<subject>``).
+        """
+        bank = self.bank
+        warn: list = []
+        rx = compile_subject_pattern(self.subject_pattern)
+        if rx is not None:
+            files = bank.files
+            used = np.unique(bank.slice_file)
+            name_of = {int(f): subject_of(files[int(f)], rx) for f in used}
+            names = sorted(set(name_of.values()))
+            index = {n: i for i, n in enumerate(names)}
+            per_file = np.zeros(len(files), np.int64)
+            for f, n in name_of.items():
+                per_file[f] = index[n]
+            return per_file[np.asarray(bank.slice_file, np.int64)], names, warn
+        groups = np.asarray(bank.slice_group, np.int64)
+        flat = ~np.isfinite(np.asarray(bank.slice_pos, float))  # slices of 2D images (no position)
+        files_2d = np.unique(np.asarray(bank.slice_file)[flat])
+        if files_2d.size > 1:
+            subjects_2d = np.unique(groups[np.isin(bank.slice_file, files_2d)])
+            if subjects_2d.size == files_2d.size:
+                warn.append(
+                    f"every 2D normal file is its own subject ({files_2d.size} files, none named <subject>_<n>): slices of one "
+                    "patient can calibrate against each other and the threshold may be optimistic; give subject_pattern "
+                    "(--subject-pattern, a regular expression with one group) to group the files by subject"
+                )
+        return groups, list(bank.groups), warn
+
+    def _calibration_plan(self) -> tuple[list, list]:
+        """Held-out normal slices: (chosen bank slice ids, held-out subject ids).
+
+        Subjects are taken in a seeded random order: first ``min(n - 1, 12)`` of them (``dpmm``:
+        ``max(2, n/5)``, at most 12), each giving up to ``ceil(calibration_slices / that number)``
+        slices spread evenly through it; then more subjects, with the same budget each, until
+        ``calibration_slices`` slices are held out. Every held-out slice is scored against the
+        normal model without its own subject, so for ``himatch`` and ``knn`` holding out more
+        subjects costs nothing and spreads the threshold over more anatomy. The ``dpmm`` mixture is
+        fitted without all held-out subjects, so at most half of them are held out.
+        """
+        subj = self.slice_subject
+        groups = np.unique(subj)
+        rng = np.random.default_rng(self.seed)
+        order = rng.permutation(groups)
+        if len(groups) < 2:
+            n_base, n_max = len(groups), len(groups)
+        else:
+            if get_method(self.method).held_out_of_fit:  # the scorer is fitted without every held-out subject
+                n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
+                n_max = max(1, len(groups) // 2)
+            else:  # each held-out slice excludes only its own subject: spread over up to 12 subjects
+                n_base = min(len(groups) - 1, 12)
+                n_max = len(groups)
+            n_base = min(n_base, n_max)
+        per_group = max(1, math.ceil(self.calibration_slices / max(n_base, 1)))
+        ids: list = []
+        chosen: list = []
+        for n, g in enumerate(order[:n_max]):
+            if n >= n_base and len(ids) >= self.calibration_slices:
+                break
+            members = np.flatnonzero(subj == g)
+            if members.size > per_group:  # evenly spread through the volume / subject
+                members = members[np.linspace(0, members.size - 1, per_group).round().astype(int)]
+            ids.extend(members.tolist())
+            chosen.append(int(g))
+        return ids[: max(self.calibration_slices, len(chosen))], sorted(chosen)
+
+    def _prepare_method(self) -> None:
+        bank = self.bank
+        cal_ids, cal_groups = self._calibration_plan()
+        scorer = get_method(self.method).make_scorer(self, cal_groups)
+        self.scorer = scorer
+        key = self.method_key()
+        path = bank.extra_path("calib", key, ".json")
+        cal = None
+        if path.exists():
+            try:
+                cal = json.loads(path.read_text(encoding="utf-8"))
+                if cal.get("key") != key:
+                    cal = None
+            except (OSError, ValueError):
+                cal = None
+        if cal is None:
+            cal = self._calibrate(cal_ids, cal_groups)
+            cal["key"] = key
+            write_text_atomic(path, json.dumps(cal, indent=1))
+        self.calibration = cal
+        scorer.set_calibration(cal)
+
+    def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
+        """Score held-out normal slices (each against the bank without its own subject)."""
+        bank = self.bank
+        single = len(np.unique(self.slice_subject)) < 2
+        msg = "Calibrating on held-out normal slices"
+        self.reporter(msg, 0, len(cal_ids))
+        by_file: dict = {}
+        for i in cal_ids:
+            by_file.setdefault(int(bank.slice_file[i]), []).append(i)
+        root = Path(bank.manifest["folder"])
+        collected = []  # (SliceScores, QuerySlice, native pixel fg mask, (plane, native slice shape))
+        done = 0
+        for fi, ids in by_file.items():
+            img = read_image(root / bank.files[fi])
+            prep = prepare_volume(img, **self._prep_settings())
+            sl = np.asarray([int(bank.slice_index[i]) for i in ids])
+            centres = set(sl.tolist())
+            w = window(prep.slice_spacing, self.consistency_mm) if self._fuses_slices(img, prep) else 0
+            if w:  # the neighbours a centre slice's map is fused with are scored too
+                scorable = set(prep.slices_with_foreground().tolist())
+                sl = np.asarray(sorted({j for i in centres for j in range(i - w, i + w + 1) if j in scorable or j == i}))
+            queries, masks = [], []
+            for b in range(0, len(sl), self.batch_size):
+                sel = sl[b : b + self.batch_size]
+                qs, fgs = self._queries(prep, sel)
+                for q in qs:
+                    q.group = None if single else int(self.slice_subject[ids[0]])
+                queries += qs
+                masks += fgs
+            scores = self.scorer.calibration_scores(queries)
+            where = (prep.plane, prep.native_shape[1:])
+            collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
+            done += len(ids)
+            self.reporter(msg, done, len(cal_ids))
+        if not any(c[4][1] for c in collected):
+            raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
+        centre = [c for c in collected if c[4][1]]
+        cal_warn: list = []
+        cal: dict = {"n_slices": len(centre), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
+        cal.update(self.scorer.calibrate([c[0] for c in centre], [c[0] for c in collected]))
+        values, slice_scores = [], []
+        maps: dict = {}
+        for s, q, m, where, (fi, is_centre, spacing) in collected:
+            maps.setdefault(fi, ({}, {}, spacing))
+            maps[fi][0][q.index] = self._pixel_map(s.patch, q, *where)
+            maps[fi][1][q.index] = m
+        for s, q, m, where, (fi, _, _) in centre:
+            by_index, fgs, spacing = maps[fi]
+            pix = fuse_one(q.index, by_index, fgs, spacing, self.consistency_mm) if len(by_index) > 1 and self.consistency_mm else by_index[q.index]
+            values.append(pix[m])
+            slice_scores.append(top_percent_mean(s.patch))
+        vals = np.concatenate(values) if values else np.zeros(1, np.float32)
+        cal["threshold"] = float(np.quantile(vals, 1.0 - self.target_fpr))
+        cal["target_fpr"] = self.target_fpr
+        cal["normal_pixel_quantiles"] = {str(p): float(np.quantile(vals, p)) for p in (0.5, 0.9, 0.95, 0.99, 0.999)}
+        ss = np.asarray(slice_scores, dtype=float)
+        cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
+        if single:
+            cal_warn.append("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+        elif len(collected) < MIN_CALIBRATION_SLICES:
+            cal_warn.append(
+                f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "
+                "the threshold is uncertain; add normal scans"
+            )
+        if self.method == "himatch" and bank.uses_codebook:
+            cal_warn.append(
+                "the shared codebook was trained on every normal slice, the calibration subjects included: "
+                "the calibrated threshold may be optimistic"
+            )
+        return cal
+
+    # ------------------------------------------------------------------ predict
+    def _queries(self, prep: PreparedVolume, sel: np.ndarray) -> tuple[list, list]:
+        ex = self.extractor
+        feats = ex.extract(prep.canonical[sel])
+        pfg = patch_foreground(prep.foreground[sel], feats.grid, self.bank.manifest["settings"]["patch_foreground_fraction"])
+        qs, masks = [], []
+        for n, si in enumerate(sel):
+            m = pfg[n]
+            if not m.any():
+                continue
+            qs.append(QuerySlice(int(si), [t[n][m] for t in feats.stages], feats.cls[n], m, feats.grid, float(prep.positions[si])))
+            masks.append(prep.native_foreground[si])
+        return qs, masks
+
+    def _pixel_map(self, patch: np.ndarray, q: QuerySlice, plane, native_hw: tuple) -> np.ndarray:
+        """Patch scores of one slice -> smoothed pixel map on the slice's native grid. With a common
+        pixel spacing (``plane``) the map is made on the model canvas (sigma in model pixels, as in
+        AnomalyDINO) and resampled back to the native grid."""
+        p = self.extractor.patch_size
+        model_hw = (q.grid[0] * p, q.grid[1] * p)
+        if plane is None:
+            pix = patch_to_pixels(patch, q.fg, q.grid, native_hw, self.sigma, model_hw)
+        else:
+            pix = plane.to_native(patch_to_pixels(patch, q.fg, q.grid, plane.canvas_hw, self.sigma, model_hw)[None])[0]
+        transform = get_method(self.method).pixel_transform
+        if transform is not None:
+            transform(pix)
+        return pix
+
+    def _prep_settings(self) -> dict:
+        """How images are prepared: with the bank's pixel spacing once a bank is loaded."""
+        spacing = None
+        modality = self.modality
+        if self.bank is not None and self.extractor is not None:
+            spacing = self.bank.manifest["settings"].get("pixel_spacing_mm")
+            modality = self.bank.manifest["settings"].get("modality", modality) if modality == "auto" else modality
+        out = {"modality": modality, "slice_axis": self.slice_axis, "spacing_mm": spacing}
+        if spacing is not None:
+            out.update(resolution=self.resolution, patch_size=self.extractor.patch_size)
+        return out
+
+    def _fuses_slices(self, img: Image, prep: PreparedVolume) -> bool:
+        return bool(self.consistency_mm) and not img.is_2d and prep.n_slices > 1
+
+    def _check_against_bank(self, img: Image, prep: PreparedVolume) -> list:
+        """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
+
+        Errors: a 3D volume against a bank of 2D slices; an explicitly given modality other than the
+        bank's; with ``modality="auto"``, a query on the other side of the Hounsfield divide (CT vs
+        not CT) from the bank. Warnings: a 2D slice against a bank of volumes; a query that looks
+        like another modality than the bank's (explicit modality, or a non-CT difference); a query
+        without a recorded pixel spacing against a bank resampled to one.
+        """
+        st = self.bank.manifest["settings"]
+        bank_mod, dims = st.get("modality", "auto"), st.get("dims", "")
+        warn: list = []
+        is_volume = not img.is_2d and prep.n_slices > 1
+        if dims == "2d" and is_volume:
+            raise HiMatchADError(
+                f"{img.name} is a 3D volume but the normal bank holds 2D slices only: use a folder of normal volumes "
+                "(or query 2D slices)"
+            )
+        if dims == "3d" and img.is_2d:
+            warn.append(f"{img.name} is a 2D slice but the normal bank holds 3D volumes: it is matched without the slice-position prior")
+        if bank_mod != "auto":
+            if self.modality != "auto" and self.modality != bank_mod:
+                raise HiMatchADError(f"modality {self.modality} was given but the normal bank was built with the {bank_mod} preset")
+            looks = resolve_modality(img, "auto")
+            if looks != bank_mod and {looks, bank_mod} != {"8bit", "oct"}:  # OCT B-scans are often 8-bit
+                msg = f"{img.name} looks like {looks} but the normal bank is {bank_mod}"
+                if self.modality == "auto" and "ct" in (looks, bank_mod):
+                    raise HiMatchADError(
+                        f"{msg} (Hounsfield units on one side only): use normals of the query's modality, or pass "
+                        f"--modality {bank_mod} to analyse it with the bank's preset anyway"
+                    )
+                warn.append(f"{msg}: analysed with the bank's {bank_mod} preset")
+        if st.get("pixel_spacing_mm") is not None and prep.plane is None:
+            warn.append(
+                f"{img.name} has no recorded pixel spacing: stretched to the model grid, so its anatomy may not have the "
+                "size it has in the normal bank"
+            )
+        return warn
+
+    def _check_fitted(self) -> None:
+        if self.bank is None or self.scorer is None:
+            raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
+
+    def prepare(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> "PreparedQuery":
+        """Read a query and prepare it for :meth:`predict`, without the model or the normal bank.
+
+        Reads ``image`` (a path, a :class:`~HiMatchADLib.io.dicom.DicomSeries`, or an already read
+        :class:`Image`): it must be readable, 2D or 3D, on a grid the output files can store exactly,
+        and this detector's modality preset must find finite, non-constant values and a foreground
+        in it; otherwise :class:`HiMatchADError` says why. Returns a :class:`PreparedQuery` to pass
+        to :meth:`predict`.
+
+        Thread-safe: it reads the detector's settings (and the loaded bank's pixel spacing and
+        modality) but never changes the detector or runs the model, so it may run in another thread
+        while :meth:`predict` analyses another query (the batch runner reads the next case so).
+        """
+        t = time.perf_counter()
+        img = image if isinstance(image, Image) else read_image(image)
+        check_storable(img.geometry, "map.nii.gz")  # outputs must be able to overlay it exactly
+        t_read = time.perf_counter() - t
+        t = time.perf_counter()
+        settings = self._prep_settings()
+        prep = prepare_volume(img, **settings)
+        return PreparedQuery(img, prep, settings, t_read, time.perf_counter() - t)
+
+    def check_query(self, image: Union[str, os.PathLike, Image, DicomSeries]) -> Image:
+        """Read a query and check that it can be analysed (see :meth:`prepare`); returns the :class:`Image`.
+
+        Passing the returned image to :meth:`predict` reuses the reading and the preparation. Call it
+        before :meth:`fit` so that a bad input is reported before the normal bank is built.
+        """
+        self._checked = self.prepare(image)
+        return self._checked.image
+
+    def _prepared(self, image: Union[str, os.PathLike, Image, DicomSeries, "PreparedQuery"], timings: dict) -> tuple[Image, PreparedVolume]:
+        """The query read and prepared: ``image`` itself when it is a :class:`PreparedQuery`, or by
+        an earlier :meth:`check_query` of this very image, else now; prepared again when the
+        preparation settings changed since (a bank loaded in between). The prepared volume is taken
+        out of the query (used once), so that :meth:`predict` can free it as soon as the maps are
+        made. ``timings`` gets the read and preprocess seconds either way."""
+        query, self._checked = self._checked, None
+        if isinstance(image, PreparedQuery):
+            query = image
+        elif query is not None and query.image is not image:
+            query = None
+        if query is None or query.prep is None or query.settings != self._prep_settings():
+            query = self.prepare(query.image if query is not None else image)
+        prep, query.prep = query.prep, None
+        timings["read"], timings["preprocess"] = query.read_s, query.preprocess_s
+        return query.image, prep
+
+    def predict(self, image: Union[str, os.PathLike, Image, DicomSeries, "PreparedQuery"]) -> DetectionResult:
+        """Detect anomalies in a 3D volume or 2D image (path, DICOM series, :class:`Image`, or a
+        :class:`PreparedQuery` from :meth:`prepare`)."""
+        self._check_fitted()
+        t_start = time.perf_counter()
+        timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
+        t = time.perf_counter()
+        img, prep = self._prepared(image, timings)
+        bank_warnings = self._check_against_bank(img, prep)
+        t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
+        scorer_t0 = dict(self.scorer.timings)
+        heat = np.zeros(prep.native_shape, np.float32)
+        n = prep.n_slices
+        slice_scores = np.full(n, np.nan, np.float32)
+        supports: list = [[] for _ in range(n)]
+        all_patch = []
+        todo = prep.slices_with_foreground()
+        msg = "Matching slices"
+        self.reporter(msg, 0, len(todo))
+        grid_px = None
+        for b in range(0, len(todo), self.batch_size):
+            sel = todo[b : b + self.batch_size]
+            t = time.perf_counter()
+            queries, _ = self._queries(prep, sel)
+            timings["features"] += time.perf_counter() - t
+            if queries:
+                scores = self.scorer.score(queries)
+                t = time.perf_counter()
+                for q, s in zip(queries, scores):
+                    pix = self._pixel_map(s.patch, q, prep.plane, heat.shape[1:])
+                    heat[q.index] = pix * prep.native_foreground[q.index]
+                    slice_scores[q.index] = top_percent_mean(s.patch)
+                    supports[q.index] = s.supports
+                    all_patch.append(s.patch)
+                    grid_px = q.grid
+                timings["maps"] += time.perf_counter() - t
+            self.reporter(msg, min(b + self.batch_size, len(todo)), len(todo))
+        for key, val in self.scorer.timings.items():
+            timings[key] = val - scorer_t0.get(key, 0.0)
+        if self._fuses_slices(img, prep):
+            t = time.perf_counter()
+            heat = fuse_slices(heat, prep.native_foreground, np.isfinite(slice_scores), prep.slice_spacing, self.consistency_mm)
+            timings["maps"] += time.perf_counter() - t
+        t = time.perf_counter()
+        heat_in = prep.to_input_grid(heat)
+        fg_in = prep.to_input_grid(prep.native_foreground)
+        native_hw, plane, flipped = heat.shape[1:], prep.plane, prep.reorientation.flips[prep.slice_axis_canonical]
+        prep_warnings, axis_in, modality_used = list(prep.warnings), prep.slice_axis_input, prep.modality
+        del heat, prep  # the normalised volume and its canvas are freed before the labelmap is made
+        order = np.arange(n)
+        if flipped:
+            order = order[::-1]  # slice i of the canonical stack is input index n-1-i
+        in_scores = np.full(n, np.nan, np.float32)
+        in_scores[order] = slice_scores
+        in_supports: list = [None] * n
+        for i in range(n):
+            in_supports[order[i]] = supports[i]
+        threshold = self.calibration["threshold"] if self.threshold == "auto" else float(self.threshold)
+        min_size = self.min_component_size
+        if min_size is None:
+            if grid_px is None:
+                min_size = 1
+            else:
+                p = self.extractor.patch_size
+                if plane is None:  # native pixels per model pixel, per axis
+                    fy, fx = native_hw[0] / (grid_px[0] * p), native_hw[1] / (grid_px[1] * p)
+                else:
+                    r0, r1, c0, c1 = plane.box
+                    fy, fx = (r1 - r0) / plane.scaled_hw[0], (c1 - c0) / plane.scaled_hw[1]
+                min_size = max(1, int(round(p * fy * p * fx)))
+        volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
+        warn = prep_warnings + bank_warnings
+        if not all_patch:
+            warn.append("no slice had enough foreground to be scored")
+        result = DetectionResult(
+            heatmap=heat_in,
+            foreground=fg_in,
+            threshold=float(threshold),
+            geometry=img.geometry,
+            slice_axis=axis_in,
+            slice_scores=in_scores,
+            volume_score=volume_score,
+            supports=in_supports,
+            min_component_size=int(min_size),
+            method=self.method,
+            model=self.model,
+            name=img.name,
+            source_path=img.path,
+            settings={
+                **self.settings(),
+                "modality_used": modality_used,
+                "bank_modality": self.bank.manifest["settings"].get("modality"),
+                "bank_dims": self.bank.manifest["settings"].get("dims"),
+                "normals": str(self.normals_dir) if self.normals_dir else None,
+            },
+            warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped] + list(self.fit_warnings),
+            threshold_info={
+                "mode": "auto" if self.threshold == "auto" else "fixed",
+                "target_fpr": self.target_fpr if self.threshold == "auto" else None,
+                "calibration_slices": self.calibration.get("n_slices"),
+                "normal_slice_score": self.calibration.get("normal_slice_score"),
+                "normal_pixel_median": (self.calibration.get("normal_pixel_quantiles") or {}).get("0.5"),
+            },
+        )
+        if img.is_2d:  # the input slice, for the overlay PNG (a volume's input array is not kept)
+            result.image_array = img.array
+        if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
+            result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
+        timings["postprocess"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t_start
+        result.timings = timings
+        return result
+
+    # ------------------------------------------------------------------ output
+    def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike], *, outputs: Sequence[str] = ()) -> dict:
+        """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``,
+        and the optional ``outputs`` named (:func:`~HiMatchADLib.outputs.registry.list_writers`; for a
+        DICOM input ``"dicom_seg"``: a DICOM SEG, ``"dicom_heatmap"``: a parametric map)."""
+        return save_result(result, out_dir, outputs=outputs)

@@ -1,0 +1,262 @@
+"""Detections of MRML volume nodes in the worker process: the Slicer module's runs, without Qt.
+
+The module (``HiMatchAD.py``) keeps one :class:`DetectionRunner`. On "Detect anomalies" it calls
+:meth:`DetectionRunner.start_detection` on the main thread: the volume's voxels are written to a
+temporary NRRD file (exact geometry) and a request goes to the worker, which keeps the model and
+the normal bank loaded between runs. A ``QTimer`` calls :meth:`DetectionRunner.poll`, which never
+blocks. When the worker is done, the outputs are read back and returned as a
+:class:`~HiMatchADLib.core.result.DetectionResult` only if the volume node is still in its scene and still
+has the grid the detection was computed on; the module then imports it with
+:func:`HiMatchADLib.mrml.result_to_nodes`. :meth:`DetectionRunner.cancel` kills the worker at once
+(the scene is not touched); the next run starts a new one.
+
+Like :mod:`HiMatchADLib.mrml`, this module needs Slicer's MRML (the application or ``slicer-core``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..core.errors import Cancelled, HiMatchADError
+from ..core.geometry import Geometry
+from ..io.writers import write_image
+from ..outputs.files import load_result
+from ..worker.client import WorkerClient
+from .geometry import check_result_matches, image_from_volume_node
+from .nodes import node_in_scene
+
+RUNNING, DONE, FAILED, CANCELLED, DISCARDED = "running", "done", "failed", "cancelled", "discarded"
+
+
+@dataclass
+class DetectionJob:
+    """One request to the worker and what is known about it."""
+
+    kind: str  # "detect" or "batch"
+    request_id: str
+    workdir: Optional[Path]
+    settings: dict
+    normals: str
+    volume_node: Any = None  # the node object itself (never its ID: IDs are reused after a scene close)
+    scene: Any = None
+    geometry: Optional[Geometry] = None  # the grid sent to the worker
+    state: str = RUNNING
+    progress: tuple = ("Starting", 0, 0)
+    seconds: float = 0.0
+    reused: Optional[bool] = None
+    message: str = ""
+    event: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state != RUNNING
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe version of a node name."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name or "").strip("._")
+    return cleaned[:80] or "volume"
+
+
+def _input_array(image) -> np.ndarray:
+    """The voxels in the node's own integer type where it has one (the preset choice may use it)."""
+    dtype = np.dtype(image.pixel_type) if image.pixel_type in np.sctypeDict else np.dtype(np.float32)
+    if dtype.kind in "iu" and np.isfinite(image.array).all():
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(image.array), info.min, info.max).astype(dtype)
+    return image.array.astype(np.float32, copy=False)
+
+
+class DetectionRunner:
+    """One detection (or batch) at a time in a worker process; see the module docstring.
+
+    ``client``: a :class:`~HiMatchADLib.worker.client.WorkerClient` (one is made on first use).
+    """
+
+    def __init__(self, client: Optional[WorkerClient] = None, workdir_root: Optional[str] = None):
+        self._client = client
+        self.workdir_root = workdir_root
+        self.job: Optional[DetectionJob] = None
+
+    @property
+    def client(self) -> WorkerClient:
+        if self._client is None:
+            self._client = WorkerClient()
+        return self._client
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and not self.job.finished
+
+    def _check_idle(self) -> None:
+        if self.busy:
+            raise HiMatchADError("a detection is already running; wait for it or cancel it")
+
+    # ------------------------------------------------------------------ starting
+    def start_detection(self, volume_node, normals: str, settings: dict) -> DetectionJob:
+        """Write the volume to a temporary file and send it to the worker (main thread, returns at once)."""
+        self._check_idle()
+        normals = str(Path(normals).expanduser())
+        if not Path(normals).is_dir():
+            raise HiMatchADError(f"the folder of normal scans does not exist: {normals}")
+        image = image_from_volume_node(volume_node)
+        scene = volume_node.GetScene()
+        if scene is None:
+            raise HiMatchADError(f"'{volume_node.GetName()}' is not in a scene")
+        geometry = image.geometry
+        # A 2D image is sent without its placement (a single oblique slice has no 2D direction
+        # matrix); the result is put back on ``geometry`` when it comes back.
+        sent = Geometry(geometry.size, geometry.spacing, (0.0, 0.0, 0.0), np.eye(3), True) if geometry.is_2d else geometry
+        workdir = Path(tempfile.mkdtemp(prefix="himatchad-job-", dir=self.workdir_root))
+        try:
+            path = write_image(_input_array(image), sent, workdir / "input" / f"{safe_name(volume_node.GetName())}.nrrd", compress=False)
+            rid = self.client.send({
+                "cmd": "detect", "input": str(path), "normals": normals, "out_dir": str(workdir / "out"),
+                "settings": dict(settings), "foreground": True,
+            })
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self.job = DetectionJob("detect", rid, workdir, dict(settings), normals, volume_node, scene, geometry)
+        return self.job
+
+    def start_batch(self, input_dir: str, normals: str, out_dir: str, settings: dict, overwrite: bool = False,
+                    engine: str = "local", engine_options: Optional[dict] = None, batch_options: Optional[dict] = None) -> DetectionJob:
+        """Run the library's batch runner on a folder in the worker (returns at once); ``engine="ray"``
+        spreads the cases over a Ray cluster (``engine_options``: address, workers, gpus_per_worker...);
+        ``batch_options`` go into the request as they are (``series_filter``, ``dicom_seg``, ``dicom_heatmap``)."""
+        self._check_idle()
+        rid = self.client.send({
+            **dict(batch_options or {}),
+            "cmd": "batch", "input_dir": str(input_dir), "normals": str(normals), "out_dir": str(out_dir),
+            "settings": dict(settings), "overwrite": bool(overwrite), "engine": engine, "engine_options": dict(engine_options or {}),
+        })
+        self.job = DetectionJob("batch", rid, None, dict(settings), str(normals))
+        return self.job
+
+    # ------------------------------------------------------------------ following
+    def poll(self) -> list:
+        """What happened since the last call (never blocks): a list of ``(kind, job, payload)``.
+
+        - ``("progress", job, (message, done, total))``
+        - ``("done", job, DetectionResult)`` for a detection (safe to import into ``job.scene``), or
+          ``("done", job, event)`` for a batch (``event["summary"]`` is the CSV);
+        - ``("dropped", job, reason)``: finished, but the volume left the scene or changed its grid;
+        - ``("error", job, message)``: the worker reported an error or died.
+        """
+        out = []
+        job = self.job
+        for event in self.client.poll():
+            if job is None or job.finished or str(event.get("id")) != job.request_id:
+                continue  # events of a request that was cancelled or discarded
+            kind = event.get("event")
+            if kind == "progress":
+                job.progress = (str(event.get("message", "")), int(event.get("done", 0)), int(event.get("total", 0)))
+                out.append(("progress", job, job.progress))
+            elif kind == "done":
+                job.event, job.seconds, job.reused = event, float(event.get("seconds", 0.0)), event.get("reused")
+                if job.kind == "batch":
+                    job.state = DONE
+                    out.append(("done", job, event))
+                    continue
+                try:
+                    result = self._collect(job, event)
+                except HiMatchADError as exc:
+                    job.state, job.message = DISCARDED, str(exc)
+                    out.append(("dropped", job, str(exc)))
+                else:
+                    job.state = DONE
+                    out.append(("done", job, result))
+                finally:
+                    self._remove_workdir(job)
+            elif kind == "error":
+                job.state, job.message = FAILED, str(event.get("message", "the detection failed"))
+                self._remove_workdir(job)
+                out.append(("error", job, job.message))
+        return out
+
+    def _collect(self, job: DetectionJob, event: dict):
+        if not node_in_scene(job.volume_node, job.scene):
+            raise HiMatchADError("the input volume was removed, or its scene closed, while the detection ran; the result was discarded")
+        result = load_result(event["scores"])
+        got, sent = result.geometry, job.geometry
+        axes = slice(0, 2) if sent.is_2d else slice(0, 3)  # a 2D file has no slice thickness
+        if got.size != sent.size or not np.allclose(got.spacing[axes], sent.spacing[axes], rtol=1e-5, atol=1e-6):
+            raise HiMatchADError("the worker's result is not on the grid of the volume it was given; run the detection again")
+        result.geometry = sent  # exact placement, 2D slices included
+        check_result_matches(result, job.volume_node)  # the node's grid may have changed meanwhile
+        return result
+
+    # ------------------------------------------------------------------ stopping
+    def cancel(self) -> bool:
+        """Stop the running job at once by killing the worker; True if one was running.
+
+        The scene is not changed, and no event of that job is reported afterwards.
+        """
+        job = self.job
+        if job is None or job.finished:
+            return False
+        self.client.cancel()
+        job.state, job.message = CANCELLED, "cancelled"
+        self._remove_workdir(job)
+        return True
+
+    def discard(self) -> None:
+        """Forget the job (the scene it belongs to is closing): a running one is cancelled."""
+        if self.cancel():
+            self.job.state = DISCARDED
+        self.job = None
+
+    def shutdown(self) -> None:
+        """Cancel any job and end the worker (module reload, application exit)."""
+        self.cancel()
+        if self._client is not None:
+            self._client.shutdown(timeout=2.0)
+
+    def _remove_workdir(self, job: DetectionJob) -> None:
+        if job.workdir is not None:
+            shutil.rmtree(job.workdir, ignore_errors=True)
+            job.workdir = None
+
+    # ------------------------------------------------------------------ blocking use
+    def wait(self, progress: Optional[Callable[[str, int, int], None]] = None, timeout: Optional[float] = None,
+             interval: float = 0.05, cancel_event=None, idle: Optional[Callable[[], None]] = None):
+        """Block until the current job ends; returns its result (or batch event).
+
+        ``progress(message, done, total)``; ``cancel_event.is_set()`` cancels; ``idle()`` is called
+        between polls (e.g. ``slicer.app.processEvents``). Raises :class:`HiMatchADError` on errors
+        and dropped results, :class:`Cancelled` when cancelled.
+        """
+        job = self.job
+        if job is None:
+            raise HiMatchADError("nothing is running")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for kind, _job, payload in self.poll():
+                if kind == "progress" and progress is not None:
+                    progress(*payload)
+                elif kind == "done":
+                    return payload
+                elif kind in ("error", "dropped"):
+                    raise HiMatchADError(payload)
+            if cancel_event is not None and cancel_event.is_set():
+                self.cancel()
+                raise Cancelled()
+            if job.finished:  # cancelled from elsewhere
+                raise Cancelled() if job.state == CANCELLED else HiMatchADError(job.message or job.state)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise HiMatchADError(f"the detection took longer than {timeout} s and was cancelled")
+            if idle is not None:
+                with contextlib.suppress(Exception):
+                    idle()
+            time.sleep(interval)

@@ -1,0 +1,425 @@
+"""DICOM outputs: the labelmap as a DICOM Segmentation, the heatmap as a DICOM Parametric Map.
+
+Both objects are derived from the DICOM series the result was computed on (``source_files``, the
+series' single-frame instances): they carry its patient, study and frame of reference, reference
+its instances frame by frame, and place every frame exactly on its source instance, so that a PACS
+viewer, OHIF or 3D Slicer shows them over the images.
+
+- :func:`write_dicom_seg`: ``result.labelmap`` as a BINARY Segmentation (SOP class
+  1.2.840.10008.5.1.4.1.1.66.4) with one segment "Anomaly" (algorithm type AUTOMATIC, algorithm
+  "HiMatch-AD" with the package version and the method; category SCT 49755003 "Morphologically
+  Altered Structure", type SCT 4147007 "Mass", the terminology the Slicer module gives its segment).
+  Every source instance gets one frame, empty or not (``omit_empty_frames=False``): the frame count
+  is always the number of slices, an empty labelmap gives a valid object of empty frames, and
+  viewers that expect one frame per slice show it.
+- :func:`write_dicom_heatmap`: ``result.heatmap`` (float32) as a Parametric Map (SOP class
+  1.2.840.10008.5.1.4.1.1.30) with 32-bit float pixels and a Real World Value Mapping (identity,
+  unit UCUM "1" "no units", LUT label "anomaly score") and a window from
+  :meth:`DetectionResult.display_range`.
+
+Geometry. ``result`` arrays are ``(nz, ny, nx)`` = (slice, row, column), as
+``SimpleITK.GetArrayFromImage`` returns a series read by :func:`HiMatchADLib.io.readers.read_image`:
+a row of a DICOM frame runs along ``direction[:, 0]`` (first three values of
+ImageOrientationPatient), a column along ``direction[:, 1]``, PixelSpacing is ``(spacing[1],
+spacing[0])`` (between rows, between columns) and Rows x Columns is ``ny x nx``. Before anything is
+written, each source instance's ImagePositionPatient is expressed as a grid index of
+``result.geometry``; it must fall on a grid point of the first row and column of one slice
+(within :data:`TOLERANCE` of a voxel), and every slice must have exactly one instance. Slice ``k``
+is written with the instance found at ``k``, whatever the order of the files or their
+InstanceNumbers. Another grid, a missing or extra instance, a sheared or multi-frame series is
+refused with :class:`HiMatchADError`.
+
+Writing follows :func:`HiMatchADLib.io.writers.write_image`: a temporary name beside the destination,
+read back with pydicom and checked (SOP class and instance, number of frames, the pixels of every
+frame against the slice of the source instance it references), then renamed.
+
+highdicom and pydicom are optional (``pip install "himatchad[dicom]"``) and imported only here,
+inside the functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from ..core.atomic import atomic_path
+from ..core.errors import HiMatchADError
+from ..core.result import DetectionResult
+from ..core.version import __version__
+
+SEGMENT_LABEL = "Anomaly"
+
+
+#: The same codes as the "Anomaly" segment of the Slicer module (``mrml.SEGMENT_CATEGORY`` /
+#: ``mrml.SEGMENT_TYPE``; Slicer's DICOM master list): (scheme, value, meaning).
+SEGMENT_CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
+
+
+SEGMENT_TYPE = ("SCT", "4147007", "Mass")
+
+
+ALGORITHM_NAME = "HiMatch-AD"
+
+
+MANUFACTURER = "HiMatch-AD"
+
+
+#: What the heatmap's values are. No standard code names an anomaly score, so a private coding
+#: scheme (DICOM reserves designators starting with "99" for them) says it.
+QUANTITY = ("99HIMATCHAD", "ANOMALY_SCORE", "Anomaly score")
+
+
+UNIT = ("UCUM", "1", "no units")
+
+
+LUT_LABEL = "anomaly score"
+
+
+SEG_SERIES_DESCRIPTION = "HiMatch-AD anomalies"
+
+
+HEATMAP_SERIES_DESCRIPTION = "HiMatch-AD anomaly score"
+
+
+#: Series numbers of the written objects (a viewer lists them after the usual acquisition series).
+SEG_SERIES_NUMBER = 901
+
+
+HEATMAP_SERIES_NUMBER = 902
+
+
+#: Largest distance, in voxels along each grid axis, between a source instance's position and the
+#: grid point of its slice (DICOM stores positions as decimal strings; a real mismatch is larger).
+TOLERANCE = 0.05
+
+
+#: Largest difference between the source's direction cosines and the result's direction matrix.
+DIRECTION_TOLERANCE = 1e-4
+
+
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+PARAMETRIC_MAP_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.30"
+
+
+PathLike = Union[str, os.PathLike]
+
+
+def require():
+    """Raise :class:`HiMatchADError` with the install command when highdicom is missing (checked
+    before any work is done)."""
+    _dicom_modules()
+
+
+def _dicom_modules():
+    """``(highdicom, pydicom)``, or a :class:`HiMatchADError` that says how to install them."""
+    try:
+        import highdicom
+        import pydicom
+    except ImportError as exc:
+        raise HiMatchADError(
+            f'writing DICOM SEG or Parametric Map objects needs highdicom ({exc}); install it with: pip install "himatchad[dicom]" '
+            "(or pip install highdicom)"
+        ) from exc
+    return highdicom, pydicom
+
+
+#: Type 2 attributes (required, may be empty) of the patient, study and series modules that the
+#: derived objects copy from their source. Anonymised series often drop them; an empty value is what
+#: the standard prescribes when the value is unknown.
+_TYPE2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+    "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def _read_source(pydicom, path: Path):
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        for keyword in _TYPE2_COPIED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
+        return ds
+    except FileNotFoundError as exc:
+        raise HiMatchADError(f"DICOM source file not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise HiMatchADError(f"{path} is a folder; give the DICOM files of the series, one per slice") from exc
+    except OSError as exc:
+        raise HiMatchADError(f"cannot read the DICOM file {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:  # pydicom's InvalidDicomError and decoding errors
+        raise HiMatchADError(f"{path} is not a readable DICOM file: {exc}") from exc
+
+
+def _floats(ds, keyword: str, n: int, path: Path) -> np.ndarray:
+    value = getattr(ds, keyword, None)
+    try:
+        out = np.array([float(v) for v in value], dtype=float)
+    except (TypeError, ValueError):
+        out = np.zeros(0)
+    if out.size != n or not np.all(np.isfinite(out)):
+        raise HiMatchADError(f"{path} has no valid {keyword}; a DICOM SEG or Parametric Map needs the patient geometry of every slice")
+    return out
+
+
+def match_source_instances(result: DetectionResult, source_files: Sequence[PathLike]) -> list:
+    """The pydicom datasets (without pixel data) of ``source_files`` ordered by the result's slice
+    index: item ``k`` is the instance that lies at slice ``k`` of ``result.geometry``.
+
+    Raises :class:`HiMatchADError` when the files are not one series of single-frame images whose
+    grid is exactly the result's (size, pixel spacing, orientation and each instance's position).
+    """
+    _, pydicom = _dicom_modules()
+    geometry = result.geometry
+    nz, ny, nx = geometry.shape
+    for name in ("labelmap", "heatmap"):
+        shape = tuple(np.shape(getattr(result, name)))
+        if shape != (nz, ny, nx):
+            raise HiMatchADError(f"the result's {name} has shape {shape}, not the shape {(nz, ny, nx)} of its geometry")
+    if geometry.is_2d:
+        raise HiMatchADError(
+            "the result was computed on a 2D image file, which has no patient position to match with a DICOM series; "
+            "run the detection on the DICOM file or series folder itself"
+        )
+    paths = [Path(p) for p in source_files]
+    if not paths:
+        raise HiMatchADError("no DICOM source files given; a DICOM SEG or Parametric Map references the series it was computed on")
+    datasets = [_read_source(pydicom, p) for p in paths]
+
+    first, first_path = datasets[0], paths[0]
+    seen_uids: dict = {}
+    for ds, p in zip(datasets, paths):
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            if not str(getattr(ds, key, "")).strip():
+                raise HiMatchADError(f"{p} has no {key}; it cannot be referenced by a DICOM object")
+        for key in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+            if getattr(ds, key, None) != getattr(first, key, None):
+                raise HiMatchADError(f"{p} and {first_path} belong to different series ({key} differs); give the files of one series")
+        uid = str(getattr(ds, "SOPInstanceUID", ""))
+        if uid in seen_uids:
+            raise HiMatchADError(f"{p} and {seen_uids[uid]} are the same instance (SOPInstanceUID {uid}); give each file once")
+        seen_uids[uid] = p
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if frames != 1:
+            raise HiMatchADError(f"{p} is a multi-frame instance ({frames} frames); only series of single-frame images are supported")
+        rows, cols = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0))
+        if (rows, cols) != (ny, nx):
+            raise HiMatchADError(f"{p} has {rows} rows x {cols} columns but the result has {ny} x {nx}: it was computed on another image")
+
+    # The source's grid, told by its own attributes, against the result's geometry.
+    direction = geometry.direction
+    spacing = np.asarray(geometry.spacing, dtype=float)
+    for ds, p in zip(datasets, paths):
+        iop = _floats(ds, "ImageOrientationPatient", 6, p)
+        row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+        if max(np.max(np.abs(row_dir - direction[:, 0])), np.max(np.abs(col_dir - direction[:, 1]))) > DIRECTION_TOLERANCE:
+            raise HiMatchADError(
+                f"{p} has the orientation {np.round(iop, 5).tolist()} but the result's rows and columns run along "
+                f"{np.round(direction[:, 0], 5).tolist()} and {np.round(direction[:, 1], 5).tolist()}: it was computed on another grid"
+            )
+        pixel_spacing = _floats(ds, "PixelSpacing", 2, p)  # (between rows, between columns)
+        if not np.allclose(pixel_spacing, (spacing[1], spacing[0]), rtol=1e-4, atol=1e-6):
+            raise HiMatchADError(
+                f"{p} has the pixel spacing {pixel_spacing.tolist()} mm but the result's is {[spacing[1], spacing[0]]} mm "
+                "(between rows, between columns): it was computed on another grid"
+            )
+
+    # Each instance's position as an index of the result's grid: (i, j) = (0, 0), k = its slice.
+    to_index = np.linalg.inv(direction * spacing)  # physical = origin + (direction * spacing) @ ijk
+    origin = np.asarray(geometry.origin, dtype=float)
+    at_slice: dict = {}
+    for ds, p in zip(datasets, paths):
+        ijk = to_index @ (_floats(ds, "ImagePositionPatient", 3, p) - origin)
+        k = int(np.rint(ijk[2]))
+        off = np.abs(ijk - (0.0, 0.0, k))
+        if off[0] > TOLERANCE or off[1] > TOLERANCE:
+            raise HiMatchADError(
+                f"{p} lies {off[0]:.3g} columns and {off[1]:.3g} rows beside the result's grid (a sheared series, or "
+                "another grid); the result cannot be placed on it"
+            )
+        if off[2] > TOLERANCE or not 0 <= k < nz:
+            raise HiMatchADError(
+                f"{p} lies at slice {ijk[2]:.3f} of the result's grid of {nz} slices, not on one of its slices: "
+                "it was computed on another grid (other spacing or position)"
+            )
+        if k in at_slice:
+            raise HiMatchADError(f"{p} and {at_slice[k][1]} both lie at slice {k}; give the files of one volume, each once")
+        at_slice[k] = (ds, p)
+    missing = [k for k in range(nz) if k not in at_slice]
+    if missing:
+        shown = ", ".join(str(k) for k in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        raise HiMatchADError(
+            f"the DICOM source has no instance at slice {shown} of the result's {nz} slices ({len(paths)} files given); "
+            "a file of the series is missing"
+        )
+    return [at_slice[k][0] for k in range(nz)]
+
+
+def _frame_source_uid(item) -> str:
+    """ReferencedSOPInstanceUID of one per-frame functional group item's derivation."""
+    try:
+        return str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+    except (AttributeError, IndexError):
+        return ""
+
+
+def _save_verified(pydicom, dataset, path: Path, sop_class: str, expected: np.ndarray, sources: list) -> Path:
+    """Write ``dataset`` atomically to ``path`` and check what was written: its SOP class and
+    instance, one frame per source instance, and each frame's pixels equal to ``expected[k]`` for
+    the source instance ``sources[k]`` it references."""
+    slice_of = {str(ds.SOPInstanceUID): k for k, ds in enumerate(sources)}
+    if path.is_dir():
+        raise HiMatchADError(f"cannot write {path}: it is a folder; give a file name (e.g. {path / 'anomalies.dcm'})")
+    try:
+        with atomic_path(path) as tmp:
+            if int(pydicom.__version__.split(".")[0]) >= 3:
+                dataset.save_as(str(tmp), enforce_file_format=True)
+            else:  # pragma: no cover - pydicom 2
+                dataset.save_as(str(tmp), write_like_original=False)
+            try:
+                back = pydicom.dcmread(str(tmp))
+                frames = back.pixel_array
+            except Exception as exc:
+                raise HiMatchADError(f"writing {path} failed: the file read back is incomplete (disk full?): {exc}") from exc
+            n = int(getattr(back, "NumberOfFrames", 1) or 1)
+            frames = np.asarray(frames).reshape(n, *expected.shape[1:])
+            problem = None
+            if str(back.SOPClassUID) != sop_class or str(back.SOPInstanceUID) != str(dataset.SOPInstanceUID):
+                problem = f"SOP class {back.SOPClassUID} instead of {sop_class}"
+            elif n != expected.shape[0]:
+                problem = f"{n} frames instead of {expected.shape[0]}"
+            else:
+                groups = back.PerFrameFunctionalGroupsSequence
+                ks = [slice_of.get(_frame_source_uid(item), -1) for item in groups]
+                if sorted(ks) != list(range(expected.shape[0])):
+                    problem = "frames that do not reference each source instance once"
+                elif any(not np.array_equal(frames[i], expected[k]) for i, k in enumerate(ks)):
+                    problem = "different pixel values"
+            if problem is not None:
+                raise HiMatchADError(f"writing {path} failed: the file read back has {problem}; check the disk and write again")
+    except OSError as exc:
+        raise HiMatchADError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+def _equipment(result: DetectionResult) -> dict:
+
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": f"{ALGORITHM_NAME} {result.method}",
+        "software_versions": __version__,
+        # Type 1 in the Enhanced General Equipment module; software has no serial number.
+        "device_serial_number": __version__,
+        "instance_number": 1,
+    }
+
+
+def _parameter(value) -> str:
+    """A value for AlgorithmParameters, which highdicom writes as ``key=value,key=value``."""
+    text = str(value)
+    if os.path.isabs(text):  # a local model folder: its name, not the user's folders
+        text = Path(text).name
+    return text.replace(",", ";").replace("=", ":")
+
+
+def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], path: PathLike) -> Path:
+    """Write ``result.labelmap`` as a DICOM Segmentation (BINARY, one segment "Anomaly") of the
+    series ``source_files`` (its DICOM files; any order) to ``path``; returns ``path``.
+
+    See the module docstring for what the object holds and what is checked. Raises
+    :class:`HiMatchADError` when the series is not the result's grid, when highdicom is missing,
+    or when the file cannot be written.
+    """
+
+    hd, pydicom = _dicom_modules()
+    sources = match_source_instances(result, source_files)
+    labelmap = (np.asarray(result.labelmap) > 0).astype(np.uint8)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=ALGORITHM_NAME,
+        family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"),
+        version=__version__,
+        parameters={
+            key: _parameter(value)
+            for key, value in (
+                ("method", result.method),
+                ("model", result.model),
+                ("threshold", f"{float(result.threshold):.6g}"),
+                ("min_component_size", int(result.min_component_size)),
+            )
+            if str(value)
+        },
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=SEGMENT_LABEL,
+        segmented_property_category=hd.sr.CodedConcept(SEGMENT_CATEGORY[1], SEGMENT_CATEGORY[0], SEGMENT_CATEGORY[2]),
+        segmented_property_type=hd.sr.CodedConcept(SEGMENT_TYPE[1], SEGMENT_TYPE[0], SEGMENT_TYPE[2]),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=labelmap,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=hd.UID(),
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            series_description=f"{SEG_SERIES_DESCRIPTION} ({result.method})",
+            content_label="ANOMALIES",
+            content_description=f"{ALGORITHM_NAME} {result.method}: voxels above the threshold {float(result.threshold):.6g}",
+            omit_empty_frames=False,
+            **_equipment(result),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise HiMatchADError(f"cannot build a DICOM SEG from {len(sources)} source instances: {exc}") from exc
+    return _save_verified(pydicom, seg, Path(path), SEG_SOP_CLASS, labelmap, sources)
+
+
+def write_dicom_heatmap(result: DetectionResult, source_files: Sequence[PathLike], path: PathLike) -> Path:
+    """Write ``result.heatmap`` as a DICOM Parametric Map (float32 pixels, identity Real World
+    Value Mapping "anomaly score", no units) of the series ``source_files`` to ``path``; returns
+    ``path``. Checks and errors as :func:`write_dicom_seg`; a heatmap with NaN or infinite values
+    is refused."""
+    hd, pydicom = _dicom_modules()
+    sources = match_source_instances(result, source_files)
+    heatmap = np.ascontiguousarray(result.heatmap, dtype=np.float32)
+    if not np.all(np.isfinite(heatmap)):
+        raise HiMatchADError("the heatmap holds NaN or infinite values; a Parametric Map of it would be unreadable. Run the detection again")
+    low_value, high_value = float(heatmap.min()), float(heatmap.max())
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label=LUT_LABEL,
+        lut_explanation=f"{ALGORITHM_NAME} {result.method} anomaly score (threshold {float(result.threshold):.6g})"[:64],
+        unit=hd.sr.CodedConcept(UNIT[1], UNIT[0], UNIT[2]),
+        value_range=(low_value, high_value),
+        slope=1.0,
+        intercept=0.0,
+        quantity_definition=hd.sr.CodedConcept(QUANTITY[1], QUANTITY[0], QUANTITY[2]),
+    )
+    low, high = result.display_range()
+    window = {"window_center": (low + high) / 2.0, "window_width": high - low}
+    if "voi_lut_transformations" in inspect.signature(hd.pm.ParametricMap.__init__).parameters:  # newer highdicom: the window arguments are deprecated
+        window = {"voi_lut_transformations": [hd.VOILUTTransformation(**window)]}
+    try:
+        pm = hd.pm.ParametricMap(
+            source_images=sources,
+            pixel_array=heatmap,
+            series_instance_uid=hd.UID(),
+            series_number=HEATMAP_SERIES_NUMBER,
+            sop_instance_uid=hd.UID(),
+            contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping],
+            **window,
+            series_description=f"{HEATMAP_SERIES_DESCRIPTION} ({result.method})",
+            content_label="ANOMALY_SCORE",
+            content_description=f"{ALGORITHM_NAME} {result.method} anomaly score",
+            **_equipment(result),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise HiMatchADError(f"cannot build a DICOM Parametric Map from {len(sources)} source instances: {exc}") from exc
+    return _save_verified(pydicom, pm, Path(path), PARAMETRIC_MAP_SOP_CLASS, heatmap, sources)

@@ -1,0 +1,95 @@
+"""Optional output writers, by name: what ``outputs={"dicom_seg", "dicom_heatmap"}`` asks for.
+
+Every result is written as a heatmap, a labelmap and a scores JSON (and an overlay PNG for 2D
+inputs) by :func:`~HiMatchADLib.outputs.files.save_result`. Writers registered here add outputs on
+request: each has a name (the key in ``outputs`` and in the scores JSON's ``"outputs"``), a file
+suffix (``<name><suffix>``), a title for messages, the kind of input it needs (``"dicom"``: the
+source DICOM series it references), a check of its requirements (e.g. highdicom installed) run
+before any work, and the function that writes it, imported on first use so that an optional
+dependency loads only when its output is asked for.
+
+A new output format is one module with a ``write(result, source_files, path)`` function plus one
+:func:`register_writer` call below; the command line, the batch runner (resume included), Ray, the
+worker and the Slicer module read the registry.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from ..core.errors import HiMatchADError
+
+DICOM_INSTALL_HINT = 'DICOM SEG and parametric map outputs need highdicom: pip install "himatchad[dicom]"'
+
+
+@dataclass(frozen=True)
+class OutputWriter:
+    name: str
+    title: str
+    suffix: str
+    module: str  # module of the write function, relative to this package
+    function: str
+    needs: str = "dicom"  # the input it needs: "dicom" (the source series it references)
+    requires: Optional[Callable[[], None]] = None
+    install_hint: str = ""
+
+    def load(self) -> Callable:
+        """The write function, or :class:`HiMatchADError` with the install hint."""
+        try:
+            mod = importlib.import_module(self.module, __package__)
+        except ImportError as exc:
+            raise HiMatchADError(f"{self.install_hint} ({exc})") from None
+        if hasattr(mod, "require"):
+            mod.require()
+        return getattr(mod, self.function)
+
+    def check(self) -> None:
+        """Refuse now, before any work, when the writer's requirements are missing."""
+        self.load()
+
+
+OUTPUT_WRITERS: dict = {}
+
+
+def register_writer(writer: OutputWriter) -> OutputWriter:
+    if writer.name in OUTPUT_WRITERS and OUTPUT_WRITERS[writer.name] != writer:
+        raise ValueError(f"output writer {writer.name!r} is registered already")
+    OUTPUT_WRITERS[writer.name] = writer
+    return writer
+
+
+def list_writers() -> tuple:
+    """Names of the optional outputs, in registration order."""
+    return tuple(OUTPUT_WRITERS)
+
+
+def get_writer(name: str) -> OutputWriter:
+    try:
+        return OUTPUT_WRITERS[name]
+    except KeyError:
+        raise HiMatchADError(f"unknown output '{name}'; choose from {', '.join(OUTPUT_WRITERS)}") from None
+
+
+def check_outputs(outputs: Optional[Iterable[str]], load: bool = False) -> tuple:
+    """``outputs`` as a tuple of registered names in registration order (duplicates dropped);
+    unknown names are refused, and with ``load`` so are writers whose requirements are missing."""
+    if outputs is None:
+        return ()
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    wanted = set()
+    for name in outputs:
+        if not isinstance(name, str):
+            raise HiMatchADError(f"outputs must be names of outputs ({', '.join(OUTPUT_WRITERS)}), not {name!r}")
+        wanted.add(get_writer(name).name)
+    names = tuple(n for n in OUTPUT_WRITERS if n in wanted)
+    if load:
+        for n in names:
+            get_writer(n).check()
+    return names
+
+
+register_writer(OutputWriter("dicom_seg", "DICOM SEG", "_seg.dcm", ".dicom_seg", "write_dicom_seg", install_hint=DICOM_INSTALL_HINT))
+register_writer(OutputWriter("dicom_heatmap", "DICOM parametric map", "_heatmap_pm.dcm", ".dicom_seg", "write_dicom_heatmap", install_hint=DICOM_INSTALL_HINT))

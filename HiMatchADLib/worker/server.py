@@ -1,0 +1,305 @@
+"""The detection worker: a long-lived process that keeps the model and the normal bank loaded.
+
+Started as ``python -m HiMatchADLib worker`` (inside 3D Slicer: ``PythonSlicer -m HiMatchADLib
+worker``), it reads one JSON request per line on stdin and writes one JSON event per line on stdout;
+logs go to stderr. The protocol is described in ``docs/api-contract.md``; the client that starts,
+feeds, polls and cancels it is :class:`HiMatchADLib.worker.client.WorkerClient`.
+
+Requests::
+
+    {"id": "1", "cmd": "detect", "input": PATH, "normals": FOLDER, "out_dir": FOLDER,
+     "settings": {...HiMatchDetector keywords...}, "foreground": false}
+    {"id": "2", "cmd": "batch", "input_dir": FOLDER, "normals": FOLDER, "out_dir": FOLDER,
+     "settings": {...}, "overwrite": false, "engine": "local", "engine_options": {},
+     "series_filter": ["modality=MR,description~flair"], "dicom_seg": false, "dicom_heatmap": false}
+    {"id": "3", "cmd": "ping"}
+    {"cmd": "shutdown"}                      (end of stdin does the same)
+
+Events: ``ready`` once at start; per request ``progress`` events, then exactly one ``done`` or
+``error``. An error a user can cause (bad path, unreadable file, unknown setting) does not end the
+worker. Detectors (model + bank) are kept for the most recent settings, so a second request with
+the same settings reuses them; ``done`` says so in ``"reused"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+from ..batch.runner import run_batch
+from ..batch.summary import summary_counts
+from ..core.errors import Cancelled, HiMatchADError
+from ..core.version import __version__
+from ..detector.detector import HiMatchDetector
+from ..outputs.files import save_result
+from .protocol import (
+    EXTRACTOR_SETTINGS,
+    PROGRESS_INTERVAL_S,
+    PROTOCOL,
+    RESERVED_SETTINGS,
+    requested_outputs,
+)
+
+log = logging.getLogger("HiMatchAD.worker")
+
+
+def _default_factory():
+
+    return HiMatchDetector
+
+
+class Worker:
+    """Serves requests (dicts) and reports events through ``emit(dict)``; no I/O of its own.
+
+    ``detector_factory`` builds a detector from keyword settings (default ``HiMatchDetector``);
+    ``max_detectors`` detectors are kept, the least recently used is dropped first.
+    """
+
+    def __init__(self, emit: Callable[[dict], None], detector_factory=None, max_detectors: int = 2):
+        self.emit = emit
+        self._factory = detector_factory
+        self.max_detectors = max(1, int(max_detectors))
+        self.detectors: "OrderedDict[str, object]" = OrderedDict()
+
+    # ------------------------------------------------------------------ detectors
+    @property
+    def factory(self):
+        if self._factory is None:
+            self._factory = _default_factory()
+        return self._factory
+
+    def allowed_settings(self) -> list:
+        params = inspect.signature(self.factory).parameters
+        return sorted(
+            n for n, p in params.items()
+            if n not in RESERVED_SETTINGS and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        )
+
+    def _check_settings(self, settings) -> dict:
+        if settings is None:
+            return {}
+        if not isinstance(settings, dict):
+            raise HiMatchADError("'settings' must be a JSON object of detector keywords")
+        allowed = set(self.allowed_settings())
+        unknown = sorted(set(settings) - allowed)
+        if unknown:
+            raise HiMatchADError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(allowed))}")
+        return dict(settings)
+
+    def detector(self, settings: dict):
+        """``(detector, existed)``: the kept detector for these settings, or a new one."""
+        key = json.dumps(settings, sort_keys=True, default=str)
+        det = self.detectors.get(key)
+        if det is not None:
+            self.detectors.move_to_end(key)
+            return det, True
+        det = self.factory(**settings)
+        # A detector with the same model settings lends its loaded model (no second load).
+        for other in reversed(self.detectors.values()):
+            if getattr(other, "extractor", None) is not None and all(
+                getattr(other, a, None) == getattr(det, a, None) for a in EXTRACTOR_SETTINGS
+            ):
+                det.extractor = other.extractor
+                break
+        self.detectors[key] = det
+        while len(self.detectors) > self.max_detectors:
+            self.detectors.popitem(last=False)
+        return det, False
+
+    def forget(self, det) -> None:
+        for key, value in list(self.detectors.items()):
+            if value is det:
+                del self.detectors[key]
+
+    # ------------------------------------------------------------------ requests
+    def _progress(self, rid):
+        last = {"t": 0.0, "message": None}
+
+        def callback(message: str, done: int, total: int) -> None:
+            now = time.monotonic()
+            if message != last["message"] or done <= 0 or done >= total or now - last["t"] >= PROGRESS_INTERVAL_S:
+                last.update(t=now, message=message)
+                self.emit({"id": rid, "event": "progress", "message": str(message), "done": int(done), "total": int(total)})
+
+        return callback
+
+    @staticmethod
+    def _path(req: dict, key: str) -> str:
+        value = req.get(key)
+        if not isinstance(value, str) or not value:
+            raise HiMatchADError(f"request needs '{key}' (a path)")
+        return value
+
+    def handle(self, req) -> bool:
+        """Serve one request; returns False when the worker should stop."""
+        if not isinstance(req, dict):
+            self.emit({"id": None, "event": "error", "message": "a request must be a JSON object"})
+            return True
+        rid = req.get("id")
+        cmd = req.get("cmd")
+        if cmd == "shutdown":
+            return False
+        if cmd == "ping":
+            self.emit({"id": rid, "event": "done", "pid": os.getpid(), "version": __version__, "detectors": len(self.detectors)})
+            return True
+        if cmd not in ("detect", "batch"):
+            self.emit({"id": rid, "event": "error", "message": f"unknown command {cmd!r}; expected detect, batch, ping or shutdown"})
+            return True
+        det = None
+        try:
+            settings = self._check_settings(req.get("settings"))
+            det, existed = self.detector(settings)
+            if cmd == "detect":
+                self._detect(rid, req, det, existed)
+            else:
+                self._batch(rid, req, det, existed)
+        except Cancelled:
+            self.emit({"id": rid, "event": "error", "message": "cancelled"})
+        except HiMatchADError as exc:
+            self.emit({"id": rid, "event": "error", "message": str(exc)})
+        except MemoryError:
+            if det is not None:
+                self.forget(det)
+            self.emit({"id": rid, "event": "error", "message": "out of memory; try a smaller resolution or batch size, or crop the volume"})
+        except Exception as exc:  # a bug: report it, drop the detector it may have damaged, keep serving
+            log.error("internal error while serving %s:\n%s", cmd, traceback.format_exc())
+            if det is not None:
+                self.forget(det)
+            self.emit({"id": rid, "event": "error", "message": f"internal error: {type(exc).__name__}: {exc}", "internal": True})
+        return True
+
+    def _fit(self, rid, req, det) -> tuple:
+        normals = Path(self._path(req, "normals")).expanduser()
+        loaded = getattr(det, "bank", None) is not None and getattr(det, "normals_dir", None) == normals
+        det.set_progress(self._progress(rid))
+        t = time.perf_counter()
+        det.fit(normals)
+        return normals, loaded, time.perf_counter() - t
+
+    def _detect(self, rid, req, det, existed) -> None:
+
+        inp = self._path(req, "input")
+        out_dir = self._path(req, "out_dir")
+        t0 = time.perf_counter()
+        # A bad input fails in seconds, before the model and the normal bank are loaded.
+        query = det.check_query(inp) if hasattr(det, "check_query") else inp
+        _, loaded, fit_s = self._fit(rid, req, det)
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the result carries its own warnings
+            res = det.predict(query)
+        predict_s = time.perf_counter() - t
+        t = time.perf_counter()
+        paths = save_result(res, out_dir, foreground=bool(req.get("foreground", False)), outputs=requested_outputs(req))
+        self.emit({
+            "id": rid, "event": "done",
+            "scores": str(paths["scores"]),
+            "outputs": {k: str(v) for k, v in paths.items()},
+            "seconds": round(time.perf_counter() - t0, 3),
+            "reused": bool(existed and loaded),
+            "model_reused": bool(existed),
+            "name": res.name,
+            "volume_score": _finite(res.volume_score),
+            "threshold": _finite(res.threshold),
+            "anomalous_voxels": int(res.anomalous_voxels),
+            "warnings": list(res.warnings),
+            "timings": {"fit": round(fit_s, 3), "predict": round(predict_s, 3), "save": round(time.perf_counter() - t, 3)},
+        })
+
+    def _batch(self, rid, req, det, existed) -> None:
+
+        input_dir = Path(self._path(req, "input_dir")).expanduser()
+        out_dir = Path(self._path(req, "out_dir")).expanduser()
+        t0 = time.perf_counter()
+        normals, loaded, _ = self._fit(rid, req, det)
+        rows = run_batch(
+            det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals],
+            progress=self._progress(rid), log=lambda m: log.warning("%s", m),
+            engine=str(req.get("engine") or "local"), engine_options=req.get("engine_options") or None,
+            series_filter=req.get("series_filter") or (), outputs=requested_outputs(req),
+        )
+        self.emit({
+            "id": rid, "event": "done",
+            "summary": str(out_dir / "summary.csv"),
+            "counts": summary_counts(rows),
+            "rows": len(rows),
+            "seconds": round(time.perf_counter() - t0, 3),
+            "reused": bool(existed and loaded),
+            "model_reused": bool(existed),
+        })
+
+
+def _finite(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def serve(lines, emit: Callable[[dict], None], detector_factory=None) -> int:
+    """Read requests from the iterable ``lines`` until shutdown or its end; returns the exit status."""
+    worker = Worker(emit, detector_factory)
+    emit({"event": "ready", "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL})
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            req = json.loads(line)
+        except ValueError as exc:
+            emit({"id": None, "event": "error", "message": f"not a JSON request: {exc}"})
+            continue
+        if not worker.handle(req):
+            break
+    return 0
+
+
+def _watch_parent(parent: int) -> None:
+    """End the worker when the process that started it is gone (it would otherwise run on alone)."""
+    while True:
+        time.sleep(2.0)
+        if os.getppid() != parent:
+            os._exit(3)
+
+
+def main(detector_factory=None) -> int:
+    """Entry point of ``python -m HiMatchADLib worker``.
+
+    File descriptor 1 is kept for the protocol alone: everything else that writes to stdout (a print
+    in a library, a C extension) is sent to stderr, so it can never corrupt an event line.
+    """
+    proto = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8", newline="\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    lock = threading.Lock()
+
+    def emit(event: dict) -> None:
+        text = json.dumps(event, allow_nan=False, default=str)
+        with lock:
+            proto.write(text + "\n")
+            proto.flush()
+
+    if os.name == "posix":
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="parent watch").start()
+    stdin = iter(sys.stdin.readline, "")
+    try:
+        return serve(stdin, emit, detector_factory)
+    except (BrokenPipeError, KeyboardInterrupt):  # the client went away
+        return 0
