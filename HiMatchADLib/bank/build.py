@@ -45,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.atomic import write_text_atomic
+from ..core.atomic import process_alive, write_text_atomic
 from ..core.digest import _json_hash, file_digest
 from ..core.errors import HiMatchADError
 from ..core.progress import Reporter
@@ -139,16 +139,6 @@ _STALE_S = 3600.0
 _ABANDONED_S = 24 * 3600.0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _last_change(folder: Path) -> float:
     times = [folder.stat().st_mtime]
     for p in folder.iterdir():
@@ -177,7 +167,7 @@ def clean_stale_temporaries(banks_dir: Path, now: Optional[float] = None) -> lis
             idle = now - _last_change(p)
         except (ValueError, IndexError, OSError):
             continue
-        if idle > _ABANDONED_S or (idle > _STALE_S and not _pid_alive(pid)):
+        if idle > _ABANDONED_S or (idle > _STALE_S and not process_alive(pid)):
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
                 removed.append(p)

@@ -43,7 +43,8 @@ def _umask() -> int:
     return mask
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (always True on Windows, where probing kills)."""
     if os.name == "nt":  # os.kill would terminate the process there; rely on the age rule
         return True
     try:
@@ -76,7 +77,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, now: Optional[float] = N
             if not stat.S_ISREG(st.st_mode):
                 continue
             pid = m.group("pid")
-            dead = pid is not None and m.group("host") == _HOST and int(pid) != os.getpid() and not _process_alive(int(pid))
+            dead = pid is not None and m.group("host") == _HOST and int(pid) != os.getpid() and not process_alive(int(pid))
             if dead or now - st.st_mtime > STALE_TEMP_SECONDS:
                 os.unlink(e.path)
                 removed.append(Path(e.path))
