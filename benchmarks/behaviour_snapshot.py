@@ -198,7 +198,8 @@ def main() -> int:
     a.out.write_text(json.dumps(snap, indent=1, sort_keys=True))
     print(f"{len(snap['outputs'])} outputs digested -> {a.out}")
     if a.compare:
-        before = json.loads(a.compare.read_text())
+        before = strip(json.loads(a.compare.read_text()))  # a file written by an older version may keep more
+        snap = strip(snap)
         diffs = [k for k in sorted(set(before["outputs"]) | set(snap["outputs"])) if before["outputs"].get(k) != snap["outputs"].get(k)]
         if before["worker"] != snap["worker"]:
             diffs.append("worker")
