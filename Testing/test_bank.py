@@ -144,13 +144,13 @@ def test_codebook_assigns_each_row_to_its_most_similar_entry():
 
 def _check_stage_matching(bank, rng):
     """Matching a query against several slices at once equals brute force slice by slice."""
-    from HiMatchADLib.methods.maps import _max_cos_to_slices
+    from HiMatchADLib.methods.maps import max_cos_to_slices
 
     for st in bank.stages:
         q = rng.standard_normal((7, bank.cls.shape[1])).astype(np.float32)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         slices = [0, 3, 3, bank.n_slices - 1]
-        got = _max_cos_to_slices(bank, st, q, slices)
+        got = max_cos_to_slices(bank, st, q, slices)
         want = np.stack([(q @ bank.slice_centroids(st, i).T).max(1) for i in slices], axis=1)
         assert np.allclose(got, want, atol=1e-6)
 

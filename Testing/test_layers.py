@@ -132,3 +132,14 @@ def test_the_temporary_names_of_core_keep_every_suffix_io_reads_and_writes():
     from HiMatchADLib.io.formats import IMAGE_SUFFIXES, VOLUME_SUFFIXES
 
     assert set(_KEPT_SUFFIXES) == set(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_no_module_imports_another_modules_private_names(name):
+    """A name another module needs is public in its home (``_x`` stays inside its module)."""
+    tree = ast.parse(ALL[name].read_text(encoding="utf-8"))
+    private = [
+        (node.module, a.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level
+        for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+    ]
+    assert not private, f"{name} imports private names: {private}"

@@ -66,9 +66,9 @@ def test_maps_return_to_the_native_grid_at_the_right_place():
     prep = prepare_volume(img, "mri", "axial", 0.6, 224, 16)
     native = np.zeros((1,) + prep.native_shape[1:], np.float32)
     native[0, 40:46, 70:78] = 1.0
-    from HiMatchADLib.features.canvas import _to_canvas
+    from HiMatchADLib.features.canvas import to_canvas
 
-    back = prep.plane.to_native(_to_canvas(native, prep.plane))
+    back = prep.plane.to_native(to_canvas(native, prep.plane))
     assert back.shape == native.shape
     r, c = np.unravel_index(np.argmax(back[0]), back.shape[1:])
     assert 40 <= r < 46 and 70 <= c < 78
@@ -76,7 +76,7 @@ def test_maps_return_to_the_native_grid_at_the_right_place():
     # a smooth field survives the round trip
     yy, xx = np.mgrid[0:90, 0:130]
     field = (np.sin(yy / 15.0) + np.cos(xx / 20.0))[None].astype(np.float32)
-    rt = prep.plane.to_native(_to_canvas(field, prep.plane))
+    rt = prep.plane.to_native(to_canvas(field, prep.plane))
     assert np.abs(rt - field)[0, 2:-2, 2:-2].max() < 0.05
 
 

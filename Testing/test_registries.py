@@ -8,14 +8,13 @@ import importlib.util
 
 import numpy as np
 import pytest
+from conftest import RESOLUTION
 
 from HiMatchADLib import HiMatchADError, HiMatchDetector
 from HiMatchADLib.batch import get_engine, list_engines
 from HiMatchADLib.methods import MethodSpec, SliceScores, get_method, list_methods
 from HiMatchADLib.methods.base import Scorer
 from HiMatchADLib.outputs import check_outputs, get_writer, list_writers, output_paths
-
-from conftest import RESOLUTION
 
 
 def _choices(parser, command: str, option: str) -> list:

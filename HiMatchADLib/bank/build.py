@@ -46,7 +46,7 @@ from typing import Optional
 import numpy as np
 
 from ..core.atomic import process_alive, write_text_atomic
-from ..core.digest import _json_hash, file_digest
+from ..core.digest import file_digest, json_hash
 from ..core.errors import HiMatchADError
 from ..core.progress import Reporter
 from ..features.canvas import patch_foreground
@@ -60,17 +60,17 @@ from .store import (
     BANK_FORMAT,
     BankSettings,
     NormalBank,
-    _array_files,
-    _file_fingerprint,
-    _NpyAppender,
-    _save_npy,
+    NpyAppender,
+    array_files,
     default_cache_root,
+    file_fingerprint,
+    save_npy,
     verify_checksums,
 )
 
 
 def bank_key(folder: Path, extractor: FeatureExtractor, settings: BankSettings) -> str:
-    return _json_hash({"folder": str(folder.resolve()), "features": extractor.cache_key(), "settings": asdict(settings), "format": BANK_FORMAT})[:20]
+    return json_hash({"folder": str(folder.resolve()), "features": extractor.cache_key(), "settings": asdict(settings), "format": BANK_FORMAT})[:20]
 
 
 def scan_normals(folder: str | os.PathLike) -> tuple[Path, list[Path], list[dict]]:
@@ -80,7 +80,7 @@ def scan_normals(folder: str | os.PathLike) -> tuple[Path, list[Path], list[dict
         raise HiMatchADError(
             f"no images found in the normal folder {root} (looked for NIfTI, NRRD, MHA/MHD, DICOM series, PNG/JPEG/TIFF)"
         )
-    return root, files, [_file_fingerprint(p, root) for p in files]
+    return root, files, [file_fingerprint(p, root) for p in files]
 
 
 def build_or_load(
@@ -96,7 +96,7 @@ def build_or_load(
     root, files, fps = scan_normals(folder)
     cache_root = Path(cache_root) if cache_root else default_cache_root()
     dest = cache_root / "banks" / bank_key(root, extractor, settings)
-    content = _json_hash(fps)
+    content = json_hash(fps)
     if not rebuild and (dest / "manifest.json").exists():
         try:
             bank = NormalBank.load(dest, verify=False)
@@ -184,8 +184,8 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
     last = stages[-1]
     D = extractor.dim
     try:
-        tok_w = _NpyAppender(tmp / "tokens.npy", D, np.float16)
-        cent_w = {s: _NpyAppender(tmp / f"cent_{s}.npy", D, np.float16) for s in stages}
+        tok_w = NpyAppender(tmp / "tokens.npy", D, np.float16)
+        cent_w = {s: NpyAppender(tmp / f"cent_{s}.npy", D, np.float16) for s in stages}
         cls_rows, tok_off, cent_off = [], [0], {s: [0] for s in stages}
         meta = {"file": [], "index": [], "group": [], "pos": [], "grid": []}
         groups: list[str] = []
@@ -242,13 +242,13 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
         if not cls_rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
             raise HiMatchADError(f"no usable normal slices in {root}" + (f" (skipped: {reasons})" if reasons else ""))
-        _save_npy(tmp / "cls.npy", np.stack(cls_rows))
-        _save_npy(tmp / "tok_offsets.npy", np.asarray(tok_off, np.int64))
+        save_npy(tmp / "cls.npy", np.stack(cls_rows))
+        save_npy(tmp / "tok_offsets.npy", np.asarray(tok_off, np.int64))
         codebook_sizes = {}
         for si, s in enumerate(stages):
             reporter.check()
             reporter("Clustering normal features", si, len(stages))
-            _save_npy(tmp / f"cent_offsets_{s}.npy", np.asarray(cent_off[s], np.int64))
+            save_npy(tmp / f"cent_offsets_{s}.npy", np.asarray(cent_off[s], np.int64))
             if not settings.shared_codebook:  # each slice keeps its own centroids
                 os.replace(tmp / f"cent_{s}.npy", tmp / f"centroids_{s}.npy")
                 continue
@@ -257,8 +257,8 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             cb, codes = build_codebook(cents, size, seed=settings.seed, check=reporter.check)
             del cents
             (tmp / f"cent_{s}.npy").unlink()
-            _save_npy(tmp / f"codebook_{s}.npy", cb.astype(np.float16))
-            _save_npy(tmp / f"codes_{s}.npy", codes)
+            save_npy(tmp / f"codebook_{s}.npy", cb.astype(np.float16))
+            save_npy(tmp / f"codes_{s}.npy", codes)
             codebook_sizes[str(s)] = int(cb.shape[0])
         reporter("Clustering normal features", len(stages), len(stages))
         np.savez(
@@ -284,7 +284,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "codebook_sizes": codebook_sizes,
             "dim": D,
             "build_seconds": round(time.perf_counter() - t0, 3),
-            "checksums": {name: file_digest(tmp / name) for name in _array_files(tmp)},
+            "checksums": {name: file_digest(tmp / name) for name in array_files(tmp)},
             "complete": True,
         }
         write_text_atomic(tmp / "manifest.json", json.dumps(manifest, indent=1))

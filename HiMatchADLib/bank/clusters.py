@@ -1,5 +1,4 @@
-"""Seeded spherical k-means (faiss): per-slice summaries and the bank's shared codebooks.
-"""
+"""Seeded spherical k-means (faiss): per-slice summaries and the bank's shared codebooks."""
 
 from __future__ import annotations
 

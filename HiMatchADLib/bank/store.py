@@ -1,5 +1,4 @@
-"""The normal bank on disk: settings, manifest, checksummed arrays, loading and verification.
-"""
+"""The normal bank on disk: settings, manifest, checksummed arrays, loading and verification."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..core.digest import _json_hash, file_digest
+from ..core.digest import file_digest, json_hash
 
 BANK_FORMAT = 5
 
@@ -47,7 +46,7 @@ class BankSettings:
     seed: int = 0
 
 
-def _array_files(folder: Path) -> list:
+def array_files(folder: Path) -> list:
     return sorted(p.name for p in folder.iterdir() if p.suffix in (".npy", ".npz") and p.is_file() and _is_bank_array(p.name))
 
 
@@ -62,7 +61,7 @@ def verify_checksums(root: Path, manifest: dict) -> None:
     recorded = manifest.get("checksums")
     if not isinstance(recorded, dict) or not recorded:
         raise ValueError("the manifest records no checksums")
-    present = set(_array_files(root))
+    present = set(array_files(root))
     if present != set(recorded):
         raise ValueError(f"array files differ from the manifest ({sorted(present ^ set(recorded))[:3]})")
     for name, digest in sorted(recorded.items()):
@@ -70,7 +69,7 @@ def verify_checksums(root: Path, manifest: dict) -> None:
             raise ValueError(f"{name} is damaged (checksum mismatch)")
 
 
-def _file_fingerprint(path: Path, root: Path) -> dict:
+def file_fingerprint(path: Path, root: Path) -> dict:
     if path.is_dir():
         entries = sorted(p for p in path.iterdir() if p.is_file())
         size = sum(p.stat().st_size for p in entries)
@@ -80,7 +79,7 @@ def _file_fingerprint(path: Path, root: Path) -> dict:
     return {"path": str(path.relative_to(root)), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-class _NpyAppender:
+class NpyAppender:
     """Append rows to a ``.npy`` file whose length is unknown in advance (header patched at the end)."""
 
     HEADER_BYTES = 128
@@ -112,7 +111,7 @@ class _NpyAppender:
         self.fh.close()
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
+def save_npy(path: Path, arr: np.ndarray) -> None:
     np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
 
 
@@ -200,7 +199,7 @@ class NormalBank:
         return self._cache["cls32"]
 
     def extra_path(self, kind: str, settings: dict, suffix: str) -> Path:
-        return self.root / f"{kind}_{_json_hash(settings)[:16]}{suffix}"
+        return self.root / f"{kind}_{json_hash(settings)[:16]}{suffix}"
 
     def describe(self) -> dict:
         m = self.manifest

@@ -1,5 +1,4 @@
-"""Cases of a batch: every input file and DICOM series under a folder, with its output folder and name.
-"""
+"""Cases of a batch: every input file and DICOM series under a folder, with its output folder and name."""
 
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ class Case:
 
 
 # ------------------------------------------------------------------------------- finding the cases
-def _absolute(path: PathLike) -> Path:
+def absolute_path(path: PathLike) -> Path:
     return Path(os.path.abspath(Path(path).expanduser()))
 
 
@@ -68,19 +67,19 @@ def find_cases(
     """
     say = log or (lambda message: None)
     filters = parse_series_filters(series_filter)
-    root = _absolute(input_dir)
+    root = absolute_path(input_dir)
     if not root.exists():
         raise HiMatchADError(f"input folder not found: {root}")
     if not root.is_dir():
         raise HiMatchADError(f"not a folder: {root} (use 'himatchad detect' for a single input)")
-    out_root = _absolute(out_dir)
+    out_root = absolute_path(out_dir)
     out_real = out_root.resolve()
     root_real = root.resolve()
     excluded = []
     for e in exclude:
         if e is None:
             continue
-        real = real_path(_absolute(e))
+        real = real_path(absolute_path(e))
         if real is not None:
             excluded.append(real)
     if _inside(root_real, out_real):

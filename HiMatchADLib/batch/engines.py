@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from ..core.errors import HiMatchADError
+from ..core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -33,25 +33,10 @@ class Engine:
             getattr(importlib.import_module(self.module, __package__), self.requirement_check)()
 
 
-_ENGINES: dict = {}
-
-
-def register_engine(engine: Engine) -> Engine:
-    if engine.name in _ENGINES and _ENGINES[engine.name] != engine:
-        raise ValueError(f"engine {engine.name!r} is registered already")
-    _ENGINES[engine.name] = engine
-    return engine
-
-
-def list_engines() -> tuple:
-    return tuple(_ENGINES)
-
-
-def get_engine(name: str) -> Engine:
-    try:
-        return _ENGINES[name]
-    except KeyError:
-        raise HiMatchADError(f"unknown engine '{name}'; choose one of {', '.join(_ENGINES)}") from None
+_ENGINES = Registry("engine")
+register_engine = _ENGINES.register
+list_engines = _ENGINES.names
+get_engine = _ENGINES.get
 
 
 register_engine(Engine("local", "this process (reads ahead, writes behind)", ".local", "run_local"))

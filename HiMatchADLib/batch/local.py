@@ -1,5 +1,4 @@
-"""The local engine: cases in one process, the next read and the previous written while one computes.
-"""
+"""The local engine: cases in one process, the next read and the previous written while one computes."""
 
 from __future__ import annotations
 
@@ -14,9 +13,16 @@ from typing import Optional
 from ..core.errors import Cancelled, HiMatchADError
 from .cases import Case
 from .resume import case_outputs, check_earlier
-from .run_case import CASE_ERRORS, _case_error, _failed_row, _write_case, run_case
+from .run_case import CASE_ERRORS, case_error_message, failed_row, run_case, write_case
 from .runner import prepare_batch
-from .summary import STATUS_OK, SUMMARY_NAME, _join, _row, _warn, write_summary
+from .summary import (
+    STATUS_OK,
+    SUMMARY_NAME,
+    batch_warning,
+    join_notes,
+    summary_row,
+    write_summary,
+)
 
 
 # ------------------------------------------------------------------------------- overlapped stages
@@ -42,7 +48,7 @@ def _read_stage(detector, case: Case, out_root: Path, current: dict, overwrite: 
         try:
             out.query = detector.prepare(case.input)
         except CASE_ERRORS as exc:
-            out.error = _case_error(exc)
+            out.error = case_error_message(exc)
     out.seconds = time.perf_counter() - start
     return out
 
@@ -52,9 +58,9 @@ def _write_stage(detector, case: Case, result, save_options: dict) -> tuple:
     ``(None, error message, seconds)`` when the write failed."""
     start = time.perf_counter()
     try:
-        data, error = _write_case(detector, case, result, save_options), ""
+        data, error = write_case(detector, case, result, save_options), ""
     except CASE_ERRORS as exc:
-        data, error = None, _case_error(exc)
+        data, error = None, case_error_message(exc)
     return data, error, time.perf_counter() - start
 
 
@@ -107,7 +113,7 @@ def _run_local(
             if got.earlier is not None:
                 summary.add(case, got.earlier, got.seconds)
             elif got.error:
-                summary.add(case, _failed_row(case, out_root, got.error, say), got.seconds)
+                summary.add(case, failed_row(case, out_root, got.error, say), got.seconds)
             else:
                 start = time.perf_counter()
                 query, got.query = got.query, None
@@ -118,7 +124,7 @@ def _run_local(
                     raise
                 except CASE_ERRORS as exc:
                     result = None
-                    summary.add(case, _failed_row(case, out_root, _case_error(exc), say), got.seconds + time.perf_counter() - start)
+                    summary.add(case, failed_row(case, out_root, case_error_message(exc), say), got.seconds + time.perf_counter() - start)
                 del query
                 if result is not None:
                     seconds = got.seconds + time.perf_counter() - start
@@ -156,7 +162,7 @@ def run_local(
     written while one computes."""
     if options:
         raise HiMatchADError(f"the local engine takes no options (got {', '.join(sorted(options))})")
-    say = log or _warn
+    say = log or batch_warning
     out_root, cases, current = prepare_batch(detector, input_dir, out_dir, exclude, log=say, series_filter=series_filter, outputs=outputs)
     rows = _run_local(
         detector, cases, out_root, current, overwrite=overwrite, progress=progress, say=say, prefetch=prefetch, outputs=outputs
@@ -198,7 +204,7 @@ class _Summary:
                     return
                 data, error, write_s = future.result()
                 seconds += write_s
-                row = _failed_row(case, self.out_root, error, self.say) if error else _row(case, self.out_root, STATUS_OK, data, _join(*notes))
+                row = failed_row(case, self.out_root, error, self.say) if error else summary_row(case, self.out_root, STATUS_OK, data, join_notes(*notes))
             self._waiting.popleft()
             row["seconds"] = round(seconds, 3)
             self.rows.append(row)

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Optional
 
 from ..bank.build import scan_normals
 from ..bank.store import NormalBank
-from ..core.digest import _json_hash
+from ..core.digest import json_hash
 from ..core.errors import HiMatchADError
 from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
@@ -49,7 +49,13 @@ from .cases import Case, PathLike
 from .resume import check_earlier, result_settings, settings_changes
 from .run_case import run_case
 from .runner import prepare_batch
-from .summary import STATUS_FAILED, SUMMARY_NAME, _row, _warn, write_summary
+from .summary import (
+    STATUS_FAILED,
+    SUMMARY_NAME,
+    batch_warning,
+    summary_row,
+    write_summary,
+)
 
 #: Object store of a local cluster started by the engine: only case descriptions and summary rows
 #: travel through it.
@@ -144,7 +150,7 @@ class CaseWorker:
             _, _, fingerprints = scan_normals(spec["normals"])
         except HiMatchADError as exc:
             raise HiMatchADError(f"the worker on {host}: {exc}; on a cluster the normals folder must be shared too") from None
-        if _json_hash(fingerprints) != spec["content"]:
+        if json_hash(fingerprints) != spec["content"]:
             raise HiMatchADError(
                 f"the normal scans in {spec['normals']} seen by the worker on {host} differ from those of the bank "
                 "(changed after the batch started, or another copy); run the batch again"
@@ -329,7 +335,7 @@ def run_batch_ray(
     Cases that were done earlier are recognised here without starting Ray. See the module notes
     for the shared file system, dying workers and interruption.
     """
-    say = log or _warn
+    say = log or batch_warning
     if int(workers) < 1:
         raise HiMatchADError(f"workers must be at least 1, not {workers}")
     if float(gpus_per_worker) < 0 or float(cpus_per_worker) <= 0:
@@ -418,7 +424,7 @@ def run_batch_ray(
                     continue
                 message = f"the worker died twice while processing this case; the second time: {reason}"
                 say(f"{cases[i].case}: {message}")
-                row, seconds = _row(cases[i], out_root, STATUS_FAILED, None, message), round(time.perf_counter() - sent, 3)
+                row, seconds = summary_row(cases[i], out_root, STATUS_FAILED, None, message), round(time.perf_counter() - sent, 3)
             else:
                 for m in messages:
                     say(m)

@@ -1,5 +1,4 @@
-"""Resuming a batch: which cases are complete with the same settings.
-"""
+"""Resuming a batch: which cases are complete with the same settings."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ from typing import Optional
 
 from ..outputs.files import is_complete, output_paths
 from ..outputs.registry import check_outputs, get_writer
-from .cases import Case, PathLike, _absolute
-from .summary import STATUS_DONE, STATUS_SKIPPED, _join, _row
+from .cases import Case, PathLike, absolute_path
+from .summary import STATUS_DONE, STATUS_SKIPPED, join_notes, summary_row
 
 #: Settings recorded in a scores JSON that do not change the result: the software version, where it
 #: ran, and the modality the "auto" preset resolved to (a consequence of ``modality`` and the image).
@@ -39,7 +38,7 @@ def result_settings(detector) -> dict:
 def _same_folder(a, b) -> bool:
     if a is None or b is None:
         return a is None and b is None
-    return _absolute(str(a)).resolve() == _absolute(str(b)).resolve()
+    return absolute_path(str(a)).resolve() == absolute_path(str(b)).resolve()
 
 
 def _show(value) -> str:
@@ -105,7 +104,7 @@ def case_outputs(case: Case, outputs: tuple) -> tuple:
     return ({"outputs": kept} if kept else {}), note
 
 
-def _read_scores(path: Path) -> Optional[dict]:
+def read_scores(path: Path) -> Optional[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -124,12 +123,12 @@ def check_earlier(
     that cannot be analysed gives its "skipped" row at once. Reads only; :func:`run_case` starts
     with this check.
     """
-    out_root = _absolute(out_root)
+    out_root = absolute_path(out_root)
     if case.skip_reason:
-        return _row(case, out_root, STATUS_SKIPPED, None, case.skip_reason), ""
+        return summary_row(case, out_root, STATUS_SKIPPED, None, case.skip_reason), ""
     paths = output_paths(case.out_dir, case.name, False)
     if is_complete(case.out_dir, case.name):
-        data = _read_scores(paths["scores"])
+        data = read_scores(paths["scores"])
         if data is not None and not overwrite:
             changes = settings_changes(current, data)
             if changes:
@@ -143,7 +142,7 @@ def check_earlier(
             missing = [get_writer(k).title for k in wanted.get("outputs", ()) if k not in (data.get("outputs") or {})]
             if missing:
                 return None, f"recomputed: the earlier result has no {' or '.join(missing)}"
-            return _row(case, out_root, STATUS_DONE, data, _join(note, *map(str, data.get("warnings") or []))), ""
+            return summary_row(case, out_root, STATUS_DONE, data, join_notes(note, *map(str, data.get("warnings") or []))), ""
         return None, ""
     if paths["scores"].exists() or paths["heatmap"].exists():
         return None, "recomputed: earlier outputs were incomplete"

@@ -1,5 +1,4 @@
-"""One case of a batch: read, detect, write; errors become a ``failed`` row.
-"""
+"""One case of a batch: read, detect, write; errors become a ``failed`` row."""
 
 from __future__ import annotations
 
@@ -7,16 +6,16 @@ from pathlib import Path
 
 from ..core.errors import Cancelled, HiMatchADError
 from ..outputs.files import output_paths
-from .cases import Case, PathLike, _absolute
-from .resume import _read_scores, case_outputs, check_earlier
+from .cases import Case, PathLike, absolute_path
+from .resume import case_outputs, check_earlier, read_scores
 from .summary import (
     STATUS_FAILED,
     STATUS_OK,
-    _error_message,
-    _join,
-    _one_line,
-    _row,
-    _warn,
+    batch_warning,
+    error_message,
+    join_notes,
+    one_line,
+    summary_row,
 )
 
 #: Errors of one case that are recorded as "failed" while the batch goes on. ``Cancelled`` and
@@ -24,26 +23,26 @@ from .summary import (
 CASE_ERRORS = (HiMatchADError, OSError, ValueError, RuntimeError, MemoryError)
 
 
-def _write_case(detector, case: Case, result, save_options: dict) -> dict:
+def write_case(detector, case: Case, result, save_options: dict) -> dict:
     """Write the outputs of a computed case and return its scores JSON as read back."""
     paths = output_paths(case.out_dir, case.name, False)
     # From here on the case is not complete until its new scores JSON is written.
     paths["scores"].unlink(missing_ok=True)
     detector.save(result, case.out_dir, **save_options)
-    data = _read_scores(paths["scores"])
+    data = read_scores(paths["scores"])
     if data is None:
         raise HiMatchADError(f"the scores of {case.case} were not written to {paths['scores']}")
     return data
 
 
-def _case_error(exc: BaseException) -> str:
+def case_error_message(exc: BaseException) -> str:
     """The summary message of an error of one case."""
-    return _one_line(_error_message(exc))
+    return one_line(error_message(exc))
 
 
-def _failed_row(case: Case, out_root: Path, message: str, say) -> dict:
+def failed_row(case: Case, out_root: Path, message: str, say) -> dict:
     say(f"{case.case}: {message}")
-    return _row(case, out_root, STATUS_FAILED, None, message)
+    return summary_row(case, out_root, STATUS_FAILED, None, message)
 
 
 def run_case(
@@ -58,8 +57,8 @@ def run_case(
     (status "failed"); :class:`Cancelled` propagates. Reads, computes and writes in this thread,
     one after the other (the local engine of :func:`run_batch` overlaps them across cases).
     """
-    say = log or _warn
-    out_root = _absolute(out_root)
+    say = log or batch_warning
+    out_root = absolute_path(out_root)
     earlier, note = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
     if earlier is not None:
         return earlier
@@ -69,9 +68,9 @@ def run_case(
     try:
         result = detector.predict(case.input)
         result.name = case.name
-        data = _write_case(detector, case, result, save_options)
+        data = write_case(detector, case, result, save_options)
     except Cancelled:
         raise
     except CASE_ERRORS as exc:
-        return _failed_row(case, out_root, _case_error(exc), say)
-    return _row(case, out_root, STATUS_OK, data, _join(note, dicom_note, *map(str, result.warnings)))
+        return failed_row(case, out_root, case_error_message(exc), say)
+    return summary_row(case, out_root, STATUS_OK, data, join_notes(note, dicom_note, *map(str, result.warnings)))

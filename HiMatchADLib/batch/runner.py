@@ -50,10 +50,10 @@ from typing import Callable, Iterable, Optional
 from ..core.errors import HiMatchADError
 from ..io.series_filters import parse_series_filters
 from ..outputs.registry import check_outputs
-from .cases import PathLike, _absolute, find_cases
+from .cases import PathLike, absolute_path, find_cases
 from .engines import get_engine
 from .resume import result_settings
-from .summary import _warn
+from .summary import batch_warning
 
 
 def prepare_batch(
@@ -66,8 +66,8 @@ def prepare_batch(
     detector's normals folder excluded too; ``series_filter`` applied), creates the output folder
     and returns :func:`result_settings` of the detector.
     """
-    say = log or _warn
-    out_root = _absolute(out_dir)
+    say = log or batch_warning
+    out_root = absolute_path(out_dir)
     normals = getattr(detector, "normals_dir", None)
     if hasattr(detector, "normals_dir") and normals is None:
         raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")

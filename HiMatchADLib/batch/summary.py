@@ -1,5 +1,4 @@
-"""The batch summary: one row per case, ``summary.csv`` written atomically, counts.
-"""
+"""The batch summary: one row per case, ``summary.csv`` written atomically, counts."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ from typing import Optional
 from ..core.atomic import write_text_atomic
 from ..core.errors import HiMatchADError
 from ..outputs.files import output_paths
-from .cases import Case, PathLike, _absolute
+from .cases import Case, PathLike, absolute_path
 
 SUMMARY_COLUMNS = (
     "case", "input", "status", "volume_score", "threshold", "anomalous_voxels",
@@ -30,9 +29,9 @@ def _relative(path: Path, out_root: Path) -> str:
     return path.relative_to(out_root).as_posix()
 
 
-def _row(case: Case, out_root: Path, status: str, data: Optional[dict] = None, message: str = "") -> dict:
+def summary_row(case: Case, out_root: Path, status: str, data: Optional[dict] = None, message: str = "") -> dict:
     row = {c: "" for c in SUMMARY_COLUMNS}
-    row.update(case=case.case, input=str(_absolute(case.path)), status=status, message=message)
+    row.update(case=case.case, input=str(absolute_path(case.path)), status=status, message=message)
     if data is not None:
         for key in ("volume_score", "threshold", "anomalous_voxels", "anomalous_volume_mm3", "most_anomalous_slice"):
             value = data.get(key)
@@ -43,11 +42,11 @@ def _row(case: Case, out_root: Path, status: str, data: Optional[dict] = None, m
     return row
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _error_message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[0] if lines else ""
     if isinstance(exc, MemoryError):
@@ -57,8 +56,8 @@ def _error_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _join(*parts: str) -> str:
-    return _one_line("; ".join(p for p in parts if p))
+def join_notes(*parts: str) -> str:
+    return one_line("; ".join(p for p in parts if p))
 
 
 def write_summary(path: PathLike, rows: list) -> Path:
@@ -80,5 +79,5 @@ def summary_counts(rows: list) -> dict:
     return counts
 
 
-def _warn(message: str) -> None:
+def batch_warning(message: str) -> None:
     warnings.warn(message, stacklevel=3)

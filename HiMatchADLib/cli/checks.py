@@ -1,5 +1,4 @@
-"""Pre-flight checks of the command line: paths and folders checked before any work.
-"""
+"""Pre-flight checks of the command line: paths and folders checked before any work."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ def _check_dicom_options(args) -> None:
     args.outputs = check_outputs([name for name in list_writers() if getattr(args, name, False)], load=True)
 
 
-def _check_out_dir(out_dir: str) -> Path:
+def check_out_dir(out_dir: str) -> Path:
     """The output folder, refused before any computation when it is a file or cannot be written."""
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -108,12 +107,11 @@ def preflight(args) -> None:
     _check_out_dir_against_inputs(args)
 
 
-def _write_folders(args) -> list:
+def write_folders(args) -> list:
     """The folders a command writes to, as the user named them (for messages)."""
     found = []
     if isinstance(getattr(args, "out_dir", None), str):
         found.append(f"--out-dir {args.out_dir}")
     if hasattr(args, "cache_dir"):
-
         found.append(f"--cache-dir {args.cache_dir or default_cache_root()}")
     return found

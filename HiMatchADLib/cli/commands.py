@@ -1,5 +1,4 @@
-"""The commands: bank, detect, batch, demo, worker.
-"""
+"""The commands: bank, detect, batch, demo, worker."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from ..evaluation.phantom import write_demo_dataset
 from ..features.backbone import DEFAULT_MODEL, build_random_model, load_backbone
 from ..io.readers import dicom_input, read_image
 from ..worker.server import main as worker_main
-from .checks import _check_out_dir
+from .checks import check_out_dir
 
 
 def _detect_input(inp: Path, args):
@@ -49,7 +48,6 @@ def _detect_input(inp: Path, args):
 
 
 def detector_from_args(args, progress=None):
-
     return HiMatchDetector(
         model=args.model,
         method=getattr(args, "method", "himatch"),
@@ -74,7 +72,6 @@ def detector_from_args(args, progress=None):
 
 
 def _progress(args):
-
     return tqdm_callback(disable=getattr(args, "quiet", False))
 
 
@@ -86,7 +83,6 @@ def _fit(det, normals, args) -> None:
 
 def _say(args, msg: str) -> None:
     if not getattr(args, "quiet", False):
-
         print_line(msg)
 
 
@@ -99,7 +95,6 @@ def _summary_line(res, paths) -> str:
 
 # ---------------------------------------------------------------------------------------- commands
 def cmd_bank(args) -> int:
-
     # The same detector settings as `detect`, so the bank built here is the one `detect` finds.
     det = detector_from_args(args, _progress(args))
     t = time.perf_counter()
@@ -119,7 +114,7 @@ def cmd_detect(args) -> int:
     inp = Path(args.input).expanduser()
     if not inp.exists():
         raise HiMatchADError(f"input not found: {inp}")
-    out = _check_out_dir(args.out_dir)
+    out = check_out_dir(args.out_dir)
     query = _detect_input(inp, args)
     det = detector_from_args(args, _progress(args))
     img = det.check_query(query)  # a bad input fails now, not after minutes of bank building
@@ -133,8 +128,7 @@ def cmd_detect(args) -> int:
 
 
 def cmd_batch(args) -> int:
-
-    out = _check_out_dir(args.out_dir)
+    out = check_out_dir(args.out_dir)
     normals = os.path.abspath(Path(args.normals).expanduser())
     inputs = Path(args.input_dir).expanduser()
     find_cases(inputs, out, exclude=[normals], series_filter=args.series_filter)  # refuse a bad input folder before the bank is built
@@ -171,7 +165,7 @@ def cmd_demo(args) -> int:
     import numpy as np
 
 
-    out = _check_out_dir(args.out_dir)
+    out = check_out_dir(args.out_dir)
     data = out / "data"
     paths = write_demo_dataset(data, n_normals=args.normals_count, shape=(24, 96, 96), seed=args.seed)
     model = args.model
@@ -221,5 +215,4 @@ def cmd_demo(args) -> int:
 
 
 def cmd_worker(args) -> int:
-
     return worker_main()

@@ -19,9 +19,9 @@ from ..core.progress import close_bars, print_line
 from ..core.version import __version__
 from ..evaluation.command import add_subparser as add_evaluate_subparser
 from ..evaluation.synth import add_subparser as add_synth_subparser
-from .checks import _write_folders, preflight
+from .checks import preflight, write_folders
 from .commands import cmd_bank, cmd_batch, cmd_demo, cmd_detect, cmd_worker
-from .options import _positive_int, add_dicom_options, add_model_options
+from .options import add_dicom_options, add_model_options, positive_int_arg
 
 EXIT_USER_ERROR = 2
 
@@ -30,7 +30,6 @@ EXIT_INTERRUPTED = 130
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-
     print_line(f"warning: {message}", file)
 
 
@@ -42,7 +41,7 @@ def _os_error_message(exc: OSError, args=None) -> str:
     if exc.filename:
         where = f" {exc.filename}"
     else:
-        folders = _write_folders(args) if args is not None else []
+        folders = write_folders(args) if args is not None else []
         where = f" (in {' or '.join(folders)})" if folders else ""
     hint = {
         errno.ENOSPC: "free disk space or choose another folder (--out-dir, --cache-dir)",
@@ -94,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg = bt.add_argument_group("engine")
     eg.add_argument("--engine", default="local", choices=list_engines(), help="; ".join(f"{e}: {get_engine(e).title}" for e in list_engines()) + " (default local)")
     eg.add_argument("--address", default=None, metavar="ADDR", help="Ray cluster to use ('auto', 'ray://head:10001'); default: start a local one")
-    eg.add_argument("--workers", type=_positive_int, default=None, metavar="W", help="Ray actors (default 2)")
+    eg.add_argument("--workers", type=positive_int_arg, default=None, metavar="W", help="Ray actors (default 2)")
     eg.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor; a fraction shares a GPU (default 0)")
     eg.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     add_model_options(bt)
@@ -103,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="generate a small synthetic data set and run detection on it")
     dm.add_argument("--out-dir", default="himatchad-demo", metavar="OUT")
-    dm.add_argument("--normals-count", type=_positive_int, default=6, help=argparse.SUPPRESS)
+    dm.add_argument("--normals-count", type=positive_int_arg, default=6, help=argparse.SUPPRESS)
     dm.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     add_model_options(dm)
     dm.set_defaults(func=cmd_demo, model=None, resolution=224)

@@ -1,5 +1,4 @@
-"""Option groups and value types of the command line.
-"""
+"""Option groups and value types of the command line."""
 
 from __future__ import annotations
 
@@ -18,10 +17,10 @@ from ..features.slicing import SLICE_AXES
 from ..methods.base import get_method, list_methods
 from ..methods.knn_index import KNN_INDEXES
 
-_threshold = argtype(threshold_value)
-_positive_int = argtype(positive_int)
-_resolution = argtype(resolution_value)
-_fraction = argtype(fraction_value)
+threshold_arg = argtype(threshold_value)
+positive_int_arg = argtype(positive_int)
+resolution_arg = argtype(resolution_value)
+fraction_arg = argtype(fraction_value)
 
 
 def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> None:
@@ -29,15 +28,15 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local model folder (default {DEFAULT_MODEL})")
     g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
     g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
-    g.add_argument("--resolution", type=_resolution, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument("--resolution", type=resolution_arg, default=448, help="longer side of the model input in pixels (default 448)")
     g.add_argument(
         "--pixel-spacing", default="auto", metavar="MM",
         help="in-plane pixel spacing (mm) every slice is resampled to before the model: 'auto' (default: from the "
         "normal set), a number, or 'off' (stretch each slice to --resolution)",
     )
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
-    g.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass (default 8)")
-    g.add_argument("--slice-step", type=_positive_int, default=1, help="bank every n-th normal slice (default 1: all)")
+    g.add_argument("--batch-size", type=positive_int_arg, default=8, help="slices per forward pass (default 8)")
+    g.add_argument("--slice-step", type=positive_int_arg, default=1, help="bank every n-th normal slice (default 1: all)")
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     g.add_argument("--rebuild", action="store_true", help="rebuild the normal bank even if a cached one is current")
     g.add_argument(
@@ -49,15 +48,15 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
 
         m = p.add_argument_group("detection")
         m.add_argument("--method", default="himatch", choices=list_methods(), help="; ".join(f"{m}: {get_method(m).title}" for m in list_methods()) + " (default himatch)")
-        m.add_argument("--k", type=_positive_int, default=8, help="normal reference slices per query slice (himatch; default 8)")
+        m.add_argument("--k", type=positive_int_arg, default=8, help="normal reference slices per query slice (himatch; default 8)")
         m.add_argument(
             "--knn-index", default="exact", choices=KNN_INDEXES,
             help="knn only: exact nearest-neighbour search (default), or approximate ivf / hnsw (faster on large normal "
             "sets; built once and cached with the bank)",
         )
-        m.add_argument("--threshold", type=_threshold, default="auto", help="'auto' (calibrated on held-out normals) or a value")
-        m.add_argument("--fpr", type=_fraction, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
-        m.add_argument("--min-size", type=_positive_int, default=None, help="remove anomalous components smaller than this many voxels")
+        m.add_argument("--threshold", type=threshold_arg, default="auto", help="'auto' (calibrated on held-out normals) or a value")
+        m.add_argument("--fpr", type=fraction_arg, default=0.01, help="target pixel false-positive rate for --threshold auto (default 0.01)")
+        m.add_argument("--min-size", type=positive_int_arg, default=None, help="remove anomalous components smaller than this many voxels")
         m.add_argument(
             "--consistency-mm", type=float, default=None, metavar="MM",
             help="volumes: fuse each slice's map with its neighbours' (Gaussian, sigma in mm); default off",

@@ -1,5 +1,4 @@
-"""Atomic files: write to a temporary name beside the target, verify, rename; stale temporaries of dead processes removed.
-"""
+"""Atomic files: write to a temporary name beside the target, verify, rename; stale temporaries of dead processes removed."""
 
 from __future__ import annotations
 

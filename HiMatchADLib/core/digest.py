@@ -1,5 +1,4 @@
-"""Content digests: of files (SHA-256, chunked) and of JSON-able settings.
-"""
+"""Content digests: of files (SHA-256, chunked) and of JSON-able settings."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ import json
 from pathlib import Path
 
 
-def _json_hash(obj) -> str:
+def json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -1,5 +1,4 @@
-"""The one exception type for mistakes a user can make, and the cancellation signal.
-"""
+"""The one exception type for mistakes a user can make, and the cancellation signal."""
 
 from __future__ import annotations
 

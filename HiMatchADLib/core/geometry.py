@@ -1,5 +1,4 @@
-"""Image geometry (ITK/LPS): :class:`Geometry`, :class:`Image`, and the canonical reorientation of index axes.
-"""
+"""Image geometry (ITK/LPS): :class:`Geometry`, :class:`Image`, and the canonical reorientation of index axes."""
 
 from __future__ import annotations
 
@@ -12,11 +11,6 @@ from .errors import HiMatchADError
 
 if TYPE_CHECKING:  # annotations only: the series type lives in a higher layer
     from ..io.dicom import DicomSeries
-
-
-#: Largest volume accepted (voxels). Larger inputs are refused with a clear message rather than
-#: exhausting memory: 2**30 voxels are 4 GiB as float32.
-MAX_VOXELS = 2**30
 
 
 @dataclass

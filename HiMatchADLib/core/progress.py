@@ -1,5 +1,4 @@
-"""Progress reporting and cancellation (one callback for every long step), warnings, tqdm bars.
-"""
+"""Progress reporting and cancellation (one callback for every long step), warnings, tqdm bars."""
 
 from __future__ import annotations
 

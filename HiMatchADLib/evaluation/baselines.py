@@ -55,7 +55,6 @@ class IntensityBaselines:
         self.info: dict = {}
 
     def _prepare(self, image: Image):
-
         return prepare_volume(image, self.modality, self.slice_axis)
 
     def _bins(self, positions: np.ndarray) -> np.ndarray:

@@ -1,5 +1,4 @@
-"""The ``himatchad evaluate`` sub-command.
-"""
+"""The ``himatchad evaluate`` sub-command."""
 
 from __future__ import annotations
 

@@ -300,7 +300,6 @@ def _bmad_cases(root: Path, variant: str, split: str) -> tuple[Path, list[TestCa
 
 
 def _mask_is_empty(path: Path) -> bool:
-
     arr = read_image(path).array
     return not bool(np.any(np.nan_to_num(arr) != 0))
 

@@ -1,5 +1,4 @@
-"""The machine and library versions a result was measured with (``results.json``'s ``environment``).
-"""
+"""The machine and library versions a result was measured with (``results.json``'s ``environment``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""``results.png``: ROC and PRO curves, and example slices with each method's map and the ground truth.
-"""
+"""``results.png``: ROC and PRO curves, and example slices with each method's map and the ground truth."""
 
 from __future__ import annotations
 

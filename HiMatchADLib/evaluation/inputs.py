@@ -90,7 +90,6 @@ def normals_folder(paths: Sequence[Path], normal_dir: Path, cache_root: Optional
     if [str(p) for p in list_images(normal_dir)] == [str(p) for p in paths]:
         return normal_dir
     if cache_root is None:
-
         cache_root = default_cache_root()
     digest = hashlib.sha256("\n".join(str(p.resolve()) for p in paths).encode()).hexdigest()[:16]
     folder = Path(cache_root) / "subsets" / f"{normal_dir.name}-{len(paths)}-{digest}"

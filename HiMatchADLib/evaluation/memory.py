@@ -1,5 +1,4 @@
-"""Peak resident memory of the process (and peak GPU memory) while one method runs.
-"""
+"""Peak resident memory of the process (and peak GPU memory) while one method runs."""
 
 from __future__ import annotations
 

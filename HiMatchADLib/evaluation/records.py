@@ -1,5 +1,4 @@
-"""One case's output, whatever produced it, and the accumulation of a method's outputs into its metrics.
-"""
+"""One case's output, whatever produced it, and the accumulation of a method's outputs into its metrics."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The results as tables: ``results.md`` and the table printed on the console.
-"""
+"""The results as tables: ``results.md`` and the table printed on the console."""
 
 from __future__ import annotations
 

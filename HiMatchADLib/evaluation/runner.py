@@ -38,7 +38,6 @@ DEFAULT_OUT = "himatchad-eval"
 
 
 def _detector_factory(method: str, **kwargs):
-
     return HiMatchDetector(method=method, **kwargs)
 
 
@@ -50,7 +49,6 @@ class _Progress:
         self.quiet_detector = False
         self._cb = None
         if enabled:
-
             self._cb = tqdm_callback()
 
     def detector_callback(self, message: str, done: int, total: int) -> None:

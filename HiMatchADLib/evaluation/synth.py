@@ -344,7 +344,6 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_synth_cli(args) -> int:
-
     cfg = SynthConfig(
         seed=args.seed,
         n_holdout=args.n_holdout,

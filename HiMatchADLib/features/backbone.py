@@ -171,7 +171,7 @@ def resolve_precision(precision: str, device: str = "auto") -> str:
     return auto_precision(kind, False, cpu_flags())
 
 
-def _torch_dtype(precision: str):
+def torch_dtype(precision: str):
     """The dtype of the backbone's float weights and activations (int8 keeps float32 activations)."""
     import torch
 
@@ -247,7 +247,7 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
                 f"{model}: model type '{getattr(config, 'model_type', '?')}' is not a DINOv2/DINOv3 ViT; "
                 "pass a DINOv3 (e.g. facebook/dinov3-vits16-pretrain-lvd1689m) or DINOv2 model"
             )
-        dtype = _torch_dtype(precision)
+        dtype = torch_dtype(precision)
         try:
             net = AutoModel.from_pretrained(str(path) if local else model, dtype=dtype, **kwargs)
         except Exception as exc:

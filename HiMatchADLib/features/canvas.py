@@ -1,5 +1,4 @@
-"""The slice canvas: in-plane resampling to one pixel spacing, the model grid, model input tensors, patch foreground.
-"""
+"""The slice canvas: in-plane resampling to one pixel spacing, the model grid, model input tensors, patch foreground."""
 
 from __future__ import annotations
 
@@ -109,7 +108,7 @@ def plan_plane(native_hw, pixel_spacing, foreground_box, spacing_mm: float, reso
     return PlaneMap((H, W), tuple(int(v) for v in box), (h, w), offset, canvas, float(s)), warn
 
 
-def _to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear", threshold: Optional[float] = None) -> np.ndarray:
+def to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear", threshold: Optional[float] = None) -> np.ndarray:
     """Slices resampled onto the model canvas (float32), or, with ``threshold``, the boolean mask of
     the resampled values at or above it (made block by block, without the float canvas)."""
     import torch

@@ -1,5 +1,4 @@
-"""Feature extraction: patch tokens of selected stages (through the final norm, L2-normalised) and the CLS token.
-"""
+"""Feature extraction: patch tokens of selected stages (through the final norm, L2-normalised) and the CLS token."""
 
 from __future__ import annotations
 
@@ -11,10 +10,10 @@ import numpy as np
 from ..core.errors import HiMatchADError
 from .backbone import (
     DEFAULT_MODEL,
-    _torch_dtype,
     load_backbone,
     resolve_device,
     resolve_precision,
+    torch_dtype,
 )
 from .canvas import model_grid, to_model_input
 
@@ -102,7 +101,6 @@ class FeatureExtractor:
         }
 
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
-
         return model_grid(height, width, self.resolution, self.patch_size)
 
     def forward(self, pixel_values) -> Features:
@@ -113,7 +111,7 @@ class FeatureExtractor:
         p = self.patch_size
         gh, gw = pixel_values.shape[-2] // p, pixel_values.shape[-1] // p
         n_pre = self.info["num_prefix_tokens"]
-        dtype = _torch_dtype(self.precision)
+        dtype = torch_dtype(self.precision)
         with torch.inference_mode():
             out = self.net(pixel_values=pixel_values.to(self.device, dtype=dtype), output_hidden_states=True)
             hs = out.hidden_states  # embeddings + one per layer

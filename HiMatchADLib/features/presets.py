@@ -1,5 +1,4 @@
-"""Intensity presets (data, not code paths): normalisation to [0, 1] and the foreground of each modality.
-"""
+"""Intensity presets (data, not code paths): normalisation to [0, 1] and the foreground of each modality."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ BLOCK_VOXELS = 1 << 22
 MAX_SAMPLE = 2_000_000
 
 
-def _blocks(array: np.ndarray):
+def volume_blocks(array: np.ndarray):
     """Slices of the first axis of ``array`` holding about :data:`BLOCK_VOXELS` voxels each."""
     n = array.shape[0] if array.ndim else 0
     per = max(1, BLOCK_VOXELS // max(1, int(np.prod(array.shape[1:], dtype=np.int64))))
@@ -51,7 +50,7 @@ def _blocks(array: np.ndarray):
         yield slice(a, min(n, a + per))
 
 
-def _pad_values(pad, dtype) -> Optional[np.ndarray]:
+def padding_array(pad, dtype) -> Optional[np.ndarray]:
     return np.asarray(pad, dtype) if len(pad) else None
 
 
@@ -68,20 +67,20 @@ def _sample(values: np.ndarray, valid_of: Optional[np.ndarray] = None, pad: Opti
     valid voxels (:func:`_valid`) of ``valid_of`` (default ``values``) and ``n`` is their number:
     the same sample, in C order of the arrays' shape, without full-size temporaries."""
     src = values if valid_of is None else valid_of
-    n = sum(int(np.count_nonzero(_valid(src[b], pad))) for b in _blocks(src))
+    n = sum(int(np.count_nonzero(_valid(src[b], pad))) for b in volume_blocks(src))
     step = n // limit + 1 if n > limit else 1
     parts, seen = [], 0
-    for b in _blocks(src):
+    for b in volume_blocks(src):
         picked = values[b][_valid(src[b], pad)]
         parts.append(picked[(-seen) % step :: step].copy())  # not a view that keeps the block alive
         seen += picked.size
     return np.concatenate(parts) if parts else np.zeros(0, values.dtype)
 
 
-def _valid_range(array: np.ndarray, pad: Optional[np.ndarray]) -> tuple:
+def valid_range(array: np.ndarray, pad: Optional[np.ndarray]) -> tuple:
     """(lowest, highest) valid value of ``array`` (:func:`_valid`); (inf, -inf) when there is none."""
     lo, hi = np.inf, -np.inf
-    for b in _blocks(array):
+    for b in volume_blocks(array):
         block = array[b]
         ok = _valid(block, pad)
         if ok.any():
@@ -94,7 +93,7 @@ def _percentile_below(array: np.ndarray, q: float, value: float) -> bool:
     """Whether ``np.percentile(array[np.isfinite(array)], q) < value`` (False without finite voxels),
     from counts over blocks instead of a sorted copy of the volume."""
     n = below = 0
-    for b in _blocks(array):
+    for b in volume_blocks(array):
         block = array[b]
         fin = np.isfinite(block)
         n += int(np.count_nonzero(fin))
@@ -172,7 +171,7 @@ def normalise(array: np.ndarray, preset: dict, *, pad=(), slice_axis: Optional[i
 
     With ``slice_axis`` the result has that axis first (C-contiguous), ready to be sliced.
     """
-    pad_arr = _pad_values(pad, array.dtype)
+    pad_arr = padding_array(pad, array.dtype)
     kind = preset["scaling"]
     if kind == "divide":
         divisor = float(preset["divisor"])
@@ -200,7 +199,7 @@ def normalise(array: np.ndarray, preset: dict, *, pad=(), slice_axis: Optional[i
         raise ValueError(f"unknown scaling {kind}")
     src = array if slice_axis is None else np.moveaxis(array, slice_axis, 0)
     out = np.empty(src.shape, np.float32)
-    for b in _blocks(src):
+    for b in volume_blocks(src):
         block = src[b]
         a = np.where(_valid(block, pad_arr), block, np.nan).astype(np.float32)
         out[b] = np.nan_to_num(np.clip(scale(a), 0.0, 1.0), nan=0.0)
@@ -217,7 +216,7 @@ def foreground_mask(array: np.ndarray, normalised: Optional[np.ndarray], preset:
     """
     from scipy import ndimage
 
-    pad_arr = _pad_values(pad, array.dtype)
+    pad_arr = padding_array(pad, array.dtype)
     src = np.moveaxis(array, slice_axis, 0)
     if preset["foreground"] == "hu":
         hu_min = preset["hu_min"]
@@ -233,7 +232,7 @@ def foreground_mask(array: np.ndarray, normalised: Optional[np.ndarray], preset:
         def block_mask(b):
             return _valid(src[b], pad_arr) & (norm[b] > t)
     filled = np.empty(src.shape, bool)
-    for b in _blocks(src):
+    for b in volume_blocks(src):
         mask = block_mask(b)
         for n in range(mask.shape[0]):
             filled[b.start + n] = ndimage.binary_fill_holes(mask[n])

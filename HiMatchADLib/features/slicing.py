@@ -17,16 +17,16 @@ from ..core.errors import HiMatchADError
 from ..core.geometry import IDENTITY, Image, Reorientation, canonical_reorientation
 from ..io.formats import IMAGE_SUFFIXES
 from ..io.readers import read_image
-from .canvas import PlaneMap, _to_canvas, has_physical_spacing, model_side, plan_plane
+from .canvas import PlaneMap, has_physical_spacing, model_side, plan_plane, to_canvas
 from .presets import (
     PRESETS,
-    _blocks,
-    _pad_values,
-    _valid_range,
     foreground_mask,
     normalise,
+    padding_array,
     padding_values,
     resolve_modality,
+    valid_range,
+    volume_blocks,
 )
 
 SLICE_AXES = ("auto", "axial", "coronal", "sagittal", "largest_spacing")
@@ -127,14 +127,14 @@ def prepare_volume(
     raw = reo.to_canonical(image.array)  # a view: nothing below copies the whole volume but the normalised one
     warn: list[str] = list(image.warnings)
     pad = padding_values(raw) if preset["scaling"] != "divide" else []
-    pad_arr = _pad_values(pad, raw.dtype)
+    pad_arr = padding_array(pad, raw.dtype)
     if pad:  # neither foreground nor part of the intensity statistics
-        n_pad = sum(int(np.count_nonzero(np.isin(raw[b], pad_arr))) for b in _blocks(raw))
+        n_pad = sum(int(np.count_nonzero(np.isin(raw[b], pad_arr))) for b in volume_blocks(raw))
         warn.append(
             f"{image.name}: {n_pad} voxels ({100.0 * n_pad / raw.size:.2g} %) hold the padding value(s) "
             f"{', '.join(f'{v:g}' for v in pad)}: excluded from the foreground and the intensity statistics"
         )
-    lo, hi = _valid_range(raw, pad_arr)
+    lo, hi = valid_range(raw, pad_arr)
     if lo > hi:
         raise HiMatchADError(f"{image.name}: no finite voxel")
     if hi == lo:
@@ -169,8 +169,8 @@ def prepare_volume(
         plane, w = plan_plane(norm.shape[1:], pixel_spacing, fbox, float(spacing_mm), int(resolution), int(patch_size))
         if w:
             warn.append(f"{image.name}: {w}")
-        norm = _to_canvas(native, plane)
-        fg = _to_canvas(native_fg, plane, threshold=0.5)
+        norm = to_canvas(native, plane)
+        fg = to_canvas(native_fg, plane, threshold=0.5)
     return PreparedVolume(
         image=image,
         modality=mod,

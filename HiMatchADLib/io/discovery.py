@@ -1,5 +1,4 @@
-"""Input discovery: the images and DICOM series under a folder, links followed once, outputs of this tool left out.
-"""
+"""Input discovery: the images and DICOM series under a folder, links followed once, outputs of this tool left out."""
 
 from __future__ import annotations
 

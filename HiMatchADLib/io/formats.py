@@ -1,5 +1,4 @@
-"""File formats: the suffixes of volumes, 2D images and DICOM files, names without suffix, and the completeness check of NIfTI files.
-"""
+"""File formats: the suffixes of volumes, 2D images and DICOM files, names without suffix, and the completeness check of NIfTI files."""
 
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and low.endswith(VOLUME_SUFFIXES + IMAGE_SUFFIXES)
 
 
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _nifti_data_end(header: bytes) -> Optional[int]:
@@ -78,7 +77,7 @@ def check_complete(path: str | os.PathLike) -> None:
     """
     p = Path(path)
     low = p.name.lower()
-    if not (low.endswith(_NIFTI_SUFFIXES) or low.endswith(".gz")):
+    if not (low.endswith(NIFTI_SUFFIXES) or low.endswith(".gz")):
         return
     try:
         with open(p, "rb") as f:
@@ -102,7 +101,7 @@ def check_complete(path: str | os.PathLike) -> None:
         ) from exc
     except OSError as exc:
         raise HiMatchADError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    if low.endswith(_NIFTI_SUFFIXES):
+    if low.endswith(NIFTI_SUFFIXES):
         need = _nifti_data_end(head)
         if need is not None and size < need:
             raise HiMatchADError(

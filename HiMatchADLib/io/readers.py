@@ -1,5 +1,4 @@
-"""Readers: NIfTI, NRRD, MHA/MHD, DICOM series and 2D images into :class:`~HiMatchADLib.core.geometry.Image`, geometry kept exactly.
-"""
+"""Readers: NIfTI, NRRD, MHA/MHD, DICOM series and 2D images into :class:`~HiMatchADLib.core.geometry.Image`, geometry kept exactly."""
 
 from __future__ import annotations
 
@@ -13,10 +12,14 @@ from typing import Optional
 import numpy as np
 
 from ..core.errors import HiMatchADError
-from ..core.geometry import MAX_VOXELS, Geometry, Image
+from ..core.geometry import Geometry, Image
 from .dicom import DicomSeries, describe_files, is_dicom_file, select_series
 from .formats import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_complete, strip_suffix
 from .series_filters import matches
+
+#: Largest volume accepted (voxels). Larger inputs are refused with a clear message rather than
+#: exhausting memory: 2**30 voxels are 4 GiB as float32.
+MAX_VOXELS = 2**30
 
 _quiet_lock = threading.Lock()
 
@@ -25,7 +28,7 @@ _quiet_state = {"depth": 0, "previous": True}
 
 
 @contextlib.contextmanager
-def _quiet_itk():
+def quiet_itk():
     """ITK's warnings off inside (a process-wide switch: threads that read and write at the same
     time share it, and the last one out restores it)."""
     import SimpleITK as sitk
@@ -61,7 +64,7 @@ def read_sitk(path):
     p = Path(path)
     try:
         check_complete(p)
-        with _quiet_itk():
+        with quiet_itk():
             return sitk.ReadImage(str(p))
     except HiMatchADError:
         raise
@@ -105,7 +108,7 @@ def _read_series(series: DicomSeries):
     if missing:
         raise HiMatchADError(f"the DICOM series {series.where()} lost {len(missing)} files since it was found (e.g. {missing[0]})")
     try:
-        with _quiet_itk():
+        with quiet_itk():
             if len(series.files) == 1:
                 img = sitk.ReadImage(series.files[0])
             else:

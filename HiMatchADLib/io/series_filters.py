@@ -1,5 +1,4 @@
-"""``--series-filter``: selecting DICOM series by modality, description, number or UID.
-"""
+"""``--series-filter``: selecting DICOM series by modality, description, number or UID."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Subjects of normal files: from ``<subject>_<n>`` names or a ``subject_pattern`` regular expression.
-"""
+"""Subjects of normal files: from ``<subject>_<n>`` names or a ``subject_pattern`` regular expression."""
 
 from __future__ import annotations
 

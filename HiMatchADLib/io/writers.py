@@ -1,5 +1,4 @@
-"""Writers: volumes and images in the input's exact geometry, written atomically and verified by reading back.
-"""
+"""Writers: volumes and images in the input's exact geometry, written atomically and verified by reading back."""
 
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ import numpy as np
 from ..core.atomic import atomic_path
 from ..core.errors import HiMatchADError
 from ..core.geometry import Geometry
-from .formats import _NIFTI_SUFFIXES
-from .readers import _quiet_itk, read_sitk
+from .formats import NIFTI_SUFFIXES
+from .readers import quiet_itk, read_sitk
 
 
 def to_sitk(array: np.ndarray, geometry: Geometry):
@@ -47,7 +46,7 @@ def check_storable(geometry: Geometry, path: str | os.PathLike) -> None:
     be silently made orthogonal, and the output would no longer overlay its input.
     """
     d = geometry.direction[:2, :2] if geometry.is_2d else geometry.direction
-    if str(path).lower().endswith(_NIFTI_SUFFIXES) and _orthogonality_error(d) > 1e-4:
+    if str(path).lower().endswith(NIFTI_SUFFIXES) and _orthogonality_error(d) > 1e-4:
         cols = d / np.linalg.norm(d, axis=0, keepdims=True)
         angles = np.degrees(np.arccos(np.clip(np.abs(cols.T @ cols), 0, 1)))
         worst = float(np.min(angles[np.triu_indices(len(d), 1)]))
@@ -107,7 +106,7 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | os.PathLike, 
     lossy = str(path).lower().endswith((".jpg", ".jpeg"))
     with atomic_path(path) as tmp:
         try:
-            with _quiet_itk():
+            with quiet_itk():
                 sitk.WriteImage(img, str(tmp), compress)
         except RuntimeError as exc:
             raise HiMatchADError(f"cannot write {path}: {str(exc).strip().splitlines()[-1]}") from exc

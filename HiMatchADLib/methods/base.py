@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ..core.errors import HiMatchADError
+from ..core.registry import Registry
 
 
 @dataclass
@@ -96,21 +97,18 @@ class MethodSpec:
     uses_knn_index: bool = False
 
 
-_REGISTRY: dict = {}
+_METHODS = Registry("method")
 #: Built-in methods, in the order the choices are listed: each module registers itself on import.
 _BUILTIN = ("himatch", "knn", "dpmm")
 
 
 def register_method(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (its name must be new); returns it."""
-    if spec.name in _REGISTRY and _REGISTRY[spec.name] is not spec:
-        raise ValueError(f"method {spec.name!r} is registered already")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _METHODS.register(spec)
 
 
 def _load_builtin() -> None:
-    if len(_REGISTRY) < len(_BUILTIN):
+    if len(_METHODS.names()) < len(_BUILTIN):
         for name in _BUILTIN:
             importlib.import_module(f"{__package__}.{name}")
 
@@ -118,13 +116,12 @@ def _load_builtin() -> None:
 def list_methods() -> tuple:
     """Names of the registered methods (the built-in ones first, in their order)."""
     _load_builtin()
-    return tuple(sorted(_REGISTRY, key=lambda n: (_BUILTIN.index(n) if n in _BUILTIN else len(_BUILTIN), n)))
+    return tuple(sorted(_METHODS.names(), key=lambda n: (_BUILTIN.index(n) if n in _BUILTIN else len(_BUILTIN), n)))
 
 
 def get_method(name: str) -> MethodSpec:
     """The registered method ``name`` (case-insensitive), or :class:`HiMatchADError` naming the choices."""
     _load_builtin()
-    spec = _REGISTRY.get(str(name).lower())
-    if spec is None:
+    if str(name).lower() not in _METHODS:
         raise HiMatchADError(f"unknown method '{name}'; choose one of {', '.join(list_methods())}")
-    return spec
+    return _METHODS.get(str(name).lower())

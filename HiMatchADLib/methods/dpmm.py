@@ -1,5 +1,4 @@
-"""``dpmm`` (AnomalyDINO-DPMM): distance to the nearest component of a Dirichlet-process mixture of normal patches.
-"""
+"""``dpmm`` (AnomalyDINO-DPMM): distance to the nearest component of a Dirichlet-process mixture of normal patches."""
 
 from __future__ import annotations
 

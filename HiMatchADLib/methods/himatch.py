@@ -1,5 +1,4 @@
-"""``himatch`` (HiMatch-AD): dual-branch retrieval, stage maps against clustered support features, reliability-weighted fusion.
-"""
+"""``himatch`` (HiMatch-AD): dual-branch retrieval, stage maps against clustered support features, reliability-weighted fusion."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import numpy as np
 from ..bank.store import NormalBank
 from ..core.result import Support
 from .base import MethodSpec, QuerySlice, Scorer, SliceScores, register_method
-from .maps import _max_cos_to_slices
+from .maps import max_cos_to_slices
 
 
 class HiMatchScorer(Scorer):
@@ -82,7 +81,7 @@ class HiMatchScorer(Scorer):
                 out.append((np.zeros(0, np.int64), np.zeros(0, np.float32), None))
                 continue
             # Patch branch on the candidates' last-stage clustered features.
-            last_cos = _max_cos_to_slices(bank, self._last, q.tokens[-1], cand)
+            last_cos = max_cos_to_slices(bank, self._last, q.tokens[-1], cand)
             r = self.alpha * csim + (1.0 - self.alpha) * last_cos.mean(0)
             order = np.argsort(-r, kind="stable")[: self.k]
             out.append((cand[order].astype(np.int64), r[order].astype(np.float32), last_cos[:, order]))
@@ -99,7 +98,7 @@ class HiMatchScorer(Scorer):
         a = np.empty((S, n), np.float32)
         v = np.empty((S, n), np.float32)
         for si, st in enumerate(self.stages):
-            cos = last_cos if (st == self._last and last_cos is not None) else _max_cos_to_slices(self.bank, st, q.tokens[si], supports)
+            cos = last_cos if (st == self._last and last_cos is not None) else max_cos_to_slices(self.bank, st, q.tokens[si], supports)
             d = 1.0 - cos  # (n, K)
             a[si] = d.min(1)
             v[si] = d.var(1)

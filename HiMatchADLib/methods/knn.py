@@ -1,5 +1,4 @@
-"""``knn`` (AnomalyDINO): nearest normal patch, 1 - cosine.
-"""
+"""``knn`` (AnomalyDINO): nearest normal patch, 1 - cosine."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ class KnnScorer(Scorer):
     name = "knn"
 
     def __init__(self, bank: NormalBank, groups: Optional[np.ndarray] = None, index: str = "exact", reporter=None):
-
         self.bank = bank
         # Subject of each bank slice (what a calibration query excludes); the bank's own by default.
         self.groups = bank.slice_group if groups is None else np.asarray(groups)

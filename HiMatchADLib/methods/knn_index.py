@@ -392,7 +392,6 @@ def write_index(index, path: Path, record: dict) -> dict:
     size = 0
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-
             def write(chunk: bytes) -> int:
                 nonlocal size
                 fh.write(chunk)
@@ -421,7 +420,6 @@ def read_index(path: Path, record: dict, key: dict):
     h = hashlib.blake2b(digest_size=16)
     size = 0
     with open(path, "rb") as fh:
-
         def read(n: int) -> bytes:
             nonlocal size
             chunk = fh.read(n)

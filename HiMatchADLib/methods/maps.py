@@ -99,7 +99,7 @@ def _segment_max(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(sims, offsets[:-1], axis=1)
 
 
-def _max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) -> np.ndarray:
+def max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) -> np.ndarray:
     """(n, len(slices)): for each query token, max cosine to each slice's clustered features.
 
     Per-slice centroids (default): only the rows of ``slices`` are read from the memory-mapped

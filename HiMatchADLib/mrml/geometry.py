@@ -1,5 +1,4 @@
-"""Geometry between MRML volume nodes (RAS) and the library's images (LPS), and checks that a result fits its node.
-"""
+"""Geometry between MRML volume nodes (RAS) and the library's images (LPS), and checks that a result fits its node."""
 
 from __future__ import annotations
 

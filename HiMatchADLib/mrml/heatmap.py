@@ -1,5 +1,4 @@
-"""The heatmap and labelmap volume nodes and how the heatmap is displayed.
-"""
+"""The heatmap and labelmap volume nodes and how the heatmap is displayed."""
 
 from __future__ import annotations
 
@@ -12,9 +11,9 @@ from ..core.result import DetectionResult
 from .nodes import (
     ROLE_HEATMAP,
     ROLE_LABELMAP,
-    _base_name,
-    _nodes_by_class,
-    _write_volume_node,
+    base_name,
+    nodes_by_class,
+    write_volume_node,
 )
 
 #: Perceptual colour maps for the heatmap, best first: Slicer's Inferno, ColdToHotRainbow, then
@@ -33,7 +32,7 @@ def heatmap_color_node_id(scene) -> Optional[str]:
         if scene.GetNodeByID(node_id) is not None:
             return node_id
     for name in ("Inferno", "ColdToHotRainbow"):
-        for node in _nodes_by_class(scene, "vtkMRMLColorNode"):
+        for node in nodes_by_class(scene, "vtkMRMLColorNode"):
             if node.GetName() == name:
                 return node.GetID()
     return None
@@ -70,8 +69,8 @@ def heatmap_to_volume_node(result: DetectionResult, reference_node, node=None, s
     ``node``: an existing node to update; otherwise the heatmap node of an earlier run on the same
     reference is reused, or a new one is added to ``scene`` (default: the reference's scene).
     """
-    node = _write_volume_node(result, reference_node, node, scene, "vtkMRMLScalarVolumeNode", ROLE_HEATMAP,
-                              name or f"{_base_name(result, reference_node)} anomaly heatmap", result.heatmap.astype(np.float32, copy=False))
+    node = write_volume_node(result, reference_node, node, scene, "vtkMRMLScalarVolumeNode", ROLE_HEATMAP,
+                              name or f"{base_name(result, reference_node)} anomaly heatmap", result.heatmap.astype(np.float32, copy=False))
     configure_heatmap_display(node, result)
     return node
 
@@ -79,8 +78,8 @@ def heatmap_to_volume_node(result: DetectionResult, reference_node, node=None, s
 # --------------------------------------------------------------------------- labelmap and segmentation
 def labelmap_to_volume_node(result: DetectionResult, reference_node, node=None, scene=None, name: Optional[str] = None):
     """Write ``result.labelmap`` (uint8, 1 = anomalous) into a labelmap volume node on the reference grid."""
-    node = _write_volume_node(result, reference_node, node, scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP,
-                              name or f"{_base_name(result, reference_node)} anomaly labelmap", result.labelmap.astype(np.uint8, copy=False))
+    node = write_volume_node(result, reference_node, node, scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP,
+                              name or f"{base_name(result, reference_node)} anomaly labelmap", result.labelmap.astype(np.uint8, copy=False))
     if node.GetDisplayNode() is None:
         node.CreateDefaultDisplayNodes()
     return node
@@ -89,7 +88,7 @@ def labelmap_to_volume_node(result: DetectionResult, reference_node, node=None, 
 def set_heatmap_opacity(scene, heatmap_node, opacity: float) -> int:
     """Foreground opacity of the slice views that show ``heatmap_node`` as foreground."""
     n = 0
-    for composite in _nodes_by_class(scene, "vtkMRMLSliceCompositeNode"):
+    for composite in nodes_by_class(scene, "vtkMRMLSliceCompositeNode"):
         if heatmap_node is not None and composite.GetForegroundVolumeID() == heatmap_node.GetID():
             composite.SetForegroundOpacity(float(opacity))
             n += 1

@@ -1,5 +1,4 @@
-"""Node roles: which nodes of a scene are inputs, and the output nodes of an input found and placed beside it.
-"""
+"""Node roles: which nodes of a scene are inputs, and the output nodes of an input found and placed beside it."""
 
 from __future__ import annotations
 
@@ -52,7 +51,7 @@ def node_in_scene(node, scene=None) -> bool:
     return bool(node_id) and own.GetNodeByID(node_id) is node
 
 
-def _require_in_scene(node, what: str) -> None:
+def require_in_scene(node, what: str) -> None:
     if not node_in_scene(node):
         name = node.GetName() if node is not None else "?"
         raise HiMatchADError(
@@ -75,7 +74,7 @@ def is_input_candidate(node) -> bool:
 
 def input_candidates(scene) -> list:
     """The volume nodes of ``scene`` that :func:`is_input_candidate` accepts, in scene order."""
-    return [node for node in _nodes_by_class(scene, "vtkMRMLVolumeNode") if is_input_candidate(node)]
+    return [node for node in nodes_by_class(scene, "vtkMRMLVolumeNode") if is_input_candidate(node)]
 
 
 def _place_like(node, reference_node, result: Optional[DetectionResult]) -> None:
@@ -90,7 +89,7 @@ def _place_like(node, reference_node, result: Optional[DetectionResult]) -> None
 
 
 # --------------------------------------------------------------------------- node bookkeeping
-def _scene_of(*candidates):
+def scene_of(*candidates):
     for c in candidates:
         if c is None:
             continue
@@ -105,7 +104,7 @@ def _scene_of(*candidates):
     return scene
 
 
-def _nodes_by_class(scene, class_name: str) -> list:
+def nodes_by_class(scene, class_name: str) -> list:
     nodes = []
     for i in range(scene.GetNumberOfNodesByClass(class_name)):
         nodes.append(scene.GetNthNodeByClass(i, class_name))
@@ -116,7 +115,7 @@ def find_output_node(scene, class_name: str, role: str, reference_node):
     """The node of ``class_name`` made for ``reference_node`` with ``role`` by an earlier run, if any."""
     if scene is None or reference_node is None:
         return None
-    for node in _nodes_by_class(scene, class_name):
+    for node in nodes_by_class(scene, class_name):
         if node.GetAttribute(ROLE_ATTRIBUTE) != role:
             continue
         ref = node.GetNodeReference(INPUT_REFERENCE_ROLE)
@@ -125,7 +124,7 @@ def find_output_node(scene, class_name: str, role: str, reference_node):
     return None
 
 
-def _output_node(scene, class_name: str, role: str, reference_node, node, name: str):
+def output_node(scene, class_name: str, role: str, reference_node, node, name: str):
     if node is None:
         node = find_output_node(scene, class_name, role, reference_node)
     if node is None:
@@ -136,7 +135,7 @@ def _output_node(scene, class_name: str, role: str, reference_node, node, name: 
     return node
 
 
-def _base_name(result: Optional[DetectionResult], reference_node) -> str:
+def base_name(result: Optional[DetectionResult], reference_node) -> str:
     if reference_node is not None and reference_node.GetName():
         return reference_node.GetName()
     return (result.name if result is not None else None) or "volume"
@@ -166,13 +165,13 @@ def place_in_same_study(node, reference_node) -> None:
         sh.SetItemParent(item, parent)
 
 
-def _write_volume_node(result: DetectionResult, reference_node, node, scene, class_name: str, role: str, label: str, array: np.ndarray):
+def write_volume_node(result: DetectionResult, reference_node, node, scene, class_name: str, role: str, label: str, array: np.ndarray):
     """The output node of ``role`` (reused or added), placed on the reference grid, holding ``array``."""
     if reference_node is not None:
-        _require_in_scene(reference_node, "input volume")
+        require_in_scene(reference_node, "input volume")
         check_result_matches(result, reference_node)
-    scene = _scene_of(scene, node, reference_node)
-    node = _output_node(scene, class_name, role, reference_node, node, label)
+    scene = scene_of(scene, node, reference_node)
+    node = output_node(scene, class_name, role, reference_node, node, label)
     _place_like(node, reference_node, result)
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
     return node

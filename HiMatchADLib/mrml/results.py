@@ -14,11 +14,11 @@ from ..core.errors import HiMatchADError
 from ..core.result import DetectionResult
 from .geometry import check_result_matches
 from .heatmap import heatmap_to_volume_node
-from .nodes import _require_in_scene, _scene_of, node_in_scene, place_in_same_study
+from .nodes import node_in_scene, place_in_same_study, require_in_scene, scene_of
 from .scores import scores_to_plot, scores_to_table
 from .segments import (
     SEGMENT_NAME,
-    _is_edited,
+    is_edited,
     labelmap_to_segmentation,
     update_segmentation_threshold,
 )
@@ -66,8 +66,8 @@ class ResultNodes:
 
         ``if_edited`` says what happens to edits of the segment: see :func:`update_segmentation_threshold`.
         """
-        _require_in_scene(self.input_volume, "input volume")
-        _require_in_scene(self.segmentation, "segmentation")
+        require_in_scene(self.input_volume, "input volume")
+        require_in_scene(self.segmentation, "segmentation")
         labelmap = self.labelmap if node_in_scene(self.labelmap, self.segmentation.GetScene()) else None
         return update_segmentation_threshold(
             self.result, self.segmentation, threshold, labelmap_node=labelmap, reference_node=self.input_volume,
@@ -82,7 +82,7 @@ def segment_was_edited(nodes: ResultNodes, segment_name: str = SEGMENT_NAME) -> 
     then an update loses nothing."""
     if not node_in_scene(nodes.segmentation):
         return False
-    return _is_edited(nodes.segmentation, nodes.segmentation.GetSegmentation().GetSegmentIdBySegmentName(segment_name))
+    return is_edited(nodes.segmentation, nodes.segmentation.GetSegmentation().GetSegmentIdBySegmentName(segment_name))
 
 
 def result_to_nodes(
@@ -104,8 +104,8 @@ def result_to_nodes(
     """
     if reference_node is None:
         raise HiMatchADError("no input volume node to attach the results to")
-    _require_in_scene(reference_node, "input volume")
-    scene = _scene_of(scene, reference_node)
+    require_in_scene(reference_node, "input volume")
+    scene = scene_of(scene, reference_node)
     if reference_node.GetScene() is not scene:
         raise HiMatchADError(f"the input volume '{reference_node.GetName()}' belongs to another scene")
     check_result_matches(result, reference_node)

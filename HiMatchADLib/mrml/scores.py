@@ -1,5 +1,4 @@
-"""The score table and plot of a result, and the supports of a slice.
-"""
+"""The score table and plot of a result, and the supports of a slice."""
 
 from __future__ import annotations
 
@@ -14,9 +13,9 @@ from .nodes import (
     ROLE_CHART,
     ROLE_PLOT_SERIES,
     ROLE_TABLE,
-    _base_name,
-    _output_node,
-    _scene_of,
+    base_name,
+    output_node,
+    scene_of,
 )
 from .segments import SEGMENT_COLOR
 
@@ -35,9 +34,9 @@ def _slice_rows(result: DetectionResult):
 def scores_to_table(result: DetectionResult, table_node=None, reference_node=None, scene=None, name: Optional[str] = None):
     """Per-slice scores in a table node: slice index, score (0 where the slice had no foreground),
     foreground flag (1 = scored), and the best-matching normal reference with its similarity."""
-    scene = _scene_of(scene, table_node, reference_node)
-    label = name or f"{_base_name(result, reference_node)} anomaly scores"
-    table_node = _output_node(scene, "vtkMRMLTableNode", ROLE_TABLE, reference_node, table_node, label)
+    scene = scene_of(scene, table_node, reference_node)
+    label = name or f"{base_name(result, reference_node)} anomaly scores"
+    table_node = output_node(scene, "vtkMRMLTableNode", ROLE_TABLE, reference_node, table_node, label)
     rows = list(_slice_rows(result))
     idx = vtk.vtkIntArray()
     idx.SetName(TABLE_COLUMNS[0])
@@ -66,9 +65,9 @@ def scores_to_table(result: DetectionResult, table_node=None, reference_node=Non
 
 def scores_to_plot(table_node, chart_node=None, series_node=None, reference_node=None, scene=None, name: Optional[str] = None):
     """A plot chart of the table's score per slice (line). Returns ``(chart_node, series_node)``."""
-    scene = _scene_of(scene, chart_node, table_node)
+    scene = scene_of(scene, chart_node, table_node)
     base = name or (f"{reference_node.GetName()} anomaly" if reference_node is not None else table_node.GetName())
-    series_node = _output_node(scene, "vtkMRMLPlotSeriesNode", ROLE_PLOT_SERIES, reference_node, series_node, f"{base} score")
+    series_node = output_node(scene, "vtkMRMLPlotSeriesNode", ROLE_PLOT_SERIES, reference_node, series_node, f"{base} score")
     with slicer.util.NodeModify(series_node):
         series_node.SetAndObserveTableNodeID(table_node.GetID())
         series_node.SetXColumnName(TABLE_COLUMNS[0])
@@ -78,7 +77,7 @@ def scores_to_plot(table_node, chart_node=None, series_node=None, reference_node
         series_node.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
         series_node.SetMarkerSize(4)
         series_node.SetColor(*SEGMENT_COLOR)
-    chart_node = _output_node(scene, "vtkMRMLPlotChartNode", ROLE_CHART, reference_node, chart_node, f"{base} score per slice")
+    chart_node = output_node(scene, "vtkMRMLPlotChartNode", ROLE_CHART, reference_node, chart_node, f"{base} score per slice")
     with slicer.util.NodeModify(chart_node):
         if not chart_node.HasPlotSeriesNodeID(series_node.GetID()):
             chart_node.AddAndObservePlotSeriesNodeID(series_node.GetID())

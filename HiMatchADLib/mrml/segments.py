@@ -1,5 +1,4 @@
-"""The Anomaly segment: terminology, DICOM tags, edits kept, threshold updates.
-"""
+"""The Anomaly segment: terminology, DICOM tags, edits kept, threshold updates."""
 
 from __future__ import annotations
 
@@ -19,11 +18,11 @@ from .heatmap import labelmap_to_volume_node
 from .nodes import (
     INPUT_REFERENCE_ROLE,
     ROLE_SEGMENTATION,
-    _base_name,
-    _output_node,
-    _require_in_scene,
-    _scene_of,
+    base_name,
     find_output_node,
+    output_node,
+    require_in_scene,
+    scene_of,
 )
 
 SEGMENT_NAME = "Anomaly"
@@ -170,7 +169,7 @@ def _segment_array(segmentation_node, segment_id: str, reference_node) -> np.nda
     """Copy of a segment as a ``(k, j, i)`` uint8 array on ``reference_node``'s grid."""
     ids = vtk.vtkStringArray()
     ids.InsertNextValue(segment_id)
-    with _temporary_labelmap(_scene_of(segmentation_node, reference_node)) as temp:
+    with _temporary_labelmap(scene_of(segmentation_node, reference_node)) as temp:
         if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, temp, reference_node):
             raise RuntimeError(f"exporting segment '{segment_id}' of '{segmentation_node.GetName()}' failed")
         return np.array(slicer.util.arrayFromVolume(temp), dtype=np.uint8, copy=True)
@@ -211,7 +210,7 @@ def _import_labelmap_into_segment(labelmap_node, segmentation_node, segment_id: 
     segment.SetTag(LABELMAP_DIGEST_TAG, _segment_digest(segmentation_node, segment_id)[0])
 
 
-def _is_edited(segmentation_node, segment_id: str) -> bool:
+def is_edited(segmentation_node, segment_id: str) -> bool:
     """True if the segment does not hold what the last import put there.
 
     A non-empty segment that no import of this module wrote (no digest) counts as edited.
@@ -263,7 +262,7 @@ def _resolve_edits(segmentation_node, segment_name: str, if_edited: str) -> Opti
     if segmentation_node is None or if_edited == "overwrite":
         return None
     segment_id = segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(segment_name)
-    if not _is_edited(segmentation_node, segment_id):
+    if not is_edited(segmentation_node, segment_id):
         return None
     if if_edited == "raise":
         raise SegmentEditedError(
@@ -296,17 +295,17 @@ def labelmap_to_segmentation(
     :func:`update_segmentation_threshold`) before anything changes. Returns
     ``(segmentation_node, segment_id, labelmap_node)``.
     """
-    scene = _scene_of(scene, segmentation_node, reference_node)
+    scene = scene_of(scene, segmentation_node, reference_node)
     if reference_node is not None:
-        _require_in_scene(reference_node, "input volume")
+        require_in_scene(reference_node, "input volume")
         check_result_matches(result, reference_node)
     if segmentation_node is None:
         segmentation_node = find_output_node(scene, "vtkMRMLSegmentationNode", ROLE_SEGMENTATION, reference_node)
     ensure_segmentation_converters()
     _resolve_edits(segmentation_node, segment_name, if_edited)
     labelmap_node = labelmap_to_volume_node(result, reference_node, node=labelmap_node, scene=scene)
-    label = name or f"{_base_name(result, reference_node)} anomaly"
-    segmentation_node = _output_node(scene, "vtkMRMLSegmentationNode", ROLE_SEGMENTATION, reference_node, segmentation_node, label)
+    label = name or f"{base_name(result, reference_node)} anomaly"
+    segmentation_node = output_node(scene, "vtkMRMLSegmentationNode", ROLE_SEGMENTATION, reference_node, segmentation_node, label)
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
     if reference_node is not None:
@@ -347,11 +346,11 @@ def update_segmentation_threshold(
     nothing; ``"keep"`` first copies the edited segment into a new segment "<name> (edited)"
     (SEMIAUTOMATIC), ``"overwrite"`` discards the edits.
     """
-    _require_in_scene(segmentation_node, "segmentation")
+    require_in_scene(segmentation_node, "segmentation")
     if reference_node is None:
         reference_node = segmentation_node.GetNodeReference(INPUT_REFERENCE_ROLE)
     if reference_node is not None:
-        _require_in_scene(reference_node, "input volume")
+        require_in_scene(reference_node, "input volume")
         check_result_matches(result, reference_node)
     _resolve_edits(segmentation_node, segment_name, if_edited)
     result.set_threshold(float(threshold))

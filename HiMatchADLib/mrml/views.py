@@ -1,5 +1,4 @@
-"""Slice views: what they show and where they are.
-"""
+"""Slice views: what they show and where they are."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import numpy as np
 import slicer
 import vtk
 
-from .nodes import _nodes_by_class
+from .nodes import nodes_by_class
 
 
 # --------------------------------------------------------------------------- slice views and navigation
@@ -19,7 +18,7 @@ def show_in_slice_views(scene, background_node=None, foreground_node=None, foreg
     The same as ``slicer.util.setSliceViewerLayers`` but on an explicit scene and without Qt.
     Returns the number of slice views updated.
     """
-    composites = _nodes_by_class(scene, "vtkMRMLSliceCompositeNode")
+    composites = nodes_by_class(scene, "vtkMRMLSliceCompositeNode")
     for composite in composites:
         with slicer.util.NodeModify(composite):
             if background_node is not None:

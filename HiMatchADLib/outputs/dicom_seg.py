@@ -307,7 +307,6 @@ def _save_verified(pydicom, dataset, path: Path, sop_class: str, expected: np.nd
 
 
 def _equipment(result: DetectionResult) -> dict:
-
     return {
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": f"{ALGORITHM_NAME} {result.method}",

@@ -1,5 +1,4 @@
-"""The overlay picture of a 2D result: the heatmap over the image, the labelmap outline.
-"""
+"""The overlay picture of a 2D result: the heatmap over the image, the labelmap outline."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
 from ..core.errors import HiMatchADError
+from ..core.registry import Registry
 
 DICOM_INSTALL_HINT = 'DICOM SEG and parametric map outputs need highdicom: pip install "himatchad[dicom]"'
 
@@ -50,26 +51,11 @@ class OutputWriter:
         self.load()
 
 
-OUTPUT_WRITERS: dict = {}
-
-
-def register_writer(writer: OutputWriter) -> OutputWriter:
-    if writer.name in OUTPUT_WRITERS and OUTPUT_WRITERS[writer.name] != writer:
-        raise ValueError(f"output writer {writer.name!r} is registered already")
-    OUTPUT_WRITERS[writer.name] = writer
-    return writer
-
-
-def list_writers() -> tuple:
-    """Names of the optional outputs, in registration order."""
-    return tuple(OUTPUT_WRITERS)
-
-
-def get_writer(name: str) -> OutputWriter:
-    try:
-        return OUTPUT_WRITERS[name]
-    except KeyError:
-        raise HiMatchADError(f"unknown output '{name}'; choose from {', '.join(OUTPUT_WRITERS)}") from None
+OUTPUT_WRITERS = Registry("output")
+register_writer = OUTPUT_WRITERS.register
+#: Names of the optional outputs, in registration order.
+list_writers = OUTPUT_WRITERS.names
+get_writer = OUTPUT_WRITERS.get
 
 
 def check_outputs(outputs: Optional[Iterable[str]], load: bool = False) -> tuple:
@@ -82,9 +68,9 @@ def check_outputs(outputs: Optional[Iterable[str]], load: bool = False) -> tuple
     wanted = set()
     for name in outputs:
         if not isinstance(name, str):
-            raise HiMatchADError(f"outputs must be names of outputs ({', '.join(OUTPUT_WRITERS)}), not {name!r}")
+            raise HiMatchADError(f"outputs must be names of outputs ({', '.join(list_writers())}), not {name!r}")
         wanted.add(get_writer(name).name)
-    names = tuple(n for n in OUTPUT_WRITERS if n in wanted)
+    names = tuple(n for n in list_writers() if n in wanted)
     if load:
         for n in names:
             get_writer(n).check()

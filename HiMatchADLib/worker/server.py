@@ -54,7 +54,6 @@ log = logging.getLogger("HiMatchAD.worker")
 
 
 def _default_factory():
-
     return HiMatchDetector
 
 
@@ -187,7 +186,6 @@ class Worker:
         return normals, loaded, time.perf_counter() - t
 
     def _detect(self, rid, req, det, existed) -> None:
-
         inp = self._path(req, "input")
         out_dir = self._path(req, "out_dir")
         t0 = time.perf_counter()
@@ -217,7 +215,6 @@ class Worker:
         })
 
     def _batch(self, rid, req, det, existed) -> None:
-
         input_dir = Path(self._path(req, "input_dir")).expanduser()
         out_dir = Path(self._path(req, "out_dir")).expanduser()
         t0 = time.perf_counter()
