@@ -111,3 +111,16 @@ def test_the_worker_reads_outputs_by_name_and_the_protocol_1_booleans():
     assert requested_outputs({}) == ()
     with pytest.raises(HiMatchADError):
         requested_outputs({"outputs": "dicom_seg"})
+
+
+def test_the_worker_refuses_unknown_outputs_before_making_a_detector(tmp_path):
+    from HiMatchADLib.worker.server import Worker
+
+    made = []
+    events = []
+    w = Worker(events.append, detector_factory=lambda **kw: made.append(kw))
+    for cmd in ("detect", "batch"):
+        w.handle({"id": cmd, "cmd": cmd, "input": str(tmp_path), "input_dir": str(tmp_path), "normals": str(tmp_path),
+                  "out_dir": str(tmp_path / "o"), "outputs": ["dicom_sr"]})
+    assert [e["event"] for e in events] == ["error", "error"] and not made
+    assert all("unknown output 'dicom_sr'" in e["message"] and not e.get("internal") for e in events)

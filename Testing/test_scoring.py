@@ -115,3 +115,37 @@ def test_stage_scores_against_the_supports_own_centroids(tmp_path):
     a2, _ = scorer.stage_scores(query, np.array([0, 2]))
     np.testing.assert_allclose(a2[0], dist[:, [0, 2]].min(1), atol=1e-6)
     assert a2[0, 0] > 0.1
+
+
+def test_himatch_calibration_statistics_and_fusion_against_a_reference():
+    """``HiMatchScorer.calibrate``: per stage the median and 1.4826 x MAD of the held-out raw stage
+    scores (floored at 1e-6), then every held-out slice fused as sum_s w_s z_s / sum_s w_s with
+    z = (a - median) / sigma and w = 1 / (v / sigma^2 + tau), written out here by hand."""
+    from HiMatchADLib.methods.base import SliceScores
+    from HiMatchADLib.methods.himatch import HiMatchScorer
+
+    rng = np.random.default_rng(3)
+    scorer = HiMatchScorer.__new__(HiMatchScorer)  # the statistics need no bank
+    scorer.stages, scorer.tau, scorer.calibration = [1, 3], 1.0, None
+    centre = [SliceScores(patch=np.zeros(5, np.float32), stage=rng.normal([[0.2], [0.5]], [[0.05], [0.1]], (2, 5)), var=rng.random((2, 5)) * 0.01) for _ in range(4)]
+    constant = SliceScores(patch=np.zeros(3, np.float32), stage=np.full((2, 3), 0.7), var=np.zeros((2, 3)))
+    record = scorer.calibrate(centre, centre + [constant])
+    a = np.concatenate([s.stage for s in centre], axis=1)
+    med = [float(np.sort(row)[9] + np.sort(row)[10]) / 2 for row in a]  # median of 20 values
+    mad = [float(np.median(np.abs(row - m))) for row, m in zip(a, med)]
+    assert record["stages"]["stages"] == [1, 3]
+    np.testing.assert_allclose(record["stages"]["median"], med, rtol=1e-12)
+    np.testing.assert_allclose(record["stages"]["sigma"], [1.4826 * m for m in mad], rtol=1e-12)
+    for s in centre + [constant]:
+        z = [(s.stage[i] - med[i]) / (1.4826 * mad[i]) for i in range(2)]
+        w = [1.0 / (s.var[i] / (1.4826 * mad[i]) ** 2 + 1.0) for i in range(2)]
+        np.testing.assert_allclose(s.patch, (w[0] * z[0] + w[1] * z[1]) / (w[0] + w[1]), rtol=1e-5)
+    # a stored record gives the same fusion back
+    other = HiMatchScorer.__new__(HiMatchScorer)
+    other.stages, other.tau, other.calibration = [1, 3], 1.0, None
+    other.set_calibration(record)
+    np.testing.assert_array_equal(other.fuse(constant.stage, constant.var), scorer.fuse(constant.stage, constant.var))
+    assert other.calibration == record["stages"]
+    # a stage with no spread on the held-out slices keeps a positive sigma
+    flat = [SliceScores(patch=np.zeros(4, np.float32), stage=np.full((2, 4), 0.3), var=np.zeros((2, 4)))]
+    assert scorer.calibrate(flat, flat)["stages"]["sigma"] == [1e-6, 1e-6]

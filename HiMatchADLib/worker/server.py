@@ -42,6 +42,7 @@ from ..core.errors import Cancelled, HiMatchADError
 from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
 from ..outputs.files import save_result
+from ..outputs.registry import check_outputs
 from .protocol import (
     EXTRACTOR_SETTINGS,
     PROGRESS_INTERVAL_S,
@@ -157,11 +158,13 @@ class Worker:
         det = None
         try:
             settings = self._check_settings(req.get("settings"))
+            # Unknown outputs, or a writer whose package is missing, fail before any model work.
+            outputs = check_outputs(requested_outputs(req), load=True)
             det, existed = self.detector(settings)
             if cmd == "detect":
-                self._detect(rid, req, det, existed)
+                self._detect(rid, req, det, existed, outputs)
             else:
-                self._batch(rid, req, det, existed)
+                self._batch(rid, req, det, existed, outputs)
         except Cancelled:
             self.emit({"id": rid, "event": "error", "message": "cancelled"})
         except HiMatchADError as exc:
@@ -185,7 +188,7 @@ class Worker:
         det.fit(normals)
         return normals, loaded, time.perf_counter() - t
 
-    def _detect(self, rid, req, det, existed) -> None:
+    def _detect(self, rid, req, det, existed, outputs: tuple) -> None:
         inp = self._path(req, "input")
         out_dir = self._path(req, "out_dir")
         t0 = time.perf_counter()
@@ -198,7 +201,7 @@ class Worker:
             res = det.predict(query)
         predict_s = time.perf_counter() - t
         t = time.perf_counter()
-        paths = save_result(res, out_dir, foreground=bool(req.get("foreground", False)), outputs=requested_outputs(req))
+        paths = save_result(res, out_dir, foreground=bool(req.get("foreground", False)), outputs=outputs)
         self.emit({
             "id": rid, "event": "done",
             "scores": str(paths["scores"]),
@@ -214,7 +217,7 @@ class Worker:
             "timings": {"fit": round(fit_s, 3), "predict": round(predict_s, 3), "save": round(time.perf_counter() - t, 3)},
         })
 
-    def _batch(self, rid, req, det, existed) -> None:
+    def _batch(self, rid, req, det, existed, outputs: tuple) -> None:
         input_dir = Path(self._path(req, "input_dir")).expanduser()
         out_dir = Path(self._path(req, "out_dir")).expanduser()
         t0 = time.perf_counter()
@@ -223,7 +226,7 @@ class Worker:
             det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals],
             progress=self._progress(rid), log=lambda m: log.warning("%s", m),
             engine=str(req.get("engine") or "local"), engine_options=req.get("engine_options") or None,
-            series_filter=req.get("series_filter") or (), outputs=requested_outputs(req),
+            series_filter=req.get("series_filter") or (), outputs=outputs,
         )
         self.emit({
             "id": rid, "event": "done",
