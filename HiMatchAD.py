@@ -15,7 +15,6 @@ import csv
 import enum
 import logging
 import os
-import pathlib
 import shutil
 import sys
 import tempfile
@@ -921,54 +920,6 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 #
 
 
-def makeSyntheticTestData(folder, shape=(12, 40, 40), normals=3, seed=0):
-    """Synthetic data for the self-test: normal phantoms, a case with a bright lesion, a tiny model.
-
-    Returns ``(normalsFolder, caseArray, lesionMask, modelFolder)``. The model is a randomly
-    initialised DINOv3 ViT saved to a local folder, so nothing is downloaded.
-    """
-    import numpy as np
-    import SimpleITK as sitk
-
-    folder = pathlib.Path(folder)
-    rng = np.random.default_rng(seed)
-    nz, ny, nx = shape
-    zz, yy, xx = np.mgrid[0:nz, 0:ny, 0:nx].astype(np.float32)
-
-    def phantom(noise_seed):
-        r = np.random.default_rng(noise_seed)
-        body = ((yy - ny / 2) / (0.42 * ny)) ** 2 + ((xx - nx / 2) / (0.38 * nx)) ** 2 <= 1.0
-        inner = ((yy - ny / 2) / (0.25 * ny)) ** 2 + ((xx - nx / 2) / (0.22 * nx)) ** 2 <= 1.0
-        arr = np.where(body, 300.0, 0.0) + np.where(inner, 150.0, 0.0)
-        arr += body * r.normal(0, 12, shape)
-        return arr.astype(np.float32)
-
-    normalsFolder = folder / "normals"
-    normalsFolder.mkdir(parents=True, exist_ok=True)
-    for i in range(normals):
-        image = sitk.GetImageFromArray(phantom(int(rng.integers(1 << 30))))
-        image.SetSpacing((1.0, 1.0, 3.0))
-        sitk.WriteImage(image, str(normalsFolder / f"normal_{i}.nii.gz"))
-
-    case = phantom(int(rng.integers(1 << 30)))
-    # A heterogeneous lesion: its texture, not only its brightness, differs from any normal patch.
-    lesion = ((zz - nz / 2) / 2.5) ** 2 + ((yy - ny * 0.45) / 6.0) ** 2 + ((xx - nx * 0.55) / 6.0) ** 2 <= 1.0
-    checker = ((yy // 2 + xx // 2) % 2).astype(np.float32)
-    case[lesion] = (250.0 + 600.0 * checker + rng.normal(0, 60, shape).astype(np.float32))[lesion]
-
-    import torch
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
-
-    torch.manual_seed(seed)
-    config = DINOv3ViTConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-        patch_size=8, image_size=64, num_register_tokens=2,
-    )
-    modelFolder = folder / "model"
-    DINOv3ViTModel(config).save_pretrained(str(modelFolder))
-    return normalsFolder, case, lesion, modelFolder
-
-
 class HiMatchADTest(ScriptedLoadableModuleTest):
     """Self-test: synthetic volume with a lesion, synthetic normal folder, tiny random DINOv3 model."""
 
@@ -987,11 +938,12 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
         logic.ensureDependencies(interactive=False, installInTesting=True)
         self.assertTrue(logic.dependenciesReady)
         from HiMatchADLib import mrml
+        from HiMatchADLib.evaluation.phantom import write_selftest_data
         from HiMatchADLib.io.writers import write_image
 
         with tempfile.TemporaryDirectory(prefix="HiMatchADTest") as tmp:
             self.delayDisplay("Creating synthetic data")
-            normalsFolder, case, lesion, modelFolder = makeSyntheticTestData(tmp)
+            normalsFolder, case, lesion, modelFolder = write_selftest_data(tmp)
             # An oblique, anisotropic placement: outputs must overlay the input exactly.
             angle = np.radians(20.0)
             ijkToRas = np.eye(4)

@@ -1,4 +1,10 @@
-"""Layer 6, ``detector``: the :class:`HiMatchDetector` facade, its declared parameters, calibration and subjects."""
+"""Layer 6, ``detector``: the :class:`HiMatchDetector` facade and what it is made of.
+
+- :mod:`.detector`: :class:`HiMatchDetector` (configure, ``fit``, ``prepare``, ``predict``, ``save``);
+- :mod:`.parameters`: checks of user-given values shared by the command line and the evaluation;
+- :mod:`.calibration`: held-out normal slices and the calibrated threshold;
+- :mod:`.subjects`: the subject of every bank slice (what calibration holds out together).
+"""
 
 from .detector import HiMatchDetector, PreparedQuery
 

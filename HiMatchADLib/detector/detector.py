@@ -38,28 +38,18 @@ from ..features.slicing import (
 )
 from ..io.dicom import DicomSeries
 from ..io.readers import is_2d_file, read_image
-from ..io.subjects import compile_subject_pattern, subject_of
+from ..io.subjects import compile_subject_pattern
 from ..io.writers import check_storable
 from ..methods.base import QuerySlice, get_method
 from ..methods.knn_index import check_knn_index
 from ..methods.maps import (
-    fuse_one,
     fuse_slices,
     patch_to_pixels,
     top_percent_mean,
-    window,
 )
 from ..outputs.files import save_result
-
-#: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
-#: ``calibration_slices`` held-out slices when the normal set has them, warnings kept with it).
-CALIBRATION_FORMAT = 3
-
-
-#: Fewer held-out calibration slices than this is reported as a warning (the threshold is uncertain).
-MIN_CALIBRATION_SLICES = 8
-
-
+from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
+from .subjects import subject_groups
 
 
 @dataclass
@@ -404,7 +394,7 @@ class HiMatchDetector:
         for s in self.bank.skipped:
             warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
         if self.scorer is None:
-            self.slice_subject, self.subjects, group_warnings = self._subject_groups()
+            self.slice_subject, self.subjects, group_warnings = subject_groups(self.bank, self.subject_pattern)
             self._fitted_pattern = self.subject_pattern
             self._prepare_method()
             self.fit_warnings = group_warnings + list(self.calibration.get("warnings", [])) + self.scorer.fit_warnings()
@@ -421,80 +411,10 @@ class HiMatchDetector:
         self.fit_info.update(self.scorer.describe())
         return self
 
-    def _subject_groups(self) -> tuple[np.ndarray, list, list]:
-        """Subject of every bank slice: (index per slice, subject names, warnings).
-
-        With ``subject_pattern`` the pattern's group names the subject of each normal file (a file
-        it does not match is an error); otherwise the bank's grouping (a volume is its own subject;
-        2D files named ``<subject>_<n>`` share ``<subject>``).
-        """
-        bank = self.bank
-        warn: list = []
-        rx = compile_subject_pattern(self.subject_pattern)
-        if rx is not None:
-            files = bank.files
-            used = np.unique(bank.slice_file)
-            name_of = {int(f): subject_of(files[int(f)], rx) for f in used}
-            names = sorted(set(name_of.values()))
-            index = {n: i for i, n in enumerate(names)}
-            per_file = np.zeros(len(files), np.int64)
-            for f, n in name_of.items():
-                per_file[f] = index[n]
-            return per_file[np.asarray(bank.slice_file, np.int64)], names, warn
-        groups = np.asarray(bank.slice_group, np.int64)
-        flat = ~np.isfinite(np.asarray(bank.slice_pos, float))  # slices of 2D images (no position)
-        files_2d = np.unique(np.asarray(bank.slice_file)[flat])
-        if files_2d.size > 1:
-            subjects_2d = np.unique(groups[np.isin(bank.slice_file, files_2d)])
-            if subjects_2d.size == files_2d.size:
-                warn.append(
-                    f"every 2D normal file is its own subject ({files_2d.size} files, none named <subject>_<n>): slices of one "
-                    "patient can calibrate against each other and the threshold may be optimistic; give subject_pattern "
-                    "(--subject-pattern, a regular expression with one group) to group the files by subject"
-                )
-        return groups, list(bank.groups), warn
-
-    def _calibration_plan(self) -> tuple[list, list]:
-        """Held-out normal slices: (chosen bank slice ids, held-out subject ids).
-
-        Subjects are taken in a seeded random order: first ``min(n - 1, 12)`` of them (``dpmm``:
-        ``max(2, n/5)``, at most 12), each giving up to ``ceil(calibration_slices / that number)``
-        slices spread evenly through it; then more subjects, with the same budget each, until
-        ``calibration_slices`` slices are held out. Every held-out slice is scored against the
-        normal model without its own subject, so for ``himatch`` and ``knn`` holding out more
-        subjects costs nothing and spreads the threshold over more anatomy. The ``dpmm`` mixture is
-        fitted without all held-out subjects, so at most half of them are held out.
-        """
-        subj = self.slice_subject
-        groups = np.unique(subj)
-        rng = np.random.default_rng(self.seed)
-        order = rng.permutation(groups)
-        if len(groups) < 2:
-            n_base, n_max = len(groups), len(groups)
-        else:
-            if get_method(self.method).held_out_of_fit:  # the scorer is fitted without every held-out subject
-                n_base = max(1, min(len(groups) - 1, max(2, len(groups) // 5), 12))
-                n_max = max(1, len(groups) // 2)
-            else:  # each held-out slice excludes only its own subject: spread over up to 12 subjects
-                n_base = min(len(groups) - 1, 12)
-                n_max = len(groups)
-            n_base = min(n_base, n_max)
-        per_group = max(1, math.ceil(self.calibration_slices / max(n_base, 1)))
-        ids: list = []
-        chosen: list = []
-        for n, g in enumerate(order[:n_max]):
-            if n >= n_base and len(ids) >= self.calibration_slices:
-                break
-            members = np.flatnonzero(subj == g)
-            if members.size > per_group:  # evenly spread through the volume / subject
-                members = members[np.linspace(0, members.size - 1, per_group).round().astype(int)]
-            ids.extend(members.tolist())
-            chosen.append(int(g))
-        return ids[: max(self.calibration_slices, len(chosen))], sorted(chosen)
 
     def _prepare_method(self) -> None:
         bank = self.bank
-        cal_ids, cal_groups = self._calibration_plan()
+        cal_ids, cal_groups = calibration_plan(self)
         scorer = get_method(self.method).make_scorer(self, cal_groups)
         self.scorer = scorer
         key = self.method_key()
@@ -515,75 +435,8 @@ class HiMatchDetector:
         scorer.set_calibration(cal)
 
     def _calibrate(self, cal_ids: list, cal_groups: list) -> dict:
-        """Score held-out normal slices (each against the bank without its own subject)."""
-        bank = self.bank
-        single = len(np.unique(self.slice_subject)) < 2
-        msg = "Calibrating on held-out normal slices"
-        self.reporter(msg, 0, len(cal_ids))
-        by_file: dict = {}
-        for i in cal_ids:
-            by_file.setdefault(int(bank.slice_file[i]), []).append(i)
-        root = Path(bank.manifest["folder"])
-        collected = []  # (SliceScores, QuerySlice, native pixel fg mask, (plane, native slice shape))
-        done = 0
-        for fi, ids in by_file.items():
-            img = read_image(root / bank.files[fi])
-            prep = prepare_volume(img, **self._prep_settings())
-            sl = np.asarray([int(bank.slice_index[i]) for i in ids])
-            centres = set(sl.tolist())
-            w = window(prep.slice_spacing, self.consistency_mm) if self._fuses_slices(img, prep) else 0
-            if w:  # the neighbours a centre slice's map is fused with are scored too
-                scorable = set(prep.slices_with_foreground().tolist())
-                sl = np.asarray(sorted({j for i in centres for j in range(i - w, i + w + 1) if j in scorable or j == i}))
-            queries, masks = [], []
-            for b in range(0, len(sl), self.batch_size):
-                sel = sl[b : b + self.batch_size]
-                qs, fgs = self._queries(prep, sel)
-                for q in qs:
-                    q.group = None if single else int(self.slice_subject[ids[0]])
-                queries += qs
-                masks += fgs
-            scores = self.scorer.calibration_scores(queries)
-            where = (prep.plane, prep.native_shape[1:])
-            collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
-            done += len(ids)
-            self.reporter(msg, done, len(cal_ids))
-        if not any(c[4][1] for c in collected):
-            raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
-        centre = [c for c in collected if c[4][1]]
-        cal_warn: list = []
-        cal: dict = {"n_slices": len(centre), "held_out_groups": [self.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
-        cal.update(self.scorer.calibrate([c[0] for c in centre], [c[0] for c in collected]))
-        values, slice_scores = [], []
-        maps: dict = {}
-        for s, q, m, where, (fi, is_centre, spacing) in collected:
-            maps.setdefault(fi, ({}, {}, spacing))
-            maps[fi][0][q.index] = self._pixel_map(s.patch, q, *where)
-            maps[fi][1][q.index] = m
-        for s, q, m, where, (fi, _, _) in centre:
-            by_index, fgs, spacing = maps[fi]
-            pix = fuse_one(q.index, by_index, fgs, spacing, self.consistency_mm) if len(by_index) > 1 and self.consistency_mm else by_index[q.index]
-            values.append(pix[m])
-            slice_scores.append(top_percent_mean(s.patch))
-        vals = np.concatenate(values) if values else np.zeros(1, np.float32)
-        cal["threshold"] = float(np.quantile(vals, 1.0 - self.target_fpr))
-        cal["target_fpr"] = self.target_fpr
-        cal["normal_pixel_quantiles"] = {str(p): float(np.quantile(vals, p)) for p in (0.5, 0.9, 0.95, 0.99, 0.999)}
-        ss = np.asarray(slice_scores, dtype=float)
-        cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
-        if single:
-            cal_warn.append("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
-        elif len(collected) < MIN_CALIBRATION_SLICES:
-            cal_warn.append(
-                f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "
-                "the threshold is uncertain; add normal scans"
-            )
-        if self.method == "himatch" and bank.uses_codebook:
-            cal_warn.append(
-                "the shared codebook was trained on every normal slice, the calibration subjects included: "
-                "the calibrated threshold may be optimistic"
-            )
-        return cal
+        """Score held-out normal slices (each against the bank without its own subject); see :mod:`.calibration`."""
+        return calibrate(self, cal_ids, cal_groups)
 
     # ------------------------------------------------------------------ predict
     def _queries(self, prep: PreparedVolume, sel: np.ndarray) -> tuple[list, list]:

@@ -285,7 +285,8 @@ def _model_fingerprint(model: str, path: Optional[Path], config) -> str:
 def build_random_model(folder: str | os.PathLike, size: str = "tiny", seed: int = 0) -> Path:
     """Save a randomly initialised DINOv3 ViT in Hugging Face format (tests, offline demo).
 
-    ``tiny``: 4 layers, 192-d, patch 16 (tests); ``small``: the ViT-S/16 architecture with 4
+    ``tiny``: 4 layers, 192-d, patch 16 (tests); ``selftest``: 4 layers, 48-d, patch 8 (the Slicer
+    module's self-test, fast on its 40-pixel slices); ``small``: the ViT-S/16 architecture with 4
     register tokens. Random weights give untrained features: good for checking the installation and the
     pipeline, meaningless for detection quality.
     """
@@ -294,6 +295,7 @@ def build_random_model(folder: str | os.PathLike, size: str = "tiny", seed: int 
 
     presets = {
         "tiny": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384, patch_size=16, num_register_tokens=2, image_size=64),
+        "selftest": dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96, patch_size=8, num_register_tokens=2, image_size=64),
         "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=16, num_register_tokens=4, image_size=224),
     }
     if size not in presets:
