@@ -143,3 +143,11 @@ def test_no_module_imports_another_modules_private_names(name):
         for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
     ]
     assert not private, f"{name} imports private names: {private}"
+
+
+def test_the_tests_mirror_the_sub_packages():
+    testing = Path(__file__).resolve().parent
+    folders = {p.name for p in testing.iterdir() if p.is_dir() and p.name not in ("Python", "__pycache__")}
+    assert folders <= set(LAYERS), f"test folders that are no sub-package: {sorted(folders - set(LAYERS))}"
+    assert not [p.name for p in testing.glob("test_*.py") if p.name not in ("test_layers.py", "test_registries.py", "test_packaging.py")], \
+        "tests of one sub-package live in its folder"

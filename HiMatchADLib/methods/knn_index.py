@@ -39,7 +39,7 @@ probed list; a query token whose probed lists hold only excluded tokens is searc
 faiss's filtered graph search (``SearchParametersHNSW`` with an ID selector) walks through the
 excluded nodes, and when a subject's own tokens are the whole neighbourhood of a query (adjacent
 slices of one volume) it stops at a poor allowed token or none: on the constructed case of
-``Testing/test_knn_index.py`` (half the bank is the query's subject, the other subjects far away)
+``Testing/methods/test_knn_index.py`` (half the bank is the query's subject, the other subjects far away)
 its recall@1 is 0.02 at efSearch 64 and 0.18 at 1024, which would inflate the calibrated threshold.
 
 Memory: ``ivf`` and ``hnsw`` hold every token as float32 in memory (plus ids or graph links). When

@@ -12,7 +12,7 @@ from HiMatchADLib.core.errors import HiMatchADError
 from HiMatchADLib.core.geometry import Image
 from HiMatchADLib.io.writers import write_image
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def _png(path: Path, value: int = 100, lesion: bool = False) -> Path:

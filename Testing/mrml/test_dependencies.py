@@ -10,7 +10,7 @@ import pytest
 
 from HiMatchADLib.mrml import install as dependencies
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

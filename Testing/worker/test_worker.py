@@ -142,7 +142,7 @@ def test_shutdown_and_end_of_input_exit_with_status_zero():
     for how in ("shutdown", "eof"):
         proc = subprocess.Popen(
             [sys.executable, "-m", "HiMatchADLib", "worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
         )
         lines = [b'{"id": "p", "cmd": "ping"}\n', b"not json\n"] + ([b'{"cmd": "shutdown"}\n', b'{"id": "late", "cmd": "ping"}\n'] if how == "shutdown" else [])
         out, _ = proc.communicate(b"".join(lines), timeout=120)

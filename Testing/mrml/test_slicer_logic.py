@@ -30,7 +30,7 @@ from HiMatchADLib.core.errors import HiMatchADError  # noqa: E402
 from HiMatchADLib.io.writers import write_image  # noqa: E402
 from test_mrml_export import slicer_modules  # noqa: E402,F401  (fixture: slicer.modules for slicer.util)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 300
 
 

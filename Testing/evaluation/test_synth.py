@@ -17,7 +17,7 @@ from HiMatchADLib.io.readers import read_image
 from HiMatchADLib.io.writers import write_image
 from HiMatchADLib.evaluation.synth import SynthConfig, add_subparser, foreground_mask, insert_lesions, make_synthetic_dataset
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 DIRECTION = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # a sagittally stored volume
 
 
