@@ -47,7 +47,10 @@ except ImportError:  # Slicer without the translation helpers
         return text
 
 
-DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
+# The library (numpy only at import: torch and transformers stay out of Slicer's process).
+from HiMatchADLib.features.backbone import DEFAULT_MODEL  # noqa: E402
+from HiMatchADLib.methods import list_methods  # noqa: E402
+
 NORMALS_FOLDER_SETTING = "HiMatchAD/NormalsFolder"
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
@@ -100,14 +103,8 @@ class _MethodChoice(enum.Enum):
         return {"himatch": "HiMatch", "knn": _("kNN (AnomalyDINO)"), "dpmm": _("DPMM (AnomalyDINO-DPMM)")}.get(self.value, self.value)
 
 
-def _methodEnum():
-    """The detection methods of the library's registry (numpy only: no torch in Slicer's process)."""
-    from HiMatchADLib.methods import list_methods
-
-    return _MethodChoice("Method", {name.upper(): name for name in list_methods()})
-
-
-Method = _methodEnum()
+#: The detection methods of the library's registry.
+Method = _MethodChoice("Method", {name.upper(): name for name in list_methods()})
 
 
 class Device(enum.Enum):

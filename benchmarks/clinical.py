@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -55,6 +54,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # benchmark this checkout's library
+
+from HiMatchADLib.evaluation.memory import peak_rss_mib, rss_mib  # noqa: E402
 
 #: Sagittal storage of IXI: index i runs anterior -> posterior, j inferior -> superior, k right -> left.
 SAGITTAL = ((0.0, 0.0, -1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
@@ -170,26 +171,6 @@ def write_volume(kind: str, spec: dict, seed: int, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- measurements
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process (VmHWM), MiB."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def _detector(job: dict):
     from HiMatchADLib import HiMatchDetector
 

@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main() -> None:
@@ -40,8 +34,9 @@ def main() -> None:
 
     from HiMatchADLib import HiMatchDetector
     from HiMatchADLib.io.discovery import list_images
-    from HiMatchADLib.io.readers import read_image
+    from HiMatchADLib.evaluation.memory import peak_rss_mib
     from HiMatchADLib.features.slicing import prepare_volume
+    from HiMatchADLib.io.readers import read_image
 
     files = list_images(args.normals)
     work = Path(tempfile.mkdtemp(prefix="himatchad-bench-"))
