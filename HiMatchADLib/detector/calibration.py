@@ -10,6 +10,7 @@ quantile of the held-out foreground pixel scores. The record is cached beside th
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import numpy as np
 from ..core.errors import HiMatchADError
 from ..features.slicing import prepare_volume
 from ..io.readers import read_image
-from ..methods.base import get_method
+from ..methods.base import QuerySlice, SliceScores, get_method
 from ..methods.maps import fuse_one, top_percent_mean, window
 
 #: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
@@ -66,6 +67,21 @@ def calibration_plan(det) -> tuple[list, list]:
     return ids[: max(det.calibration_slices, len(chosen))], sorted(chosen)
 
 
+@dataclass
+class _Held:
+    """One scored held-out slice: its scores, query, native foreground mask, where its map goes
+    (plane, native slice shape), its file, whether it is calibrated on (else a neighbour a centre
+    slice's map is fused with) and its file's slice spacing."""
+
+    scores: SliceScores
+    query: QuerySlice
+    mask: np.ndarray
+    where: tuple
+    file: int
+    centre: bool
+    spacing: float
+
+
 def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
     """Score held-out normal slices (each against the bank without its own subject)."""
     bank = det.bank
@@ -76,7 +92,7 @@ def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
     for i in cal_ids:
         by_file.setdefault(int(bank.slice_file[i]), []).append(i)
     root = Path(bank.manifest["folder"])
-    collected = []  # (SliceScores, QuerySlice, native pixel fg mask, (plane, native slice shape))
+    collected: list = []
     done = 0
     for fi, ids in by_file.items():
         img = read_image(root / bank.files[fi])
@@ -97,26 +113,27 @@ def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
             masks += fgs
         scores = det.scorer.calibration_scores(queries)
         where = (prep.plane, prep.native_shape[1:])
-        collected += [(s, q, m, where, (fi, q.index in centres, prep.slice_spacing)) for s, q, m in zip(scores, queries, masks)]
+        collected += [_Held(s, q, m, where, fi, q.index in centres, prep.slice_spacing) for s, q, m in zip(scores, queries, masks)]
         done += len(ids)
         det.reporter(msg, done, len(cal_ids))
-    if not any(c[4][1] for c in collected):
+    centre = [h for h in collected if h.centre]
+    if not centre:
         raise HiMatchADError("no held-out normal slice could be scored for calibration: the normal set is too small")
-    centre = [c for c in collected if c[4][1]]
     cal_warn: list = []
     cal: dict = {"n_slices": len(centre), "held_out_groups": [det.subjects[g] for g in cal_groups], "single_subject": single, "warnings": cal_warn}
-    cal.update(det.scorer.calibrate([c[0] for c in centre], [c[0] for c in collected]))
+    cal.update(det.scorer.calibrate([h.scores for h in centre], [h.scores for h in collected]))
     values, slice_scores = [], []
-    maps: dict = {}
-    for s, q, m, where, (fi, is_centre, spacing) in collected:
-        maps.setdefault(fi, ({}, {}, spacing))
-        maps[fi][0][q.index] = det._pixel_map(s.patch, q, *where)
-        maps[fi][1][q.index] = m
-    for s, q, m, where, (fi, _, _) in centre:
-        by_index, fgs, spacing = maps[fi]
-        pix = fuse_one(q.index, by_index, fgs, spacing, det.consistency_mm) if len(by_index) > 1 and det.consistency_mm else by_index[q.index]
-        values.append(pix[m])
-        slice_scores.append(top_percent_mean(s.patch))
+    maps: dict = {}  # file -> (pixel map by slice index, foreground by slice index, slice spacing)
+    for h in collected:
+        maps.setdefault(h.file, ({}, {}, h.spacing))
+        maps[h.file][0][h.query.index] = det._pixel_map(h.scores.patch, h.query, *h.where)
+        maps[h.file][1][h.query.index] = h.mask
+    for h in centre:
+        by_index, fgs, spacing = maps[h.file]
+        i = h.query.index
+        pix = fuse_one(i, by_index, fgs, spacing, det.consistency_mm) if len(by_index) > 1 and det.consistency_mm else by_index[i]
+        values.append(pix[h.mask])
+        slice_scores.append(top_percent_mean(h.scores.patch))
     vals = np.concatenate(values) if values else np.zeros(1, np.float32)
     cal["threshold"] = float(np.quantile(vals, 1.0 - det.target_fpr))
     cal["target_fpr"] = det.target_fpr
@@ -130,9 +147,5 @@ def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
             f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "
             "the threshold is uncertain; add normal scans"
         )
-    if det.method == "himatch" and bank.uses_codebook:
-        cal_warn.append(
-            "the shared codebook was trained on every normal slice, the calibration subjects included: "
-            "the calibrated threshold may be optimistic"
-        )
+    cal_warn += det.scorer.calibration_warnings()
     return cal

@@ -7,7 +7,6 @@ so they can be compared on the same data. See ``HiMatchADLib.methods`` and ``doc
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 import warnings
@@ -28,9 +27,8 @@ from ..core.version import __version__
 from ..features.backbone import DEFAULT_MODEL, resolve_precision
 from ..features.canvas import patch_foreground
 from ..features.extractor import FeatureExtractor
-from ..features.presets import MODALITIES, resolve_modality
+from ..features.presets import resolve_modality
 from ..features.slicing import (
-    SLICE_AXES,
     PreparedVolume,
     common_spacing,
     in_plane_extent,
@@ -38,10 +36,8 @@ from ..features.slicing import (
 )
 from ..io.dicom import DicomSeries
 from ..io.readers import is_2d_file, read_image
-from ..io.subjects import compile_subject_pattern
 from ..io.writers import check_storable
 from ..methods.base import QuerySlice, get_method
-from ..methods.knn_index import check_knn_index
 from ..methods.maps import (
     fuse_slices,
     patch_to_pixels,
@@ -49,6 +45,8 @@ from ..methods.maps import (
 )
 from ..outputs.files import save_result
 from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
+from .checks import check_query_against_bank
+from .parameters import DETECTOR_PARAMETERS, check_detector_parameters
 from .subjects import subject_groups
 
 
@@ -172,79 +170,11 @@ class HiMatchDetector:
         progress: Optional[ProgressCallback] = None,
         cancel_event=None,
     ):
-        spec = get_method(method)
-        method = spec.name
-        knn_index = check_knn_index(knn_index)
-        if knn_index != "exact" and not spec.uses_knn_index:
-            raise HiMatchADError(f"knn_index {knn_index} applies to method knn only (method is {method}); leave it at exact")
-        if str(modality).lower() not in MODALITIES:
-            raise HiMatchADError(f"unknown modality '{modality}'; choose one of {', '.join(MODALITIES)}")
-        if slice_axis not in SLICE_AXES:
-            raise HiMatchADError(f"unknown slice axis '{slice_axis}'; choose one of {', '.join(SLICE_AXES)}")
-        if isinstance(threshold, str) and threshold != "auto":
-            try:
-                threshold = float(threshold)
-            except ValueError:
-                raise HiMatchADError(f"threshold must be 'auto' or a number, not '{threshold}'") from None
-        if threshold != "auto" and not math.isfinite(float(threshold)):
-            raise HiMatchADError(f"threshold must be 'auto' or a finite number, not {threshold}")
-        if not (0.0 < float(target_fpr) < 1.0):
-            raise HiMatchADError(f"target false-positive rate must be between 0 and 1, not {target_fpr}")
-        if int(k) < 1:
-            raise HiMatchADError(f"k must be at least 1, not {k}")
-        if int(resolution) < 16:
-            raise HiMatchADError(f"resolution {resolution} is too small")
-        self.model = str(model)
-        self.method = method
-        self.k = int(k)
-        self.knn_index = knn_index
-        self.modality = str(modality).lower()
-        self.slice_axis = slice_axis
-        self.resolution = int(resolution)
-        if isinstance(pixel_spacing, str) and pixel_spacing.lower() in ("none", "off"):
-            pixel_spacing = None
-        if isinstance(pixel_spacing, str) and pixel_spacing != "auto":
-            try:
-                pixel_spacing = float(pixel_spacing)
-            except ValueError:
-                raise HiMatchADError(f"pixel spacing must be 'auto', 'off' or a number of mm, not '{pixel_spacing}'") from None
-        if pixel_spacing not in (None, "auto") and not (math.isfinite(float(pixel_spacing)) and float(pixel_spacing) > 0):
-            raise HiMatchADError(f"pixel spacing must be a positive number of mm, not {pixel_spacing}")
-        self.pixel_spacing = pixel_spacing if pixel_spacing in (None, "auto") else float(pixel_spacing)
-        self.stages = list(stages) if stages else None
-        self.threshold = threshold
-        self.target_fpr = float(target_fpr)
-        self.min_component_size = min_component_size
-        self.sigma = float(sigma)
-        self.position_window = position_window
-        self.candidates = int(candidates)
-        self.alpha = float(alpha)
-        self.clusters_per_slice = int(clusters_per_slice)
-        self.codebook_factor = float(codebook_factor)
-        self.shared_codebook = bool(shared_codebook)
-        if self.clusters_per_slice < 1 or self.codebook_factor <= 0:
-            raise HiMatchADError("clusters_per_slice and codebook_factor must be positive")
-        self.slice_step = int(slice_step)
-        self.dpmm_components = int(dpmm_components)
-        self.dpmm_max_tokens = int(dpmm_max_tokens)
-        self.dpmm_covariance = dpmm_covariance
-        self.dpmm_concentration = None if dpmm_concentration is None else float(dpmm_concentration)
-        if self.dpmm_concentration is not None and self.dpmm_concentration <= 0:
-            raise HiMatchADError(f"dpmm_concentration must be positive, not {dpmm_concentration}")
-        self.calibration_slices = int(calibration_slices)
-        if self.calibration_slices < 1:
-            raise HiMatchADError(f"calibration_slices must be at least 1, not {calibration_slices}")
-        compile_subject_pattern(subject_pattern)  # a bad pattern is a user error now, not after the bank
-        self.subject_pattern = subject_pattern or None
-        if consistency_mm is not None and not (math.isfinite(float(consistency_mm)) and float(consistency_mm) > 0):
-            raise HiMatchADError(f"consistency_mm must be a positive distance in mm (or None), not {consistency_mm}")
-        self.consistency_mm = None if consistency_mm is None else float(consistency_mm)
-        self.device = device
-        self.batch_size = int(batch_size)
-        self.stage_norm = bool(stage_norm)
-        self.precision = resolve_precision(precision, device)  # once: "auto" -> what this hardware runs best
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.seed = int(seed)
+        given = locals()
+        values = check_detector_parameters({name: given[name] for name in DETECTOR_PARAMETERS})
+        for name, value in values.items():  # every keyword, checked and converted, is an attribute
+            setattr(self, name, value)
+        self.precision = resolve_precision(self.precision, self.device)  # once: "auto" -> what this hardware runs best
         self.reporter = Reporter(progress, cancel_event)
         self.extractor: Optional[FeatureExtractor] = None
         self.bank: Optional[NormalBank] = None
@@ -482,44 +412,6 @@ class HiMatchDetector:
     def _fuses_slices(self, img: Image, prep: PreparedVolume) -> bool:
         return bool(self.consistency_mm) and not img.is_2d and prep.n_slices > 1
 
-    def _check_against_bank(self, img: Image, prep: PreparedVolume) -> list:
-        """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
-
-        Errors: a 3D volume against a bank of 2D slices; an explicitly given modality other than the
-        bank's; with ``modality="auto"``, a query on the other side of the Hounsfield divide (CT vs
-        not CT) from the bank. Warnings: a 2D slice against a bank of volumes; a query that looks
-        like another modality than the bank's (explicit modality, or a non-CT difference); a query
-        without a recorded pixel spacing against a bank resampled to one.
-        """
-        st = self.bank.manifest["settings"]
-        bank_mod, dims = st.get("modality", "auto"), st.get("dims", "")
-        warn: list = []
-        is_volume = not img.is_2d and prep.n_slices > 1
-        if dims == "2d" and is_volume:
-            raise HiMatchADError(
-                f"{img.name} is a 3D volume but the normal bank holds 2D slices only: use a folder of normal volumes "
-                "(or query 2D slices)"
-            )
-        if dims == "3d" and img.is_2d:
-            warn.append(f"{img.name} is a 2D slice but the normal bank holds 3D volumes: it is matched without the slice-position prior")
-        if bank_mod != "auto":
-            if self.modality != "auto" and self.modality != bank_mod:
-                raise HiMatchADError(f"modality {self.modality} was given but the normal bank was built with the {bank_mod} preset")
-            looks = resolve_modality(img, "auto")
-            if looks != bank_mod and {looks, bank_mod} != {"8bit", "oct"}:  # OCT B-scans are often 8-bit
-                msg = f"{img.name} looks like {looks} but the normal bank is {bank_mod}"
-                if self.modality == "auto" and "ct" in (looks, bank_mod):
-                    raise HiMatchADError(
-                        f"{msg} (Hounsfield units on one side only): use normals of the query's modality, or pass "
-                        f"--modality {bank_mod} to analyse it with the bank's preset anyway"
-                    )
-                warn.append(f"{msg}: analysed with the bank's {bank_mod} preset")
-        if st.get("pixel_spacing_mm") is not None and prep.plane is None:
-            warn.append(
-                f"{img.name} has no recorded pixel spacing: stretched to the model grid, so its anatomy may not have the "
-                "size it has in the normal bank"
-            )
-        return warn
 
     def _check_fitted(self) -> None:
         if self.bank is None or self.scorer is None:
@@ -581,7 +473,7 @@ class HiMatchDetector:
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
         img, prep = self._prepared(image, timings)
-        bank_warnings = self._check_against_bank(img, prep)
+        bank_warnings = check_query_against_bank(self.bank.manifest["settings"], self.modality, img, prep)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.native_shape, np.float32)

@@ -66,6 +66,10 @@ class Scorer:
     def set_calibration(self, record: dict) -> None:
         """Use a stored calibration record (as :meth:`calibrate` filled it)."""
 
+    def calibration_warnings(self) -> list:
+        """What the calibration record should warn about this scorer (e.g. a fit that saw the held-out subjects)."""
+        return []
+
     def describe(self) -> dict:
         """What ``fit_info`` records about the fitted scorer (e.g. the kNN index)."""
         return {}

@@ -156,6 +156,14 @@ class HiMatchScorer(Scorer):
     def set_calibration(self, record: dict) -> None:
         self.calibration = record["stages"]
 
+    def calibration_warnings(self) -> list:
+        if not self.bank.uses_codebook:
+            return []
+        return [
+            "the shared codebook was trained on every normal slice, the calibration subjects included: "
+            "the calibrated threshold may be optimistic"
+        ]
+
 
 def _softplus(pix: np.ndarray) -> np.ndarray:
     # softplus: positive (background, 0, stays lowest), monotone (no ties among foreground

@@ -192,6 +192,9 @@ def test_shared_codebook_is_opt_in(tiny_model, normals_dir, tmp_path):
     own = HiMatchDetector(model=tiny_model, resolution=RESOLUTION, cache_dir=tmp_path / "c", k=2).fit(folder)
     bank = det.bank
     assert bank.uses_codebook and bank.root != own.bank.root and not bank.centroids
+    # the codebook saw the calibration subjects: the calibration says so, the per-slice clusters do not
+    said = "shared codebook was trained on every normal slice"
+    assert any(said in w for w in det.calibration["warnings"]) and not any(said in w for w in own.calibration["warnings"])
     for st in bank.stages:
         m = int(bank.cent_offsets[st][-1])
         assert m == int(own.bank.cent_offsets[st][-1])

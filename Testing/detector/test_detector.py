@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from conftest import PHANTOM_SHAPE, RESOLUTION
 from sklearn.metrics import roc_auc_score
 
-from conftest import PHANTOM_SHAPE, RESOLUTION
 from HiMatchADLib import HiMatchADError, HiMatchDetector
 from HiMatchADLib.evaluation.phantom import make_phantom
 
@@ -128,8 +130,33 @@ def test_bad_settings_are_user_errors(tiny_model):
     for kwargs in ({"method": "svm"}, {"modality": "pet"}, {"threshold": "high"}, {"target_fpr": 2}, {"k": 0}):
         with pytest.raises(HiMatchADError):
             HiMatchDetector(model=tiny_model, **kwargs)
+    # wrong types and values out of range say which keyword and what it must be
+    for kwargs, message in (
+        ({"k": "abc"}, "k must be a whole number, not 'abc'"),
+        ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
+        ({"resolution": 5000}, "resolution must be at most 4096, not 5000"),
+        ({"resolution": 8}, "resolution 8 is too small"),
+        ({"sigma": "wide"}, "sigma must be a number, not 'wide'"),
+        ({"stages": ["last"]}, "stages must be a list of layer numbers, not 'last'"),
+        ({"consistency_mm": float("inf")}, "consistency_mm must be a positive distance"),
+        ({"pixel_spacing": "fine"}, "pixel spacing must be 'auto', 'off' or a number of mm, not 'fine'"),
+        ({"knn_index": "hnsw", "method": "dpmm"}, "knn_index hnsw applies to method knn only"),
+    ):
+        with pytest.raises(HiMatchADError, match=re.escape(message)):
+            HiMatchDetector(model=tiny_model, **kwargs)
     with pytest.raises(HiMatchADError, match="fit"):
         HiMatchDetector(model=tiny_model).predict(np.zeros((4, 4)))
+
+
+def test_every_keyword_of_the_detector_is_declared():
+    import inspect
+
+    from HiMatchADLib.detector.parameters import DETECTOR_PARAMETERS
+
+    keywords = set(inspect.signature(HiMatchDetector).parameters) - {"progress", "cancel_event"}
+    assert keywords == set(DETECTOR_PARAMETERS)
+    det = HiMatchDetector(model="m", k="3", threshold="0.5", pixel_spacing="off", modality="CT", stages=(1, 2))
+    assert (det.k, det.threshold, det.pixel_spacing, det.modality, det.stages) == (3, 0.5, None, "ct", [1, 2])
 
 
 def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
@@ -153,8 +180,8 @@ def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):
 
 
 def test_cli_refuses_fp16_and_passes_bf16(tiny_model, tmp_path, capsys, lesion_case):
-    from HiMatchADLib.cli.main import build_parser, main
     from HiMatchADLib.cli.commands import detector_from_args
+    from HiMatchADLib.cli.main import build_parser, main
     from HiMatchADLib.io.writers import write_image
 
     img, _ = lesion_case
