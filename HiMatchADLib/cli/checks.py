@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..bank.store import default_cache_root
 from ..core.errors import HiMatchADError
+from ..io.discovery import check_output_folder
 from ..io.series_filters import parse_series_filters
 from ..outputs.registry import check_outputs, list_writers
 
@@ -68,36 +69,9 @@ def _check_cache_dir(args) -> None:
         raise HiMatchADError(f"{what} {root} cannot be used: {probe} is a file, not a folder; give --cache-dir a folder")
 
 
-def _real(path: Path) -> Path:
-    return Path(os.path.realpath(os.path.abspath(path)))
-
-
 def _check_out_dir_against_inputs(args) -> None:
-    """``--out-dir`` must not be the input folder (a batch would find nothing new to do, a DICOM
-    series folder would get NIfTI files among its slices), nor the normal scans' folder or a folder
-    inside it (the next bank would read the outputs as normal scans)."""
-    out = getattr(args, "out_dir", None)
-    if not isinstance(out, str):
-        return
-    out = _real(Path(out).expanduser())
-    inputs = []
-    if isinstance(getattr(args, "input_dir", None), str):
-        inputs.append(("the input folder", Path(args.input_dir).expanduser()))
-    if isinstance(getattr(args, "input", None), str):
-        inp = Path(args.input).expanduser()
-        if inp.exists():
-            inputs.append(("the input folder", inp) if inp.is_dir() else ("the folder of the input", inp.parent))
-    for what, folder in inputs:
-        if folder.is_dir() and _real(folder) == out:
-            raise HiMatchADError(f"--out-dir {args.out_dir} is {what} {folder}; choose another --out-dir (outputs and inputs must not mix)")
-    normals = getattr(args, "normals", None)
-    if isinstance(normals, str) and Path(normals).expanduser().is_dir():
-        real = _real(Path(normals).expanduser())
-        if out == real or real in out.parents:
-            raise HiMatchADError(
-                f"--out-dir {args.out_dir} is, or is inside, the normal scans' folder {normals}; the outputs would be read as normal "
-                "scans next time. Choose an --out-dir outside it"
-            )
+    check_output_folder(getattr(args, "out_dir", None), input=getattr(args, "input", None), input_dir=getattr(args, "input_dir", None),
+                        normals=getattr(args, "normals", None))
 
 
 def preflight(args) -> None:

@@ -150,3 +150,34 @@ def own_outputs(entries: list) -> set:
             continue
         names.update(v for v in outputs.values() if isinstance(v, str) and "/" not in v and "\\" not in v)
     return names
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_output_folder(out_dir, *, input=None, input_dir=None, normals=None, name: str = "--out-dir") -> None:
+    """Refuse an output folder that is the input folder (a batch would find nothing new to do, a
+    DICOM series folder would get NIfTI files among its slices), or the normal scans' folder or a
+    folder inside it (the next bank would read the outputs as normal scans). ``name`` is what the
+    caller calls the output folder in its messages."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        return
+    out = _real(Path(out_dir).expanduser())
+    inputs = []
+    if isinstance(input_dir, (str, os.PathLike)):
+        inputs.append(("the input folder", Path(input_dir).expanduser()))
+    if isinstance(input, (str, os.PathLike)):
+        inp = Path(input).expanduser()
+        if inp.exists():
+            inputs.append(("the input folder", inp) if inp.is_dir() else ("the folder of the input", inp.parent))
+    for what, folder in inputs:
+        if folder.is_dir() and _real(folder) == out:
+            raise HiMatchADError(f"{name} {out_dir} is {what} {folder}; choose another {name} (outputs and inputs must not mix)")
+    if isinstance(normals, (str, os.PathLike)) and Path(normals).expanduser().is_dir():
+        real = _real(Path(normals).expanduser())
+        if out == real or real in out.parents:
+            raise HiMatchADError(
+                f"{name} {out_dir} is, or is inside, the normal scans' folder {normals}; the outputs would be read as normal "
+                f"scans next time. Choose an {name} outside it"
+            )

@@ -82,6 +82,8 @@ def parse_series_filters(values) -> tuple:
         return ()
     if isinstance(values, (str, SeriesFilter)):
         values = [values]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (str, SeriesFilter)) for v in values):
+        raise HiMatchADError(f"series filters must be a filter string or a list of them (e.g. \"modality=MR,description~flair\"), not {values!r}")
     return tuple(v if isinstance(v, SeriesFilter) else parse_series_filter(v) for v in values)
 
 

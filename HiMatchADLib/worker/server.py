@@ -41,6 +41,8 @@ from ..batch.summary import summary_counts
 from ..core.errors import Cancelled, HiMatchADError
 from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
+from ..io.discovery import check_output_folder
+from ..io.series_filters import parse_series_filters
 from ..outputs.files import save_result
 from ..outputs.registry import check_outputs
 from .protocol import (
@@ -158,8 +160,13 @@ class Worker:
         det = None
         try:
             settings = self._check_settings(req.get("settings"))
-            # Unknown outputs, or a writer whose package is missing, fail before any model work.
+            # What the request asks that cannot be done fails before any model work, as on the command
+            # line: unknown outputs or a missing writer package, bad series filters, an output
+            # folder that is the input folder or inside the normal scans.
             outputs = check_outputs(requested_outputs(req), load=True)
+            if cmd == "batch":
+                parse_series_filters(req.get("series_filter") or ())
+            check_output_folder(req.get("out_dir"), input=req.get("input"), input_dir=req.get("input_dir"), normals=req.get("normals"), name="out_dir")
             det, existed = self.detector(settings)
             if cmd == "detect":
                 self._detect(rid, req, det, existed, outputs)
@@ -257,8 +264,8 @@ def serve(lines, emit: Callable[[dict], None], detector_factory=None) -> int:
             continue
         try:
             req = json.loads(line)
-        except ValueError as exc:
-            emit({"id": None, "event": "error", "message": f"not a JSON request: {exc}"})
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep to parse
+            emit({"id": None, "event": "error", "message": f"not a JSON request: {str(exc)[:200]}"})
             continue
         if not worker.handle(req):
             break

@@ -607,7 +607,7 @@ def test_the_worker_passes_batch_options_through(study_tree, tmp_path, monkeypat
     monkeypatch.setattr(batch, "run_batch", fake_run_batch)
     events = []
     Worker(events.append, detector_factory=FakeDetector).handle({
-        "id": "1", "cmd": "batch", "input_dir": str(study_tree[0]), "normals": str(tmp_path), "out_dir": str(tmp_path / "o"),
+        "id": "1", "cmd": "batch", "input_dir": str(study_tree[0]), "normals": str(tmp_path / "normals"), "out_dir": str(tmp_path / "o"),
         "series_filter": ["modality=MR"], "dicom_seg": True, "dicom_heatmap": False,
     })
     assert events[-1]["event"] == "done", events

@@ -183,7 +183,7 @@ def test_stray_output_never_reaches_the_event_stream(tmp_path):
 
     c = NoisyClient()
     try:
-        event = c.wait(c.send({"cmd": "detect", "input": "a", "normals": str(tmp_path), "out_dir": str(tmp_path / "o")}), timeout=60)
+        event = c.wait(c.send({"cmd": "detect", "input": "a", "normals": str(tmp_path / "normals"), "out_dir": str(tmp_path / "o")}), timeout=60)
         assert event["event"] == "error" and event["internal"] is True and "RuntimeError: boom" in event["message"]
         assert c.running  # an internal error does not end the worker
         c.poll()
@@ -250,3 +250,44 @@ def test_serve_answers_every_request_once():
     assert answers[4]["event"] == "error" and "'input'" in answers[4]["message"]
     assert 5 not in answers  # nothing after shutdown
     assert len(events) == 6
+
+
+def test_hostile_requests_are_user_errors_before_any_model_work_and_the_worker_goes_on(tmp_path):
+    """A line nested too deep to parse, wrong setting types or values, a bad series filter and an
+    output folder inside the normal scans: each one ``error`` event (not ``internal``), no detector
+    made for the requests that fail their checks, and the next request is answered."""
+    normals = tmp_path / "normals"
+    (normals / "sub").mkdir(parents=True)
+    import inspect
+
+    from HiMatchADLib import HiMatchDetector
+
+    made = []
+
+    def factory(**settings):
+        made.append(settings)
+        return HiMatchDetector(**settings)
+
+    factory.__signature__ = inspect.signature(HiMatchDetector)  # the worker allows the detector's keywords
+
+    base = {"cmd": "batch", "input_dir": str(tmp_path), "normals": str(normals), "out_dir": str(tmp_path / "out"), "settings": {"model": "/nonexistent"}}
+    lines = ["[" * 100_000, json.dumps({**base, "id": "k", "settings": {"model": "/nonexistent", "k": "abc"}}),
+             json.dumps({**base, "id": "b", "settings": {"model": "/nonexistent", "batch_size": 0}}),
+             json.dumps({**base, "id": "r", "settings": {"model": "/nonexistent", "resolution": 8192}}),
+             json.dumps({**base, "id": "f", "series_filter": 7}),
+             json.dumps({**base, "id": "o", "out_dir": str(normals / "sub")}),
+             json.dumps({"id": "p", "cmd": "ping"})]
+    events = []
+    assert serve(lines, events.append, detector_factory=factory) == 0
+    errors = [e for e in events if e.get("event") == "error"]
+    assert errors[0]["id"] is None and "not a JSON request" in errors[0]["message"]
+    by_id = {e["id"]: e for e in errors[1:]}
+    assert set(by_id) == {"k", "b", "r", "f", "o"} and not any(e.get("internal") for e in errors)
+    assert "k must be a whole number, not 'abc'" in by_id["k"]["message"]
+    assert "batch_size must be at least 1, not 0" in by_id["b"]["message"]
+    assert "resolution must be at most 4096" in by_id["r"]["message"]
+    assert "series filters must be" in by_id["f"]["message"]
+    assert "inside, the normal scans' folder" in by_id["o"]["message"] and by_id["o"]["message"].startswith("out_dir ")
+    assert events[-1]["id"] == "p" and events[-1]["event"] == "done"
+    # the checks of the filter and the output folder came before any detector was made for them
+    assert len(made) == 3  # k, batch_size and resolution reach the detector's own checks, nothing else
