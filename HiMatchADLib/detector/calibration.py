@@ -99,7 +99,7 @@ def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
         prep = prepare_volume(img, **det._prep_settings())
         sl = np.asarray([int(bank.slice_index[i]) for i in ids])
         centres = set(sl.tolist())
-        w = window(prep.slice_spacing, det.consistency_mm) if det._fuses_slices(img, prep) else 0
+        w = window(prep.slice_spacing, det.consistency_mm, prep.n_slices) if det._fuses_slices(img, prep) else 0
         if w:  # the neighbours a centre slice's map is fused with are scored too
             scorable = set(prep.slices_with_foreground().tolist())
             sl = np.asarray(sorted({j for i in centres for j in range(i - w, i + w + 1) if j in scorable or j == i}))

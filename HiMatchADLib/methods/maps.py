@@ -120,11 +120,15 @@ def max_cos_to_slices(bank: NormalBank, stage: int, tokens: np.ndarray, slices) 
     return _segment_max(sims[:, inv], seg_off)
 
 
-def window(slice_spacing: float, sigma_mm: float) -> int:
-    """How many neighbouring slices on each side take part (3 sigma)."""
+def window(slice_spacing: float, sigma_mm: float, n_slices: Optional[int] = None) -> int:
+    """How many neighbouring slices on each side take part (3 sigma), at most ``n_slices - 1`` (the
+    whole volume) when the number of slices is given."""
     if sigma_mm is None or sigma_mm <= 0:
         return 0
-    return int(np.floor(3.0 * float(sigma_mm) / max(float(slice_spacing), 1e-6) + 1e-9))
+    w = float(np.floor(3.0 * float(sigma_mm) / max(float(slice_spacing), 1e-6) + 1e-9))
+    if n_slices is not None:
+        w = min(w, max(int(n_slices) - 1, 0))
+    return int(w)
 
 
 def fuse_one(i: int, maps: dict, foregrounds: dict, slice_spacing: float, sigma_mm: float) -> np.ndarray:
@@ -133,7 +137,8 @@ def fuse_one(i: int, maps: dict, foregrounds: dict, slice_spacing: float, sigma_
     w = window(slice_spacing, sigma_mm)
     num = np.zeros(maps[i].shape, np.float64)
     den = np.zeros(maps[i].shape, np.float64)
-    for j in range(i - w, i + w + 1):
+    # only slices that have a map can take part: the loop is bounded by them, whatever the window
+    for j in range(max(i - w, min(maps)), min(i + w, max(maps)) + 1):
         if j not in maps:
             continue
         g = np.exp(-0.5 * ((i - j) * float(slice_spacing) / float(sigma_mm)) ** 2)

@@ -61,3 +61,29 @@ def test_detector_maps_are_the_fused_single_slice_maps(tiny_model, normals_dir, 
     assert on.settings()["consistency_mm"] == 3.0
     with pytest.raises(HiMatchADError, match="consistency_mm"):
         HiMatchDetector(model=tiny_model, consistency_mm=-1)
+
+
+def test_an_enormous_window_is_bounded_by_the_volume_and_is_the_plain_average():
+    """``consistency_mm=1e9`` used to loop over two billion slice offsets per slice. The window is
+    bounded by the slices there are: every scored slice becomes the foreground-weighted average of
+    all scored slices (all Gaussian weights are 1 at that sigma)."""
+    n = 7
+    assert window(2.0, 1e9) > 10**8 and window(2.0, 1e9, n) == n - 1 and window(2.0, 3.0, n) == 4
+    vals = np.arange(n, dtype=np.float32)
+    maps = np.repeat(vals[:, None, None], 3, 1).repeat(3, 2)
+    scored = np.ones(n, bool)
+    scored[2] = False
+    out = fuse_slices(maps, np.ones((n, 3, 3), bool), scored, 2.0, 1e9)
+    mean = vals[scored].mean()
+    np.testing.assert_allclose(out[scored], mean, rtol=1e-6)
+    np.testing.assert_array_equal(out[2], maps[2])  # an unscored slice is left as it is
+
+
+def test_a_detector_with_an_enormous_window_calibrates_and_predicts(tiny_model, normals_dir, cache_dir, lesion_case):
+    det = HiMatchDetector(model=tiny_model, method="knn", resolution=RESOLUTION, cache_dir=cache_dir, consistency_mm=1e9).fit(normals_dir)
+    res = det.predict(lesion_case[0])
+    scored = np.isfinite(res.slice_scores)
+    # every scored slice's map is the same average over the volume: equal on the foreground shared by all
+    common = res.foreground[scored].all(axis=0)
+    maps = res.heatmap[scored][:, common]
+    np.testing.assert_allclose(maps, np.broadcast_to(maps[0], maps.shape), rtol=1e-5)
