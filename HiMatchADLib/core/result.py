@@ -174,6 +174,8 @@ class DetectionResult:
             "slice_axis": int(self.slice_axis),
             "most_anomalous_slice": self.most_anomalous_slice,
             "slice_scores": [_f(s) for s in np.asarray(self.slice_scores, dtype=float)],
+            "slices": int(len(self.slice_scores)),
+            "slices_scored": int(np.isfinite(np.asarray(self.slice_scores, dtype=float)).sum()),
             "supports": [[s.to_dict() for s in sl] for sl in self.supports],
             "geometry": self.geometry.to_dict(),
             "settings": self.settings,

@@ -504,6 +504,13 @@ class HiMatchDetector:
             self.reporter(msg, min(b + self.batch_size, len(todo)), len(todo))
         for key, val in self.scorer.timings.items():
             timings[key] = val - scorer_t0.get(key, 0.0)
+        if not all_patch:  # an empty result would read as "no anomaly"
+            p = self.extractor.patch_size
+            raise HiMatchADError(
+                f"nothing in {img.name} could be scored: none of its {n} slices has enough foreground for one "
+                f"{p}x{p}-pixel model patch ({len(todo)} with any foreground at all); it is too small, too finely sampled "
+                "or empty after the intensity preset's foreground threshold"
+            )
         if self._fuses_slices(img, prep):
             t = time.perf_counter()
             heat = fuse_slices(heat, prep.native_foreground, np.isfinite(slice_scores), prep.slice_spacing, self.consistency_mm)
@@ -535,10 +542,8 @@ class HiMatchDetector:
                     r0, r1, c0, c1 = plane.box
                     fy, fx = (r1 - r0) / plane.scaled_hw[0], (c1 - c0) / plane.scaled_hw[1]
                 min_size = max(1, int(round(p * fy * p * fx)))
-        volume_score = top_percent_mean(np.concatenate(all_patch)) if all_patch else float("nan")
+        volume_score = top_percent_mean(np.concatenate(all_patch))
         warn = prep_warnings + bank_warnings
-        if not all_patch:
-            warn.append("no slice had enough foreground to be scored")
         result = DetectionResult(
             heatmap=heat_in,
             foreground=fg_in,

@@ -542,3 +542,50 @@ def test_the_detector_refuses_a_non_finite_threshold(value):
 
     with pytest.raises(HiMatchADError, match="finite"):
         HiMatchDetector(threshold=value)
+
+
+def _unscorable(folder: Path) -> list:
+    """Volumes in which no slice has one model patch of foreground: a 1x1 in-plane column, an
+    in-plane spacing of 0.02 mm (the head is a speck at the bank's pixel spacing), and an all-zero
+    volume with one bright voxel."""
+    from HiMatchADLib.evaluation.phantom import make_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    column = np.linspace(100, 900, 64, dtype=np.float32).reshape(64, 1, 1)
+    writers.write_image(column, Image.from_array(column).geometry, folder / "column.nii.gz")
+    img, _ = make_phantom((8, 64, 64), seed=3)
+    writers.write_image(img.array, Image.from_array(img.array, spacing=(0.02, 0.02, 2.0)).geometry, folder / "speck.nii.gz")
+    dot = np.zeros((8, 64, 64), np.float32)
+    dot[4, 30, 30] = 1000.0
+    writers.write_image(dot, Image.from_array(dot).geometry, folder / "dot.nii.gz")
+    return sorted(folder.glob("*.nii.gz"))
+
+
+def test_nothing_scored_is_an_error_not_a_normal_result(cli, tmp_path):
+    """No scorable slice used to end with exit 0, ``complete: true``, score NaN and 0 anomalous
+    voxels (read as "no anomaly"). It is one ``error:`` line with exit 2 for ``detect``, and a
+    ``failed`` row with the reason in a batch."""
+    for path in _unscorable(tmp_path / "in"):
+        code, _, err = cli("detect", str(path), "--out-dir", str(tmp_path / "o"))
+        assert code == 2, (path.name, err)
+        assert "could be scored" in one_error_line(err), err
+        assert not list((tmp_path / "o").glob(f"{path.name.split('.')[0]}_scores.json"))
+    code, out, err = cli("batch", str(tmp_path / "in"), "--out-dir", str(tmp_path / "b"))
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "b" / "summary.csv").open()))
+    assert code == 1 and len(rows) == 3 and all(r["status"] == "failed" and "could be scored" in r["message"] for r in rows), rows
+
+
+def test_a_result_says_how_many_slices_were_scored(cli, tmp_path, lesion_case):
+    import json
+
+    img = lesion_case[0]
+    arr = img.array.copy()
+    arr[:3] = 0.0  # three slices without foreground
+    writers.write_image(arr, img.geometry, tmp_path / "part.nii.gz")
+    code, _, err = cli("detect", str(tmp_path / "part.nii.gz"), "--out-dir", str(tmp_path / "o"))
+    assert code == 0, err
+    data = json.loads((tmp_path / "o" / "part_scores.json").read_text())
+    assert data["slices"] == arr.shape[0] and data["slices_scored"] == sum(v is not None for v in data["slice_scores"])
+    assert 0 < data["slices_scored"] <= arr.shape[0] - 3
