@@ -184,8 +184,6 @@ def _UNCHANGED(name, value):
     return value
 
 
-
-
 #: How each keyword of :class:`~HiMatchADLib.detector.HiMatchDetector` is checked and converted
 #: (as scikit-learn's ``_parameter_constraints``): ``check(name, value) -> value``, raising
 #: :class:`HiMatchADError` with a message that says what is wrong. ``precision`` is resolved by the

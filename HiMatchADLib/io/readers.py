@@ -212,15 +212,9 @@ def read_image(path) -> Image:
     return out
 
 
-
-
 def is_2d_file(path) -> bool:
     """Whether an image file holds a 2D slice (from its header; PNG/JPEG/TIFF/BMP always do)."""
-    from pathlib import Path
-
     import SimpleITK as sitk
-
-    pass
 
     p = Path(path)
     if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES):

@@ -76,7 +76,6 @@ def constraints_text(packages: Iterable[str] = PINNED_PACKAGES) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-
 def ensure_requirements(requirements_file, interactive: bool = True, install_in_testing: bool = False) -> None:
     """Install missing or too old Python packages into Slicer's Python: PyTorch and those of
     ``requirements_file`` (``Resources/requirements.txt``).
