@@ -1,9 +1,11 @@
-"""Declared parameter values: the checks of user-given settings, for the command line, the
-worker and the Python API (:data:`DETECTOR_PARAMETERS` for the detector's keywords).
+"""Declared parameter values: one check of every user-given setting, for the command line, the
+worker and the Python API.
 
 Each ``*_value`` function takes the user's text or value and returns it converted, or raises
-:class:`ValueError` with a message that names no option, so that each front end can add its own
-words (the command line its flag, argparse its ``argument --x:`` prefix).
+:class:`ValueError` with a message that names no option ("must be at least 1, not 0"), so that
+each front end adds its own words: argparse its ``argument --k:`` prefix (:func:`argtype`), the
+detector the keyword (:data:`DETECTOR_PARAMETERS`, "k must be at least 1, not 0"), which the
+worker's errors repeat.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Optional
 
 from ..core.errors import HiMatchADError
 from ..features.presets import MODALITIES
@@ -27,8 +28,66 @@ from ..methods.knn_index import check_knn_index
 MAX_RESOLUTION = 4096
 
 
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a number, not '{value}'") from None
+
+
+def whole_value(value) -> int:
+    """A whole number."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a whole number, not '{value}'") from None
+
+
+def positive_int(value) -> int:
+    """A whole number of at least 1."""
+    v = whole_value(value)
+    if v < 1:
+        raise ValueError(f"must be at least 1, not {v}")
+    return v
+
+
+#: Smallest ``resolution``: one 16-pixel patch.
+MIN_RESOLUTION = 16
+
+
+def resolution_value(value) -> int:
+    """A whole number of pixels from :data:`MIN_RESOLUTION` to :data:`MAX_RESOLUTION`."""
+    v = whole_value(value)
+    if v < MIN_RESOLUTION:
+        raise ValueError(f"must be at least {MIN_RESOLUTION} pixels (one model patch), not {v}")
+    if v > MAX_RESOLUTION:
+        raise ValueError(f"must be at most {MAX_RESOLUTION} pixels, not {v}")
+    return v
+
+
+def number_value(value) -> float:
+    """A number."""
+    return _number(value)
+
+
+def positive_value(value) -> float:
+    """A number above 0."""
+    v = _number(value)
+    if not v > 0:
+        raise ValueError(f"must be positive, not {value}")
+    return v
+
+
+def fraction_value(value) -> float:
+    """A number strictly between 0 and 1."""
+    v = _number(value)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"must be between 0 and 1, not {v}")
+    return v
+
+
 def threshold_value(value):
-    """``"auto"`` or a finite number."""
+    """``"auto"`` or a finite number (a number given as a number is kept as given)."""
     if value == "auto":
         return value
     try:
@@ -37,37 +96,42 @@ def threshold_value(value):
         raise ValueError(f"must be 'auto' or a number, not '{value}'") from None
     if not math.isfinite(v):
         raise ValueError(f"must be 'auto' or a finite number, not '{value}'")
-    return v
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else v
 
 
-def positive_int(value) -> int:
-    """A whole number of at least 1."""
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"must be a whole number, not '{value}'") from None
-    if v < 1:
-        raise ValueError(f"must be at least 1, not {v}")
-    return v
-
-
-def resolution_value(value) -> int:
-    """A whole number of pixels from 1 to :data:`MAX_RESOLUTION`."""
-    v = positive_int(value)
-    if v > MAX_RESOLUTION:
-        raise ValueError(f"must be at most {MAX_RESOLUTION} pixels, not {v}")
-    return v
-
-
-def fraction_value(value) -> float:
-    """A number strictly between 0 and 1."""
+def pixel_spacing_value(value):
+    """``"auto"``, ``None`` (also ``"off"``/``"none"``: stretch each slice) or a positive number of mm."""
+    if isinstance(value, str) and value.lower() in ("none", "off"):
+        return None
+    if value in (None, "auto"):
+        return value
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"must be a number, not '{value}'") from None
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"must be between 0 and 1, not {v}")
+        raise ValueError(f"must be 'auto', 'off' or a number of mm, not '{value}'") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"must be a positive number of mm, not {value}")
     return v
+
+
+def distance_mm_value(value):
+    """``None`` or a positive, finite distance in mm."""
+    if value is None:
+        return None
+    v = _number(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"must be a positive distance in mm (or None), not {value}")
+    return v
+
+
+def optional(check):
+    """``check``, with None allowed."""
+
+    def checked(value):
+        return None if value is None else check(value)
+
+    checked.__name__ = check.__name__
+    return checked
 
 
 def argtype(check):
@@ -84,41 +148,17 @@ def argtype(check):
 
 
 # ------------------------------------------------------------------------------- the detector's keywords
-def _as(kind, name: str, value, what: str):
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise HiMatchADError(f"{name} must be {what}, not '{value}'") from None
+def keyword(check, name: str = ""):
+    """``check`` for the detector's keyword ``name``: a :class:`HiMatchADError` that names it
+    (``name`` overrides how the keyword is called in the message)."""
 
+    def checked(key, value):
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise HiMatchADError(f"{name or key} {exc}") from None
 
-def _whole(minimum: Optional[int] = None, maximum: Optional[int] = None, below: str = "{name} must be at least {minimum}, not {value}"):
-    def check(name, value):
-        v = _as(int, name, value, "a whole number")
-        if minimum is not None and v < minimum:
-            raise HiMatchADError(below.format(name=name, minimum=minimum, value=value))
-        if maximum is not None and v > maximum:
-            raise HiMatchADError(f"{name} must be at most {maximum}, not {value}")
-        return v
-
-    return check
-
-
-def _number(name, value):
-    return _as(float, name, value, "a number")
-
-
-def _positive(message: str, optional: bool = False, finite: bool = False):
-    """A number > 0 (finite when ``finite``; None allowed when ``optional``)."""
-
-    def check(name, value):
-        if optional and value is None:
-            return None
-        v = _as(float, name, value, "a number")
-        if not (v > 0 and (math.isfinite(v) or not finite)):
-            raise HiMatchADError(message.format(value=value))
-        return v
-
-    return check
+    return checked
 
 
 def _choice(choices, message: str, lower: bool = False):
@@ -131,44 +171,13 @@ def _choice(choices, message: str, lower: bool = False):
     return check
 
 
-def _threshold(name, value):
-    if value == "auto":
-        return value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise HiMatchADError(f"threshold must be 'auto' or a number, not '{value}'") from None
-    if not math.isfinite(_as(float, name, value, "'auto' or a number")):
-        raise HiMatchADError(f"threshold must be 'auto' or a finite number, not {value}")
-    return value  # a number given as a number is kept as given (its settings record it so)
-
-
-def _fraction(name, value):
-    v = _as(float, name, value, "a number")
-    if not (0.0 < v < 1.0):
-        raise HiMatchADError(f"target false-positive rate must be between 0 and 1, not {value}")
-    return v
-
-
-def _pixel_spacing(name, value):
-    if isinstance(value, str) and value.lower() in ("none", "off"):
+def _stages(value):
+    if not value:
         return None
-    if value in (None, "auto"):
-        return value
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise HiMatchADError(f"pixel spacing must be 'auto', 'off' or a number of mm, not '{value}'") from None
-    v = _as(float, name, value, "'auto', 'off' or a number of mm")
-    if not (math.isfinite(v) and v > 0):
-        raise HiMatchADError(f"pixel spacing must be a positive number of mm, not {value}")
-    return v
-
-
-def _method(name, value):
-    return get_method(value).name
+    try:
+        return [int(s) for s in value]
+    except (TypeError, ValueError):
+        raise ValueError(f"must be a list of layer numbers, not {value!r}") from None
 
 
 def _subject_pattern(name, value):
@@ -176,11 +185,7 @@ def _subject_pattern(name, value):
     return value or None
 
 
-def _stages(name, value):
-    return [_as(int, name, s, "a list of layer numbers") for s in value] if value else None
-
-
-def _UNCHANGED(name, value):
+def _unchanged(name, value):
     return value
 
 
@@ -190,38 +195,38 @@ def _UNCHANGED(name, value):
 #: detector itself (it needs the device), ``cache_dir`` becomes a path.
 DETECTOR_PARAMETERS = {
     "model": lambda name, value: str(value),
-    "method": _method,
-    "k": _whole(1),
+    "method": lambda name, value: get_method(value).name,
+    "k": keyword(positive_int),
     "knn_index": lambda name, value: check_knn_index(value),
     "modality": _choice(MODALITIES, "unknown modality '{value}'; choose one of {choices}", lower=True),
     "slice_axis": _choice(SLICE_AXES, "unknown slice axis '{value}'; choose one of {choices}"),
-    "resolution": _whole(16, MAX_RESOLUTION, below="resolution {value} is too small"),
-    "pixel_spacing": _pixel_spacing,
-    "stages": _stages,
-    "threshold": _threshold,
-    "target_fpr": _fraction,
-    "min_component_size": _UNCHANGED,
-    "sigma": _number,
-    "position_window": _UNCHANGED,
-    "candidates": _whole(),
-    "alpha": _number,
-    "clusters_per_slice": _whole(1, below="clusters_per_slice and codebook_factor must be positive"),
-    "codebook_factor": _positive("clusters_per_slice and codebook_factor must be positive"),
+    "resolution": keyword(resolution_value),
+    "pixel_spacing": keyword(pixel_spacing_value, "pixel spacing"),
+    "stages": keyword(_stages),
+    "threshold": keyword(threshold_value),
+    "target_fpr": keyword(fraction_value, "target false-positive rate"),
+    "min_component_size": _unchanged,
+    "sigma": keyword(number_value),
+    "position_window": _unchanged,
+    "candidates": keyword(whole_value),
+    "alpha": keyword(number_value),
+    "clusters_per_slice": keyword(positive_int),
+    "codebook_factor": keyword(positive_value),
     "shared_codebook": lambda name, value: bool(value),
-    "slice_step": _whole(1),
-    "dpmm_components": _whole(1),
-    "dpmm_max_tokens": _whole(1),
-    "dpmm_covariance": _UNCHANGED,
-    "dpmm_concentration": _positive("dpmm_concentration must be positive, not {value}", optional=True),
-    "calibration_slices": _whole(1),
-    "consistency_mm": _positive("consistency_mm must be a positive distance in mm (or None), not {value}", optional=True, finite=True),
+    "slice_step": keyword(positive_int),
+    "dpmm_components": keyword(positive_int),
+    "dpmm_max_tokens": keyword(positive_int),
+    "dpmm_covariance": _unchanged,
+    "dpmm_concentration": keyword(optional(positive_value)),
+    "calibration_slices": keyword(positive_int),
+    "consistency_mm": keyword(distance_mm_value),
     "subject_pattern": _subject_pattern,
-    "device": _UNCHANGED,
-    "batch_size": _whole(1),
+    "device": _unchanged,
+    "batch_size": keyword(positive_int),
     "stage_norm": lambda name, value: bool(value),
-    "precision": _UNCHANGED,
+    "precision": _unchanged,
     "cache_dir": lambda name, value: Path(value).expanduser() if value else None,
-    "seed": _whole(),
+    "seed": keyword(whole_value),
 }
 
 
