@@ -190,6 +190,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
         meta = {"file": [], "index": [], "group": [], "pos": [], "grid": []}
         groups: list[str] = []
         skipped: list[dict] = []
+        prep_warnings: list[str] = []
         estimate = _estimate_slices(files, settings)
         done = 0
         msg = "Building normal bank"
@@ -205,6 +206,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                 skipped.append({"path": fps[fi]["path"], "reason": str(exc)})
                 warnings.warn(f"skipping normal image {path}: {exc}")
                 continue
+            prep_warnings += [f"normal image {w}" for w in prep.warnings]
             group = source_group(img.name, img.is_2d)
             if group not in groups:
                 groups.append(group)
@@ -275,6 +277,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "files": fps,
             "groups": groups,
             "skipped": skipped,
+            "warnings": prep_warnings,
             "content": content,
             "model": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,

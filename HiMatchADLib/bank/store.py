@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.digest import file_digest, json_hash
 
-BANK_FORMAT = 5
+BANK_FORMAT = 6
 
 
 def default_cache_root() -> Path:
@@ -158,6 +158,11 @@ class NormalBank:
     @property
     def skipped(self) -> list[dict]:
         return self.manifest.get("skipped", [])
+
+    @property
+    def warnings(self) -> list[str]:
+        """What preparing the normal images warned about (extreme voxels clipped, padding, NaN)."""
+        return list(self.manifest.get("warnings", []))
 
     def slice_tokens(self, i: int) -> np.ndarray:
         return self.tokens[self.tok_offsets[i] : self.tok_offsets[i + 1]]

@@ -327,7 +327,7 @@ class HiMatchDetector:
             self.slice_subject, self.subjects, group_warnings = subject_groups(self.bank, self.subject_pattern)
             self._fitted_pattern = self.subject_pattern
             self._prepare_method()
-            self.fit_warnings = group_warnings + list(self.calibration.get("warnings", [])) + self.scorer.fit_warnings()
+            self.fit_warnings = self.bank.warnings + group_warnings + list(self.calibration.get("warnings", [])) + self.scorer.fit_warnings()
             for w in self.fit_warnings:
                 warnings.warn(w)
         self.fit_info = {

@@ -62,7 +62,7 @@ def _valid(block: np.ndarray, pad: Optional[np.ndarray]) -> np.ndarray:
     return ok
 
 
-def _sample(values: np.ndarray, valid_of: Optional[np.ndarray] = None, pad: Optional[np.ndarray] = None, limit: int = MAX_SAMPLE) -> np.ndarray:
+def sample_values(values: np.ndarray, valid_of: Optional[np.ndarray] = None, pad: Optional[np.ndarray] = None, limit: int = MAX_SAMPLE) -> np.ndarray:
     """``values[m][:: n // limit + 1]`` (or ``values[m]`` when ``n <= limit``), where ``m`` marks the
     valid voxels (:func:`_valid`) of ``valid_of`` (default ``values``) and ``n`` is their number:
     the same sample, in C order of the arrays' shape, without full-size temporaries."""
@@ -120,15 +120,53 @@ def resolve_modality(image: Image, modality: str) -> str:
     return "ct" if _percentile_below(image.array, 1, -500) else "mri"
 
 
+#: Outlier fences: a value further below the 0.1th or above the 99.9th percentile than
+#: ``OUTLIER_REACH`` times the distance between those percentiles is an outlier (a corrupt or
+#: hand-edited voxel, not tissue: a CT's metal at 3071 HU or a bright lesion lies within reach).
+OUTLIER_PERCENTILES = (0.1, 99.9)
+OUTLIER_REACH = 3.0
+
+
+def outlier_fences(values: np.ndarray) -> tuple:
+    """(low, high) fences of a 1D sample (see :data:`OUTLIER_PERCENTILES`); (-inf, inf) when the
+    sample is too narrow to judge (its percentiles coincide) or empty."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return -np.inf, np.inf
+    p_lo, p_hi = (float(v) for v in np.percentile(values, OUTLIER_PERCENTILES))
+    width = p_hi - p_lo
+    if not width > 0:
+        return -np.inf, np.inf
+    return p_lo - OUTLIER_REACH * width, p_hi + OUTLIER_REACH * width
+
+
+def count_outside(array: np.ndarray, fences: tuple, pad: Optional[np.ndarray] = None) -> tuple:
+    """(below, above): valid voxels of ``array`` (:func:`_valid`) below / above the ``fences``."""
+    below = above = 0
+    lo, hi = fences
+    for b in volume_blocks(array):
+        block = array[b]
+        ok = _valid(block, pad)
+        below += int(np.count_nonzero(ok & (block < lo)))
+        above += int(np.count_nonzero(ok & (block > hi)))
+    return below, above
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of a 1D sample (numpy; no extra dependency)."""
+    """Otsu's threshold of a 1D sample (numpy; no extra dependency).
+
+    The histogram spans the sample's range cut at its outlier fences (:func:`outlier_fences`),
+    outliers counted in the end bins: one corrupt voxel of -1e5 or 1e30 would otherwise squeeze
+    every tissue into one or two of the bins.
+    """
     values = values[np.isfinite(values)]
     if values.size == 0:
         return 0.0
-    lo, hi = float(values.min()), float(values.max())
+    f_lo, f_hi = outlier_fences(values)
+    lo, hi = max(float(values.min()), f_lo), min(float(values.max()), f_hi)
     if hi <= lo:
         return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    hist, edges = np.histogram(np.clip(values, lo, hi), bins=bins, range=(lo, hi))
     hist = hist.astype(np.float64)
     centers = (edges[:-1] + edges[1:]) / 2
     w0 = np.cumsum(hist)
@@ -148,7 +186,7 @@ def padding_values(array: np.ndarray, min_fraction: float = 1e-3, min_count: int
     percentile range) than that range is wide. A background of zeros or a saturated 8-bit maximum
     is not: it lies next to the other values.
     """
-    vals = _sample(array)  # deterministic subsample for speed on big volumes
+    vals = sample_values(array)  # deterministic subsample for speed on big volumes
     if vals.size < 10:
         return []
     step = array.size / max(vals.size, 1)  # voxels per sampled value
@@ -185,7 +223,10 @@ def normalise(array: np.ndarray, preset: dict, *, pad=(), slice_axis: Optional[i
         def scale(a):
             return (a - lo) / width
     elif kind == "percentile":
-        vals = _sample(array, pad=pad_arr).astype(np.float32, copy=False)  # deterministic subsample for speed on big volumes
+        vals = sample_values(array, pad=pad_arr).astype(np.float32, copy=False)  # deterministic subsample for speed on big volumes
+        f_lo, f_hi = outlier_fences(vals)
+        if np.isfinite(f_lo):  # outliers (see outlier_fences) take no part in the statistics
+            vals = vals[(vals >= f_lo) & (vals <= f_hi)]
         lo = float(np.percentile(vals, preset["low"]))
         fg_vals = vals[vals > otsu_threshold(vals) * float(preset.get("stats_otsu_factor", 1.0))]
         hi = float(np.percentile(fg_vals if fg_vals.size else vals, preset["high"]))
@@ -225,7 +266,7 @@ def foreground_mask(array: np.ndarray, normalised: Optional[np.ndarray], preset:
             block = src[b]
             return _valid(block, pad_arr) & (block > hu_min)
     else:
-        vals = _sample(normalised, valid_of=array, pad=pad_arr)
+        vals = sample_values(normalised, valid_of=array, pad=pad_arr)
         t = max(otsu_threshold(vals) * float(preset.get("otsu_factor", 0.5)), 1e-3)
         norm = np.moveaxis(normalised, slice_axis, 0)
 

@@ -20,11 +20,14 @@ from ..io.readers import read_image
 from .canvas import PlaneMap, has_physical_spacing, model_side, plan_plane, to_canvas
 from .presets import (
     PRESETS,
+    count_outside,
     foreground_mask,
     normalise,
+    outlier_fences,
     padding_array,
     padding_values,
     resolve_modality,
+    sample_values,
     valid_range,
     volume_blocks,
 )
@@ -134,6 +137,15 @@ def prepare_volume(
             f"{image.name}: {n_pad} voxels ({100.0 * n_pad / raw.size:.2g} %) hold the padding value(s) "
             f"{', '.join(f'{v:g}' for v in pad)}: excluded from the foreground and the intensity statistics"
         )
+    if preset["scaling"] != "divide":
+        fences = outlier_fences(sample_values(raw, pad=pad_arr))
+        below, above = count_outside(raw, fences, pad_arr)
+        if below or above:  # clipped by the scaling; the statistics are robust to them
+            parts = [f"{n} below {f:.6g}" for n, f in ((below, fences[0]),) if n] + [f"{n} above {f:.6g}" for n, f in ((above, fences[1]),) if n]
+            warn.append(
+                f"{image.name}: {below + above} voxel(s) hold extreme values far outside the image's intensity range "
+                f"({', '.join(parts)}): clipped, and left out of the intensity statistics"
+            )
     lo, hi = valid_range(raw, pad_arr)
     if lo > hi:
         raise HiMatchADError(f"{image.name}: no finite voxel")

@@ -116,3 +116,23 @@ def test_cli_subject_pattern(tiny_model):
     args = build_parser().parse_args(["detect", "x.nii.gz", "--normals", "n", "--out-dir", "o", "--model", tiny_model, "--subject-pattern", "^(P[0-9]+)_"])
     det = detector_from_args(args)
     assert det.subject_pattern == "^(P[0-9]+)_" and det.settings()["subject_pattern"] == "^(P[0-9]+)_"
+
+
+def test_one_extreme_voxel_in_one_normal_moves_no_threshold_and_is_reported(tiny_model, normals_dir, tmp_path):
+    import shutil
+
+    from HiMatchADLib.io.readers import read_image
+
+    bad = tmp_path / "normals"
+    shutil.copytree(normals_dir, bad)
+    img = read_image(bad / "normal_2.nii.gz")
+    arr = img.array.copy()
+    arr[8, 30, 30] = -1e5
+    write_image(arr, img.geometry, bad / "normal_2.nii.gz")
+    kw = dict(model=tiny_model, method="knn", k=4, resolution=RESOLUTION)
+    clean = HiMatchDetector(cache_dir=tmp_path / "c1", **kw).fit(normals_dir)
+    dirty = HiMatchDetector(cache_dir=tmp_path / "c2", **kw).fit(bad)
+    assert dirty.calibration["threshold"] == pytest.approx(clean.calibration["threshold"], rel=1e-3)  # 3 % off before outliers were fenced
+    said = [w for w in dirty.fit_info["warnings"] if "normal image normal_2" in w and "extreme values" in w]
+    assert said, dirty.fit_info["warnings"]
+    assert not any("extreme values" in w for w in clean.fit_info["warnings"])

@@ -86,3 +86,56 @@ def test_a_few_bright_voxels_are_not_padding():
     arr[:, 2:6, 2:6] = 1.0
     arr[0, 5, 5] = 4.0  # one voxel: 0.4 % of a tiny image, far above the rest, but a single voxel
     assert padding_values(arr) == []
+
+
+def _with_outliers(arr: np.ndarray, value: float, n: int):
+    out = arr.copy()
+    idx = np.unravel_index(np.arange(n) * 997 + 5, arr.shape)
+    out[idx] = value
+    keep = np.ones(arr.shape, bool)
+    keep[idx] = False
+    return out, keep
+
+
+def test_a_handful_of_extreme_voxels_moves_neither_the_scaling_nor_the_foreground():
+    from HiMatchADLib.evaluation.phantom import make_phantom
+
+    img, _ = make_phantom((16, 48, 48), seed=3, lesion=True)
+    arr = img.array.astype(np.float32)
+    base = prepare_volume(Image(arr, img.geometry, name="scan"))
+    assert not any("extreme" in w for w in base.warnings)
+    for value, n in [(-1e5, 1), (1e6, 1), (1e30, 10), (-3e4, 5)]:
+        bad, keep = _with_outliers(arr, value, n)
+        prep = prepare_volume(Image(bad, img.geometry, name="scan"))
+        # Identity geometry: canonical order is the input's (slice axis 0).
+        np.testing.assert_allclose(prep.canonical[keep], base.canonical[keep], atol=1e-3)
+        assert np.array_equal(prep.foreground[keep], base.foreground[keep])
+        side = "below" if value < 0 else "above"
+        assert [w for w in prep.warnings if f"{n} voxel(s) hold extreme values" in w and f"{n} {side}" in w], prep.warnings
+
+
+def test_otsu_threshold_ignores_outliers_and_matches_the_reference_without_them():
+    rng = np.random.default_rng(0)
+    vals = np.concatenate([rng.normal(10, 1, 5000), rng.normal(100, 5, 5000)]).astype(np.float32)
+    ref = otsu_threshold(vals)
+    truth = np.arange(vals.size) >= 5000
+    assert np.array_equal(vals > ref, truth)
+    for extra in ([-1e5], [1e6], [1e30] * 10):
+        t = otsu_threshold(np.concatenate([vals, np.asarray(extra, np.float32)]))
+        assert np.array_equal(vals > t, truth), (extra, t, ref)  # the same two classes as without them
+    # A bright lesion or metal within reach is not an outlier: nothing is cut.
+    from HiMatchADLib.features.presets import outlier_fences
+
+    lo, hi = outlier_fences(vals)
+    assert lo < vals.min() and hi > 3 * vals.max()
+
+
+def test_ct_metal_is_not_an_outlier():
+    rng = np.random.default_rng(1)
+    ct = rng.normal(40, 20, (8, 64, 64)).astype(np.float32)
+    ct[:, :8] = -1000
+    ct[:, 30:33, 30:33] = 3071  # metal: 9 voxels per slice
+    ct[:, 40:44, 40:44] = 1200  # bone
+    prep = prepare_volume(Image.from_array(ct, name="ct"))
+    assert prep.modality == "ct"
+    assert not any("extreme" in w for w in prep.warnings)

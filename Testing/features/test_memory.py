@@ -12,7 +12,7 @@ import pytest
 from HiMatchADLib.features import presets as preprocess
 from HiMatchADLib.core.geometry import Image
 from HiMatchADLib.evaluation.phantom import make_phantom
-from HiMatchADLib.features.presets import PRESETS, _percentile_below, _sample, normalise
+from HiMatchADLib.features.presets import PRESETS, _percentile_below, sample_values, normalise
 from HiMatchADLib.features.slicing import prepare_volume
 
 SAGITTAL = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -40,11 +40,11 @@ def test_block_sample_is_the_whole_array_sample(small_blocks):
     for limit in (50, 999, 10**9):
         n = int(ok.sum())
         want = a[ok][:: n // limit + 1] if n > limit else a[ok]
-        assert np.array_equal(_sample(a, pad=pad, limit=limit), want)
+        assert np.array_equal(sample_values(a, pad=pad, limit=limit), want)
     moved = np.moveaxis(a, 2, 0)  # a view: blocks of a non-contiguous array
     other = np.moveaxis(a * 2, 2, 0)
     okm = np.isfinite(moved) & ~np.isin(moved, pad)
-    assert np.array_equal(_sample(other, valid_of=moved, pad=pad, limit=77), other[okm][:: int(okm.sum()) // 77 + 1])
+    assert np.array_equal(sample_values(other, valid_of=moved, pad=pad, limit=77), other[okm][:: int(okm.sum()) // 77 + 1])
 
 
 def test_percentile_test_without_sorting_is_numpys(small_blocks):
