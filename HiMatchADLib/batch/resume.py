@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from ..outputs.files import is_complete, output_paths
+from ..core.digest import files_digest
+from ..outputs.files import is_complete, output_damage, output_paths
 from ..outputs.registry import check_outputs, get_writer
 from .cases import Case, PathLike, absolute_path
 from .summary import STATUS_DONE, STATUS_SKIPPED, join_notes, summary_row
@@ -69,13 +70,23 @@ def settings_changes(current: dict, scores: dict) -> list:
     return changes
 
 
-def _modified_after(case: Case, result: Path) -> bool:
-    """True when the input (a file, or any file of a DICOM series) is newer than its result."""
+def _input_change(case: Case, data: dict) -> str:
+    """How the content of the input of ``case`` (its file, or the files of its DICOM series) differs
+    from the one its earlier result was computed on ("" when it is the same). A replaced file keeps
+    its old modification time under ``cp -p`` or ``rsync -a``: the JSON's ``"input_digest"``
+    (size and BLAKE2b of the bytes) is what is compared."""
+    before = data.get("input_digest")
+    if not isinstance(before, dict):
+        return "the earlier result records no digest of its input"
+    files = [Path(f) for f in case.series.files] if case.series is not None else [case.path]
     try:
-        files = [Path(f) for f in case.series.files] if case.series is not None else [case.path]
-        return max(p.stat().st_mtime_ns for p in files) > result.stat().st_mtime_ns
-    except OSError:
-        return True
+        if sum(p.stat().st_size for p in files) != before.get("bytes"):
+            return "the input's content changed after its result was written"
+        if files_digest(files) != before:
+            return "the input's content changed after its result was written"
+    except OSError as exc:
+        return f"the input cannot be read ({exc.strerror or exc})"
+    return ""
 
 
 def _series_change(case: Case, data: dict) -> str:
@@ -117,8 +128,9 @@ def check_earlier(
     case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, outputs: tuple = ()
 ) -> tuple:
     """Whether ``case`` was done earlier: ``(row, "")`` with its "done earlier" row when its outputs
-    are complete (the optional ``outputs`` asked for included), written with the settings ``current``, on
-    the same DICOM series, and newer than its input; otherwise ``(None, note)``, where ``note`` says
+    are complete and as written (sizes and digests recorded in its JSON; the optional ``outputs`` asked
+    for included), written with the settings ``current``, on the same DICOM series, and from an input of
+    the same content (digest); otherwise ``(None, note)``, where ``note`` says
     why an earlier result is recomputed ("" when there is none, or with ``overwrite``). A series
     that cannot be analysed gives its "skipped" row at once. Reads only; :func:`run_case` starts
     with this check.
@@ -127,14 +139,15 @@ def check_earlier(
     if case.skip_reason:
         return summary_row(case, out_root, STATUS_SKIPPED, None, case.skip_reason), ""
     paths = output_paths(case.out_dir, case.name, False)
-    if is_complete(case.out_dir, case.name):
+    if is_complete(case.out_dir, case.name, digests=False):
         data = read_scores(paths["scores"])
         if data is not None and not overwrite:
             changes = settings_changes(current, data)
             if changes:
                 return None, "recomputed: settings changed: " + ", ".join(changes)
-            if _modified_after(case, paths["scores"]):
-                return None, "recomputed: the input changed after its result was written"
+            change = _input_change(case, data) or output_damage(paths["scores"], data)
+            if change:
+                return None, f"recomputed: {change}"
             change = _series_change(case, data)
             if change:
                 return None, f"recomputed: {change}"
@@ -145,5 +158,7 @@ def check_earlier(
             return summary_row(case, out_root, STATUS_DONE, data, join_notes(note, *map(str, data.get("warnings") or []))), ""
         return None, ""
     if paths["scores"].exists() or paths["heatmap"].exists():
-        return None, "recomputed: earlier outputs were incomplete"
+        data = read_scores(paths["scores"])
+        damage = output_damage(paths["scores"], data) if data is not None and data.get("complete") else ""
+        return None, f"recomputed: {damage}" if damage else "recomputed: earlier outputs were incomplete"
     return None, ""

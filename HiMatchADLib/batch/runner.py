@@ -30,12 +30,14 @@ In ``summary.csv`` and in the returned rows, ``input`` is the absolute path of t
 the summary stays valid when the output folder is moved. ``seconds`` is the only column that can
 differ between two identical runs. Empty cells are ``""``.
 
-Resuming: a case whose outputs are complete (:func:`HiMatchADLib.outputs.files.is_complete`) and whose scores JSON was
+Resuming: a case whose outputs are complete and as they were written (sizes and digests recorded in
+its scores JSON: :func:`HiMatchADLib.outputs.files.is_complete`) and whose scores JSON was
 written with the same result-changing settings as the detector's (see :func:`settings_changes`) is
 "done earlier" and its row is filled from that JSON. A complete case computed with other settings is
-recomputed, and its row's message says which settings changed; so is a case whose input file was
-modified after its scores JSON was written, a DICOM case whose series now has other files, and a
-case without the DICOM outputs asked for now.
+recomputed, and its row's message says which settings changed; so is a case whose input's content
+(size and digest, not its modification time: ``cp -p`` keeps an old one) differs from the one its
+result records, a case with a cut, emptied or missing output, a DICOM case whose series now has other
+files, and a case without the DICOM outputs asked for now.
 
 What is never read as an input: anything inside the output folder or an excluded folder (the
 normal scans), hidden files and folders, and outputs of this tool found anywhere in the input tree

@@ -120,6 +120,7 @@ class DetectionResult:
     labelmap: np.ndarray = None  # computed from heatmap/threshold when not given
     source_files: tuple = ()
     source_series: dict = field(default_factory=dict)
+    input_digest: dict = field(default_factory=dict)  # core.digest.files_digest of the input file(s)
 
     def __post_init__(self) -> None:
         if self.labelmap is None:
@@ -182,4 +183,5 @@ class DetectionResult:
             "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
             "warnings": list(self.warnings),
             **({"series": dict(self.source_series)} if self.source_series else {}),
+            **({"input_digest": dict(self.input_digest)} if self.input_digest else {}),
         }

@@ -19,6 +19,7 @@ import numpy as np
 from ..bank.build import build_or_load, scan_normals
 from ..bank.store import BankSettings, NormalBank
 from ..core.atomic import write_text_atomic
+from ..core.digest import files_digest
 from ..core.errors import HiMatchADError
 from ..core.geometry import Image
 from ..core.progress import ProgressCallback, Reporter
@@ -465,6 +466,15 @@ class HiMatchDetector:
         timings["read"], timings["preprocess"] = query.read_s, query.preprocess_s
         return query.image, prep
 
+    @staticmethod
+    def _input_digest(img: Image) -> dict:
+        """What a result records of its input's content (a rerun compares it): the file(s) it was read from."""
+        files = list(img.dicom_files) or ([img.path] if img.path and Path(img.path).is_file() else [])
+        try:
+            return files_digest(files) if files else {}
+        except OSError as exc:
+            raise HiMatchADError(f"cannot read {img.path} again to record its content: {exc.strerror or exc}") from exc
+
     def predict(self, image: Union[str, os.PathLike, Image, DicomSeries, "PreparedQuery"]) -> DetectionResult:
         """Detect anomalies in a 3D volume or 2D image (path, DICOM series, :class:`Image`, or a
         :class:`PreparedQuery` from :meth:`prepare`)."""
@@ -578,6 +588,7 @@ class HiMatchDetector:
             result.image_array = img.array
         if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
             result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
+        result.input_digest = self._input_digest(img)
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings

@@ -22,6 +22,7 @@ from typing import Iterable, Union
 import numpy as np
 
 from ..core.atomic import atomic_path, write_text_atomic
+from ..core.digest import files_digest
 from ..core.errors import HiMatchADError
 from ..core.geometry import Geometry
 from ..core.result import DetectionResult, Support
@@ -52,8 +53,35 @@ def output_paths(
     return paths
 
 
-def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
-    """True when every output of ``name`` exists and its scores JSON says it is complete."""
+def output_damage(scores_path: Union[str, os.PathLike], data: dict, digests: bool = True) -> str:
+    """What is wrong with the files a complete scores JSON ``data`` lists ("" when nothing): a
+    missing file, or one whose size (or, with ``digests``, content) differs from what the JSON
+    recorded when it was written (``"output_digests"``). A result that records no digests is
+    reported as such: nothing then tells a cut or emptied file from the one written."""
+    folder = Path(scores_path).parent
+    names = {k: v for k, v in (data.get("outputs") or {}).items() if isinstance(v, str) and k != "scores"}
+    recorded = data.get("output_digests")
+    if not isinstance(recorded, dict):
+        return "the earlier result records no digests of its outputs"
+    for key, name in names.items():
+        path = folder / name
+        want = recorded.get(key)
+        if not path.is_file():
+            return f"its {key} output {name} is missing"
+        if not isinstance(want, dict):
+            return f"the earlier result records no digest of its {key} output {name}"
+        try:
+            size = path.stat().st_size
+            if size != want.get("bytes") or (digests and files_digest([path]) != want):
+                return f"its {key} output {name} was changed or damaged after it was written"
+        except OSError as exc:
+            return f"its {key} output {name} cannot be read ({exc.strerror or exc})"
+    return ""
+
+
+def is_complete(out_dir: Union[str, os.PathLike], name: str, digests: bool = True) -> bool:
+    """True when the scores JSON of ``name`` says it is complete and every output it lists is there,
+    as it was written (sizes, and with ``digests`` the content: :func:`output_damage`)."""
     p = output_paths(out_dir, name, False)
     try:
         data = json.loads(p["scores"].read_text(encoding="utf-8"))
@@ -63,7 +91,7 @@ def is_complete(out_dir: Union[str, os.PathLike], name: str) -> bool:
         return False
     need = list(output_paths(out_dir, name, bool(data.get("geometry", {}).get("is_2d"))).values())
     need += [p["scores"].parent / v for v in (data.get("outputs") or {}).values() if isinstance(v, str)]
-    return all(v.exists() for v in need)
+    return all(v.exists() for v in need) and not output_damage(p["scores"], data, digests)
 
 
 def save_result(
@@ -131,6 +159,7 @@ def save_result(
     result.timings["write"] = time.perf_counter() - t
     data = result.to_dict()
     data["outputs"] = {k: v.name for k, v in paths.items()}
+    data["output_digests"] = {k: files_digest([v]) for k, v in paths.items() if k != "scores"}
     data["complete"] = True
     write_text_atomic(paths["scores"], json.dumps(data, indent=1))
     return paths
@@ -152,6 +181,9 @@ def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
         raise HiMatchADError(f"cannot read the result {path}: {exc}") from exc
     if not isinstance(data, dict) or not data.get("complete"):
         raise HiMatchADError(f"{path} is not a complete result (was its run interrupted?); run the detection again")
+    damage = output_damage(path, data)
+    if damage and "no digest" not in damage:  # results written before digests were recorded stay readable
+        raise HiMatchADError(f"{path.name}: {damage}; run the detection again")
     try:
         geometry = Geometry.from_dict(data["geometry"])
         files = {k: path.parent / v for k, v in data["outputs"].items()}

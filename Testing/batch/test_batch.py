@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from HiMatchADLib.batch import (
     summary_counts,
 )
 from HiMatchADLib.io.readers import read_image
+from HiMatchADLib.outputs.files import load_result
 from HiMatchADLib.io.writers import write_image
 from HiMatchADLib.evaluation.phantom import make_phantom
 
@@ -374,8 +376,51 @@ def test_an_input_replaced_after_its_result_is_recomputed(det, tmp_path):
     os.utime(inp / "b.nii.gz", ns=(scores.st_atime_ns, scores.st_mtime_ns + 1_000_000))
     rows = run_batch(det, inp, out, log=lambda m: None)
     assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_OK]
-    assert rows[1]["message"].startswith("recomputed: the input changed after its result was written")
+    assert rows[1]["message"].startswith("recomputed: the input's content changed after its result was written")
     assert rows[1]["volume_score"] != first[1]["volume_score"]
+
+
+def test_resume_knows_a_replaced_input_by_its_content_not_its_modification_time(det, tmp_path):
+    inp = tmp_path / "in"
+    _phantom(inp / "a.nii.gz", 1)
+    _phantom(inp / "b.nii.gz", 2)
+    out = tmp_path / "out"
+    first = run_batch(det, inp, out)
+    old = (inp / "b.nii.gz").stat()
+    _phantom(tmp_path / "other.nii.gz", 3, lesion=True)
+    shutil.copyfile(tmp_path / "other.nii.gz", inp / "b.nii.gz")
+    os.utime(inp / "b.nii.gz", ns=(old.st_atime_ns, old.st_mtime_ns))  # as cp -p / rsync -a leave it
+    rows = run_batch(det, inp, out, log=lambda m: None)
+    assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_OK]
+    assert "input's content changed" in rows[1]["message"]
+    assert rows[1]["volume_score"] != first[1]["volume_score"]
+    # Touched but unchanged: the same content is done earlier.
+    os.utime(inp / "a.nii.gz")
+    rows = run_batch(det, inp, out, log=lambda m: None)
+    assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_DONE]
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "same_size"])
+def test_resume_recomputes_a_case_whose_outputs_were_damaged(det, tmp_path, damage):
+    inp = tmp_path / "in"
+    _phantom(inp / "a.nii.gz", 1)
+    out = tmp_path / "out"
+    first = run_batch(det, inp, out)
+    target = out / ("a_heatmap.nii.gz" if damage != "empty" else "a_labelmap.nii.gz")
+    data = target.read_bytes()
+    if damage == "cut":
+        target.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        target.write_bytes(b"")
+    else:  # one byte changed, size kept
+        target.write_bytes(data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:])
+    with pytest.raises(HiMatchADError, match="changed or damaged"):
+        load_result(out / "a_scores.json")
+    rows = run_batch(det, inp, out, log=lambda m: None)
+    assert [r["status"] for r in rows] == [STATUS_OK]
+    assert "changed or damaged after it was written" in rows[0]["message"]
+    assert rows[0]["volume_score"] == first[0]["volume_score"]
+    assert load_result(out / "a_scores.json").anomalous_voxels == first[0]["anomalous_voxels"]
 
 
 def test_a_dicom_series_given_as_the_input_folder_is_one_case(det, tmp_path):

@@ -79,6 +79,11 @@ def test_incomplete_or_inconsistent_results_are_refused(tmp_path):
     save_result(other, tmp_path / "other")
     (tmp_path / "other" / "case_heatmap.nii.gz").replace(paths["heatmap"])
     paths["scores"].write_text(json.dumps(data))
+    with pytest.raises(HiMatchADError, match="heatmap output case_heatmap.nii.gz was changed or damaged"):
+        load_result(paths["scores"])
+    assert not is_complete(tmp_path, "case")
+    # ... and by the grid check when the JSON records no digests (a result of an earlier version).
+    paths["scores"].write_text(json.dumps({k: v for k, v in data.items() if k != "output_digests"}))
     with pytest.raises(HiMatchADError, match="does not lie on the grid"):
         load_result(paths["scores"])
     # A missing output file.
