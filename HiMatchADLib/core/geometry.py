@@ -73,6 +73,9 @@ class Image:
     #: For a DICOM input: its files in slice order, and the series they form (else empty / None).
     dicom_files: tuple = ()
     dicom_series: Optional[DicomSeries] = None
+    #: False when the file records no pixel spacing (a DICOM series without PixelSpacing): the
+    #: geometry's 1 mm is then a placeholder, as for a PNG.
+    spacing_recorded: bool = True
 
     @property
     def is_2d(self) -> bool:

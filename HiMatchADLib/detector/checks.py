@@ -32,6 +32,8 @@ def check_query_against_bank(bank_settings: dict, modality: str, img: Image, pre
         if modality != "auto" and modality != bank_mod:
             raise HiMatchADError(f"modality {modality} was given but the normal bank was built with the {bank_mod} preset")
         looks = resolve_modality(img, "auto")
+        if bank_mod == "8bit" and img.pixel_type == "uint16" and img.is_2d:
+            looks = "8bit"  # a 16-bit PNG/TIFF: grey levels as a fraction of its full range, as the bank's
         if looks != bank_mod and {looks, bank_mod} != {"8bit", "oct"}:  # OCT B-scans are often 8-bit
             msg = f"{img.name} looks like {looks} but the normal bank is {bank_mod}"
             if modality == "auto" and "ct" in (looks, bank_mod):

@@ -52,7 +52,10 @@ class PlaneMap:
 
 
 def has_physical_spacing(image: Image) -> bool:
-    """False for 2D slices read from PNG/JPEG/TIFF/BMP files, whose pixel spacing is not recorded."""
+    """False for 2D slices read from PNG/JPEG/TIFF/BMP files, whose pixel spacing is not recorded,
+    and for images whose header records none (:attr:`Image.spacing_recorded`)."""
+    if not getattr(image, "spacing_recorded", True):
+        return False
     return not (image.is_2d and image.path is not None and str(image.path).lower().endswith(IMAGE_SUFFIXES))
 
 

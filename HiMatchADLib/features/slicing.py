@@ -125,6 +125,8 @@ def prepare_volume(
     """
     mod = resolve_modality(image, modality)
     preset = PRESETS[mod]
+    if preset["scaling"] == "divide" and image.pixel_type == "uint16":  # a 16-bit PNG/TIFF: a fraction of its full range
+        preset = {**preset, "divisor": 65535.0}
     reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
     axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
     raw = reo.to_canonical(image.array)  # a view: nothing below copies the whole volume but the normalised one

@@ -202,6 +202,30 @@ def _read_header(path: Path, full: bool = False):
     return ds
 
 
+def pixel_header(path) -> Optional[object]:
+    """The full header (no pixel data) of one DICOM file, or None when it cannot be read."""
+    return _read_header(Path(path), full=True)
+
+
+def monochrome1_inverted_by_reader(path, read_slice: Optional[np.ndarray]) -> bool:
+    """Whether the slice ``read_slice`` that ITK/GDCM read from the MONOCHROME1 file ``path`` is the
+    inverse of the file's stored values (GDCM inverts MONOCHROME1; its stored values are compared
+    here, so another reader that does not is noticed). True when it cannot be told (no slice, pixel
+    data pydicom cannot decode, a constant slice)."""
+    if read_slice is None:
+        return True
+    try:
+        import pydicom
+
+        stored = np.asarray(pydicom.dcmread(str(path)).pixel_array, dtype=np.float64)
+    except Exception:  # compressed pixel data without a decoder, or an unreadable file: GDCM's rule
+        return True
+    a = np.asarray(read_slice, dtype=np.float64)
+    if stored.shape != a.shape or stored.std() == 0 or a.std() == 0:
+        return True
+    return bool(np.corrcoef(stored.ravel(), a.ravel())[0, 1] < 0)
+
+
 def _text(ds, keyword: str) -> str:
     value = ds.get(keyword, "")
     if value is None:

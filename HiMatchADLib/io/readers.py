@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core.errors import HiMatchADError
 from ..core.geometry import Geometry, Image
-from .dicom import DicomSeries, describe_files, is_dicom_file, select_series
+from .dicom import DicomSeries, describe_files, is_dicom_file, monochrome1_inverted_by_reader, pixel_header, select_series
 from .formats import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_complete, strip_suffix
 from .series_filters import matches
 
@@ -172,6 +172,10 @@ def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Ima
             "crop or resample the volume first"
         )
     eight_bit = "8-bit" in pixel_type
+    warn = []
+    if np.iscomplexobj(arr):  # e.g. raw MR reconstructions: the magnitude is the image
+        arr = np.abs(arr)
+        warn.append(f"{Path(path).name if path else name}: complex-valued voxels: their magnitude is analysed")
     arr = np.array(arr, dtype=np.float32)  # a copy, never the view of img's buffer
     if dim == 2:
         sp = img.GetSpacing() + (1.0,)
@@ -183,8 +187,11 @@ def image_from_sitk(img, name: str = "image", path: Optional[str] = None) -> Ima
         arr = arr[None]
     else:
         geo = Geometry(img.GetSize(), img.GetSpacing(), img.GetOrigin(), np.asarray(img.GetDirection()).reshape(3, 3))
-    out = Image(arr, geo, name=name, path=path, pixel_type="uint8" if eight_bit else pixel_type)
-    return out
+    if eight_bit:
+        pixel_type = "uint8"
+    elif "16-bit unsigned" in pixel_type and ncomp == 1 and path is not None and str(path).lower().endswith(IMAGE_SUFFIXES):
+        pixel_type = "uint16"  # a 16-bit PNG/TIFF: --modality 8bit scales it by its full range, 65535
+    return Image(arr, geo, name=name, path=path, pixel_type=pixel_type, warnings=warn)
 
 
 def read_image(path) -> Image:
@@ -202,6 +209,7 @@ def read_image(path) -> Image:
     out = image_from_sitk(img, name=name, path=str(p))
     if series is not None:
         out.dicom_series, out.dicom_files = series, tuple(series.files)
+        _dicom_semantics(out, series)
     finite = np.isfinite(out.array)
     if not finite.all():
         n_bad = int((~finite).sum())
@@ -210,6 +218,34 @@ def read_image(path) -> Image:
         out.array = np.where(finite, out.array, np.nan).astype(np.float32)
         out.warnings.append(f"{p.name}: {n_bad} non-finite voxels (NaN/Inf) treated as background")
     return out
+
+
+def _dicom_semantics(out: Image, series: DicomSeries) -> None:
+    """What the pixel values of a DICOM series mean, applied to ``out``.
+
+    MONOCHROME1 (the lowest value is white, as in many radiographs): the grey scale is read as it is
+    displayed. GDCM inverts such files already (``max - v``, or ``-1 - v`` for signed pixels, which
+    makes every value negative and would pass for Hounsfield units); the image is inverted here
+    only if it was not, and shifted to start at 0 either way. Without PixelSpacing (or
+    ImagerPixelSpacing) the reader's 1 mm is a placeholder: the image is treated as one without a
+    recorded spacing (:attr:`Image.spacing_recorded`), with a warning.
+    """
+    header = pixel_header(series.files[0])
+    if header is None:
+        return
+    photometric = str(header.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric == "MONOCHROME1":
+        inverted = monochrome1_inverted_by_reader(series.files[0], out.array[0] if len(series.files) > 1 or not series.frame_order else None)
+        arr = out.array if inverted else -out.array
+        finite = np.isfinite(arr)
+        low = float(np.min(arr, where=finite, initial=np.inf)) if finite.any() else 0.0
+        out.array = (arr - low).astype(np.float32)
+        out.warnings.append(f"{out.name}: MONOCHROME1 (low values are white): its grey scale is read as displayed (inverted, from 0)")
+    if not header.get("PixelSpacing") and not header.get("ImagerPixelSpacing"):
+        out.spacing_recorded = False
+        out.warnings.append(
+            f"{out.name}: its DICOM files record no PixelSpacing: 1 mm pixels are assumed, so sizes in mm and mm³ are not physical"
+        )
 
 
 def is_2d_file(path) -> bool:

@@ -681,3 +681,45 @@ def test_batch_writes_real_dicom_seg_and_parametric_map_on_the_input_voxels(det,
             psrc = pm.PerFrameFunctionalGroupsSequence[f].DerivationImageSequence[0].SourceImageSequence[0]
             np.testing.assert_allclose(pm_frames[f], result.heatmap[by_uid[psrc.ReferencedSOPInstanceUID]], rtol=1e-6, atol=1e-6)
         assert 0 < (result.labelmap > 0).sum() < result.labelmap.size  # the frames carry a pattern to check
+
+
+# ------------------------------------------------------------------------------- pixel semantics
+@pytest.mark.parametrize("signed", [True, False])
+def test_monochrome1_is_read_as_displayed(tmp_path, signed):
+    """The same displayed image stored as MONOCHROME1 (stored = 3000 - v) reads as the MONOCHROME2 one."""
+    ref_vol = write_series(tmp_path / "m2", "1.2.3.4.1")
+    write_series(tmp_path / "m1", "1.2.3.4.2", volume=ref_vol)
+    for f in (tmp_path / "m1").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PixelRepresentation = int(signed)
+        ds.PixelData = (3000 - ds.pixel_array.astype(np.int32)).astype(np.int16 if signed else np.uint16).tobytes()
+        ds.save_as(f)
+    ref, img = read_image(tmp_path / "m2"), read_image(tmp_path / "m1")
+    np.testing.assert_array_equal(img.array - img.array.min(), ref.array - ref.array.min())
+    assert img.array.min() == 0
+    assert any("MONOCHROME1" in w for w in img.warnings)
+    from HiMatchADLib.features.slicing import prepare_volume
+
+    assert prepare_volume(img).modality == "mri"  # not read as negative Hounsfield units
+    np.testing.assert_allclose(prepare_volume(img).canonical, prepare_volume(ref).canonical, atol=1e-6)
+
+
+def test_a_series_without_pixel_spacing_is_not_taken_for_1_mm(tmp_path):
+    write_series(tmp_path / "s", "1.2.3.4.5")
+    for f in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(f)
+        del ds.PixelSpacing
+        ds.save_as(f)
+    img = read_image(tmp_path / "s")
+    assert not img.spacing_recorded
+    assert [w for w in img.warnings if "no PixelSpacing" in w and "1 mm pixels are assumed" in w]
+    from HiMatchADLib.features.canvas import has_physical_spacing
+
+    assert not has_physical_spacing(img)
+    assert read_image(tmp_path / "s").warnings and read_image(_first_series(tmp_path)).spacing_recorded
+
+
+def _first_series(tmp_path):
+    write_series(tmp_path / "ok", "1.2.3.4.6")
+    return tmp_path / "ok"
