@@ -46,12 +46,12 @@ from typing import Optional
 import numpy as np
 
 from ..core.atomic import process_alive, write_text_atomic
-from ..core.digest import file_digest, json_hash
+from ..core.digest import array_digest, file_digest, json_hash
 from ..core.errors import HiMatchADError
 from ..core.progress import Reporter
-from ..features.canvas import patch_foreground
+from ..features.canvas import has_physical_spacing, patch_foreground
 from ..features.extractor import FeatureExtractor
-from ..features.slicing import prepare_volume
+from ..features.slicing import SLICE_PLANES, prepare_volume
 from ..io.discovery import list_images
 from ..io.readers import read_image
 from ..io.subjects import source_group
@@ -191,6 +191,8 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
         groups: list[str] = []
         skipped: list[dict] = []
         prep_warnings: list[str] = []
+        voxel_digests: dict = {}  # core.digest.array_digest of each normal image -> its path
+        planes: dict = {}  # anatomical plane of the slices -> number of normal images sliced so
         estimate = _estimate_slices(files, settings)
         done = 0
         msg = "Building normal bank"
@@ -207,6 +209,10 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                 warnings.warn(f"skipping normal image {path}: {exc}")
                 continue
             prep_warnings += [f"normal image {w}" for w in prep.warnings]
+            voxel_digests[array_digest(img.array)] = fps[fi]["path"]
+            if has_physical_spacing(img) or not img.is_2d:  # a PNG's plane is not known
+                plane = SLICE_PLANES[prep.slice_axis_canonical]
+                planes[plane] = planes.get(plane, 0) + 1
             group = source_group(img.name, img.is_2d)
             if group not in groups:
                 groups.append(group)
@@ -278,6 +284,8 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             "groups": groups,
             "skipped": skipped,
             "warnings": prep_warnings,
+            "voxel_digests": voxel_digests,
+            "slice_planes": planes,
             "content": content,
             "model": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,

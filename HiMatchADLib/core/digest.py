@@ -6,6 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def json_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
@@ -39,3 +41,13 @@ def files_digest(paths) -> dict:
                 h.update(block)
         h.update(b"\0")  # file boundary: two files are not their concatenation
     return {"bytes": total, "blake2b": h.hexdigest()}
+
+
+def array_digest(array) -> str:
+    """BLAKE2b of an image's voxel values and shape (not of its file): the same scan stored as a
+    copy, under another name or in another format has the same digest."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((a.shape, a.dtype.str)).encode())
+    h.update(memoryview(a).cast("B"))
+    return h.hexdigest()

@@ -141,7 +141,7 @@ def calibrate(det, cal_ids: list, cal_groups: list) -> dict:
     ss = np.asarray(slice_scores, dtype=float)
     cal["normal_slice_score"] = {"median": float(np.median(ss)), "p95": float(np.quantile(ss, 0.95)), "max": float(ss.max())}
     if single:
-        cal_warn.append("only one normal subject: the threshold is calibrated without holding it out and will be optimistic")
+        cal_warn.append("only one normal subject: the normal score statistics are computed without holding it out and will be optimistic")
     elif len(collected) < MIN_CALIBRATION_SLICES:
         cal_warn.append(
             f"only {len(collected)} held-out normal slices for calibration (fewer than {MIN_CALIBRATION_SLICES}): "

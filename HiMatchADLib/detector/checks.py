@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+from ..core.digest import array_digest
 from ..core.errors import HiMatchADError
 from ..core.geometry import Image
 from ..features.presets import resolve_modality
-from ..features.slicing import PreparedVolume
+from ..features.canvas import has_physical_spacing
+from ..features.slicing import SLICE_PLANES, PreparedVolume
 
 
-def check_query_against_bank(bank_settings: dict, modality: str, img: Image, prep: PreparedVolume) -> list:
+def check_query_against_bank(bank_settings: dict, modality: str, img: Image, prep: PreparedVolume, manifest: Optional[dict] = None) -> list:
     """Query vs normal bank: an error for a clear mismatch, warnings for one that may be meant.
 
     Errors: a 3D volume against a bank of 2D slices; an explicitly given modality other than the
     bank's; with ``modality="auto"``, a query on the other side of the Hounsfield divide (CT vs
     not CT) from the bank. Warnings: a 2D slice against a bank of volumes; a query that looks
     like another modality than the bank's (explicit modality, or a non-CT difference); a query
-    without a recorded pixel spacing against a bank resampled to one.
+    without a recorded pixel spacing against a bank resampled to one. With the bank's ``manifest``
+    also errors for a query that is one of the normal images (the same voxels: it would be matched
+    against itself and score near zero) and for a single slice in another anatomical plane than
+    every normal slice (a sagittal slice against axial normals differs everywhere).
     """
+    manifest = manifest or {}
+    same = (manifest.get("voxel_digests") or {}).get(array_digest(img.array))
+    if same is not None:
+        raise HiMatchADError(
+            f"{img.name} is one of the normal images ({same} in the normal folder holds the same voxels): it would be "
+            "matched against itself and score near zero; remove it from the normal folder or choose other normals"
+        )
+    planes = manifest.get("slice_planes") or {}
+    plane = SLICE_PLANES[prep.slice_axis_canonical]
+    if planes and prep.n_slices == 1 and min(prep.native_shape[1:]) > 1 and has_physical_spacing(img) and plane not in planes:
+        raise HiMatchADError(
+            f"{img.name} is a single {plane} slice but the normal bank holds {' and '.join(sorted(planes))} slices only: "
+            f"its anatomy would differ everywhere; use normals sliced the same way (--slice-axis {plane})"
+        )
     st = bank_settings
     bank_mod, dims = st.get("modality", "auto"), st.get("dims", "")
     warn: list = []

@@ -326,6 +326,13 @@ class HiMatchDetector:
             warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
         if self.scorer is None:
             self.slice_subject, self.subjects, group_warnings = subject_groups(self.bank, self.subject_pattern)
+            if len(self.subjects) < 2 and self.threshold == "auto":
+                raise HiMatchADError(
+                    f"the normal folder {folder} holds one subject ({self.subjects[0] if self.subjects else 'none'}): the "
+                    "threshold is calibrated on normal slices held out with their subject, which needs at least two "
+                    "subjects; add normal scans of another subject, give a fixed threshold (--threshold), or, if the "
+                    "files are of different subjects, say how their names name them (--subject-pattern)"
+                )
             self._fitted_pattern = self.subject_pattern
             self._prepare_method()
             self.fit_warnings = self.bank.warnings + group_warnings + list(self.calibration.get("warnings", [])) + self.scorer.fit_warnings()
@@ -483,7 +490,7 @@ class HiMatchDetector:
         timings = {"read": 0.0, "preprocess": 0.0, "features": 0.0, "maps": 0.0}
         t = time.perf_counter()
         img, prep = self._prepared(image, timings)
-        bank_warnings = check_query_against_bank(self.bank.manifest["settings"], self.modality, img, prep)
+        bank_warnings = check_query_against_bank(self.bank.manifest["settings"], self.modality, img, prep, self.bank.manifest)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.native_shape, np.float32)

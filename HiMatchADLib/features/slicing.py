@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..core.errors import HiMatchADError
-from ..core.geometry import IDENTITY, Image, Reorientation, canonical_reorientation
+from ..core.geometry import Image, Reorientation, canonical_reorientation
 from ..io.formats import IMAGE_SUFFIXES
 from ..io.readers import read_image
 from .canvas import PlaneMap, has_physical_spacing, model_side, plan_plane, to_canvas
@@ -37,6 +37,9 @@ SLICE_AXES = ("auto", "axial", "coronal", "sagittal", "largest_spacing")
 
 # Canonical numpy axis of each anatomical slicing direction (see orientation.py).
 _CANONICAL_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+#: The anatomical plane of the slices taken along each canonical axis.
+SLICE_PLANES = {axis: plane for plane, axis in _CANONICAL_AXIS.items()}
 
 
 @dataclass
@@ -127,7 +130,7 @@ def prepare_volume(
     preset = PRESETS[mod]
     if preset["scaling"] == "divide" and image.pixel_type == "uint16":  # a 16-bit PNG/TIFF: a fraction of its full range
         preset = {**preset, "divisor": 65535.0}
-    reo = IDENTITY if image.is_2d else canonical_reorientation(image.geometry.direction)
+    reo = canonical_reorientation(image.geometry.direction)  # 2D images with a direction too (a PNG has none: identity)
     axis = 0 if image.is_2d else choose_slice_axis(image, reo, preset, slice_axis)
     raw = reo.to_canonical(image.array)  # a view: nothing below copies the whole volume but the normalised one
     warn: list[str] = list(image.warnings)

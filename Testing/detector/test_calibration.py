@@ -38,7 +38,8 @@ def test_subject_pattern_keeps_copies_of_a_subject_out_of_its_calibration(tiny_m
     assert any("its own subject" in w for w in leaky.fit_info["warnings"])
     # Without the pattern a held-out file finds its own copy: normal scores are (nearly) zero.
     assert leaky.calibration["normal_pixel_quantiles"]["0.99"] < 1e-3
-    res = leaky.predict(copies_dir / "P0_a.nii.gz")
+    other, _ = make_phantom((1, 64, 64), seed=299)
+    res = leaky.predict(other)  # (P0_a itself is one of the normals: refused)
     assert any("its own subject" in w for w in res.warnings)
 
     grouped = _det(tiny_model, tmp_path, calibration_slices=8, subject_pattern=r"^(P\d+)_").fit(copies_dir)

@@ -96,7 +96,9 @@ def _save(arr: np.ndarray, path: Path) -> None:
 def tiny_bmad(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bmad") / "Brain"
     for n in ("n1_1", "n1_2", "n2_1", "n2_2"):
-        _save(_slice()[0], root / "train" / "good" / f"{n}.png")
+        a = _slice()[0]
+        a[0, 0] = 1  # a normal is not the test image g1_1 itself (that is refused)
+        _save(a, root / "train" / "good" / f"{n}.png")
     _save(_slice()[0], root / "test" / "good" / "img" / "g1_1.png")
     _save(_slice(spot=(slice(20, 24), slice(12, 16)))[0], root / "test" / "good" / "img" / "g2_1.png")
     for name, lesion in (("b1_1", ((slice(30, 36), slice(14, 20)), 220)), ("b2_1", ((slice(40, 48), slice(40, 48)), 40))):

@@ -425,7 +425,7 @@ def test_batch_processes_each_series_and_skips_the_unusable_ones(det, study_tree
     extra.SOPInstanceUID = uid(101) + ".99"
     extra.save_as(mr / "added.dcm", enforce_file_format=True)
     rows = run_batch(det, root, out, series_filter=["description~mprage"], log=lambda m: None)
-    assert [(r["status"], r["message"].split(";")[0]) for r in rows] == [(STATUS_OK, "recomputed: the input changed after its result was written")]
+    assert [(r["status"], r["message"].split(";")[0]) for r in rows] == [(STATUS_OK, "recomputed: the input's content changed after its result was written")]
     assert json.loads((out / "patient1" / "mrstudy_s3_T1_MPRAGE_scores.json").read_text())["series"]["files"] == 9
 
 

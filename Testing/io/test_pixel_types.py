@@ -41,7 +41,7 @@ def _slice8(seed):
 def png_bank(tmp_path_factory):
     d = tmp_path_factory.mktemp("png_normals")
     for i in range(4):
-        _png(d / f"n{i}.png", _slice8(20 + i), 8)
+        _png(d / f"subject{'abcd'[i]}.png", _slice8(20 + i), 8)  # four subjects
     return d
 
 
