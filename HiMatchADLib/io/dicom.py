@@ -445,6 +445,14 @@ def _placed(base: dict, paths: tuple, positions: list, orientations: list, what:
             return unusable(f"is a localizer (scout): its {len(positions)} {what} have {n_orient} different orientations")
         return unusable(f"has {what} in {n_orient} different orientations (several stacks in one series?); it is not one volume")
     o = orientations[0]
+    row, col = np.asarray(o[:3], float), np.asarray(o[3:], float)
+    lengths, dot = (float(np.linalg.norm(row)), float(np.linalg.norm(col))), float(row @ col)
+    if max(abs(lengths[0] - 1), abs(lengths[1] - 1), abs(dot)) > _ORIENTATION_TOL:  # what ITK's grid is checked with
+        return unusable(
+            f"has an ImageOrientationPatient whose row and column directions are not perpendicular unit vectors "
+            f"(lengths {lengths[0]:.6g} and {lengths[1]:.6g}, dot product {dot:.3g}): its {what} cannot be placed in space. "
+            "Correct the headers, or convert the series with a DICOM converter first"
+        )
     normal = _normal(o)
     order = sorted(range(len(positions)), key=lambda i: (float(normal @ positions[i]), i))
     ordered = tuple(files[i].path for i in order) if files is not None else paths

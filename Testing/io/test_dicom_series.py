@@ -441,6 +441,22 @@ def test_broken_series_in_a_batch_are_skipped_not_failed(det, tmp_path):
     assert not (tmp_path / "out" / "gap_scores.json").exists()
 
 
+def test_series_with_orientation_faults_are_skipped_like_other_unusable_series(det, tmp_path):
+    """Row and column directions that are not perpendicular unit vectors used to pass the headers'
+    checks and fail when ITK read the series (a ``failed`` row after other unusable series were
+    ``skipped``): they are unusable series, with the reason, before any work."""
+    root = tmp_path / "in"
+    write_series(root / "a_skewed", uid(31), number=2, orientations=[[1, 0, 0, 0.001, 1, 0]] * SHAPE[0])
+    write_series(root / "b_long", uid(32), number=2, orientations=[[1, 0, 0, 0, 1.01, 0]] * SHAPE[0])
+    write_series(root / "c_zero", uid(33), number=2, orientations=[[1, 0, 0, 0, 0, 0]] * SHAPE[0])
+    write_series(root / "d_fine", uid(34), number=2, orientations=[[1, 0, 0, 0.00005, 1, 0]] * SHAPE[0])  # within tolerance
+    rows = run_batch(det, root, tmp_path / "out", log=lambda m: None)
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("a_skewed", STATUS_SKIPPED), ("b_long", STATUS_SKIPPED), ("c_zero", STATUS_SKIPPED), ("d_fine", STATUS_OK),
+    ], [r["message"] for r in rows]
+    assert all("not perpendicular unit vectors" in r["message"] for r in rows[:3])
+
+
 def test_a_filter_that_leaves_nothing_is_an_error_before_any_work(det, study_tree, tmp_path):
     root = study_tree[0]
     with pytest.raises(HiMatchADError, match="--series-filter left out all 6 DICOM series"):
