@@ -191,6 +191,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
         groups: list[str] = []
         skipped: list[dict] = []
         prep_warnings: list[str] = []
+        too_small: list = []  # (foreground patches, patch grid) of slices with too little foreground
         voxel_digests: dict = {}  # core.digest.array_digest of each normal image -> its path
         planes: dict = {}  # anatomical plane of the slices -> number of normal images sliced so
         estimate = _estimate_slices(files, settings)
@@ -228,6 +229,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
                 for n, si in enumerate(sel):
                     m = pfg[n]
                     if int(m.sum()) < settings.min_foreground_patches:
+                        too_small.append((int(m.sum()), grid))
                         continue
                     cls_rows.append(feats.cls[n].astype(np.float16))
                     for st, tok in zip(stages, feats.stages):
@@ -249,7 +251,19 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             w.close()
         if not cls_rows:
             reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:5])
-            raise HiMatchADError(f"no usable normal slices in {root}" + (f" (skipped: {reasons})" if reasons else ""))
+            why = ""
+            if too_small:
+                most = max(n for n, _ in too_small)
+                g = too_small[0][1]
+                p = extractor.patch_size
+                why = (
+                    f"; the {len(too_small)} slices with foreground have at most {most} foreground patches of {p}x{p} model "
+                    f"pixels (a slice needs {settings.min_foreground_patches}; the model grid is {g[0]}x{g[1]} patches at "
+                    f"resolution {settings.resolution}): raise --resolution, or check that the normals show their anatomy"
+                )
+            elif len(skipped) < len(files):
+                why = "; no slice of the images read has foreground (empty or nearly constant images?)"
+            raise HiMatchADError(f"no usable normal slices in {root}" + (f" (skipped: {reasons})" if reasons else "") + why)
         save_npy(tmp / "cls.npy", np.stack(cls_rows))
         save_npy(tmp / "tok_offsets.npy", np.asarray(tok_off, np.int64))
         codebook_sizes = {}

@@ -256,3 +256,15 @@ def test_precision_and_device_type_are_part_of_the_bank_key(tiny_model, normals_
         assert bank_key(folder, ex, d32._bank_settings()) != key_cpu
     finally:
         del ex.cache_key
+
+
+def test_no_usable_normal_slices_says_why(tiny_model, normals_dir, tmp_path):
+    from HiMatchADLib import HiMatchADError, HiMatchDetector
+
+    det = HiMatchDetector(model=tiny_model, method="knn", k=2, resolution=16, cache_dir=tmp_path / "c")
+    with pytest.raises(HiMatchADError) as info:
+        det.fit(normals_dir)
+    msg = str(info.value)
+    assert msg.startswith("no usable normal slices in ")
+    assert "foreground patches of 16x16 model pixels (a slice needs 4; the model grid is 1x1 patches at resolution 16)" in msg
+    assert "raise --resolution" in msg
