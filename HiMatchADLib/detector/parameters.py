@@ -36,7 +36,14 @@ def _number(value) -> float:
 
 
 def whole_value(value) -> int:
-    """A whole number."""
+    """A whole number: an integer, a number with no fraction (``4.0``) or its text (``"4"``); not
+    ``1.5`` (``int()`` would make it 1 without a word) nor ``True``."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a whole number, not {value}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"must be a whole number, not {value:g}")
+        return int(value)
     try:
         return int(value)
     except (TypeError, ValueError):

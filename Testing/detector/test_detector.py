@@ -133,6 +133,8 @@ def test_bad_settings_are_user_errors(tiny_model):
     # wrong types and values out of range say which keyword and what it must be
     for kwargs, message in (
         ({"k": "abc"}, "k must be a whole number, not 'abc'"),
+        ({"k": 1.5}, "k must be a whole number, not 1.5"),  # int() would make it 1 without a word
+        ({"slice_step": True}, "slice_step must be a whole number, not True"),
         ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
         ({"resolution": 5000}, "resolution must be at most 4096 pixels, not 5000"),
         ({"resolution": 8}, "resolution must be at least 16 pixels (one model patch), not 8"),
