@@ -482,7 +482,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showPlotButton.enabled = pn is not None and pn.scoreChart is not None
         self.ui.editSegmentationButton.enabled = pn is not None and pn.segmentation is not None
         if hasResult:
-            self.ui.volumeScoreLabel.text = f"{nodes.volume_score:.4g}"
+            self.ui.volumeScoreLabel.text = self.logic.scoreText(nodes)
             self.ui.anomalousVolumeLabel.text = self.logic.anomalousSizeText(nodes)
         else:
             self.ui.volumeScoreLabel.text = ""
@@ -817,6 +817,16 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         if nodes is None:
             raise ValueError("No detection result to re-threshold; run the detection first")
         return nodes.set_threshold(float(threshold), if_edited=ifEdited)
+
+    @staticmethod
+    def scoreText(nodes) -> str:
+        """The volume score, and how many slices were scored when some were not (too little
+        foreground for one model patch): a partly scored volume is not read as wholly normal."""
+        scored, slices = nodes.slices_scored
+        text = f"{nodes.volume_score:.4g}"
+        if scored < slices:
+            text += " " + _("({scored} of {slices} slices scored)").format(scored=scored, slices=slices)
+        return text
 
     @staticmethod
     def anomalousSizeText(nodes) -> str:

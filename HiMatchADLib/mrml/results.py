@@ -46,6 +46,12 @@ class ResultNodes:
         return float(self.result.volume_score)
 
     @property
+    def slices_scored(self) -> tuple:
+        """``(scored, slices)``: how many slices have a score, of how many."""
+        s = self.slice_scores
+        return int(np.isfinite(s).sum()), int(s.size)
+
+    @property
     def slice_scores(self) -> np.ndarray:
         return np.asarray(self.result.slice_scores, dtype=float)
 

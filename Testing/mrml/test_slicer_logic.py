@@ -149,6 +149,11 @@ def test_process_runs_in_the_worker_and_reuses_it(HiMatchAD, logic, scene, setti
     assert (again.heatmap.GetID(), again.segmentation.GetID()) == (out.heatmap.GetID(), out.segmentation.GetID())
     assert logic.setThreshold(float(out.result.heatmap.max()) + 1.0) == 0
     assert "mL" in HiMatchAD.HiMatchADLogic.anomalousSizeText(again)
+    scored, slices = again.slices_scored
+    assert scored == int(np.isfinite(again.result.slice_scores).sum()) and slices == len(again.result.slice_scores)
+    text = HiMatchAD.HiMatchADLogic.scoreText(again)
+    assert text.startswith(f"{again.volume_score:.4g}")
+    assert (f"({scored} of {slices} slices scored)" in text) == (scored < slices)
 
 
 def test_inputs_are_checked_and_cancel_leaves_the_scene(HiMatchAD, logic, scene, settings, normals_dir, lesion_case, tmp_path):
