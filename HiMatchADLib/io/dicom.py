@@ -41,6 +41,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from ..core.errors import HiMatchADError
+from ..core.geometry import DIRECTION_TOLERANCE
 from .formats import DICOM_SUFFIXES, IMAGE_SUFFIXES, NON_DICOM_SUFFIXES, VOLUME_SUFFIXES
 from .series_filters import matches
 
@@ -81,7 +82,7 @@ _POSITION_TOL_MM = 1e-3
 _STEP_RTOL = 0.01
 
 
-_ORIENTATION_TOL = 1e-4
+_ORIENTATION_TOL = DIRECTION_TOLERANCE
 
 
 _HEADER_TAGS = [

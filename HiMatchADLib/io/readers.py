@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..core.errors import HiMatchADError
-from ..core.geometry import Geometry, Image
+from ..core.geometry import DIRECTION_TOLERANCE, Geometry, Image
 from .dicom import DicomSeries, describe_files, is_dicom_file, monochrome1_inverted_by_reader, pixel_header, select_series
 from .formats import IMAGE_SUFFIXES, VOLUME_SUFFIXES, check_complete, strip_suffix
 from .series_filters import matches
@@ -135,7 +137,9 @@ def _read_series(series: DicomSeries):
             problem = f"{size[2]} slices instead of {series.frames}"
         elif not np.allclose(img.GetOrigin(), series.origin, atol=1e-3):
             problem = f"origin {tuple(round(v, 3) for v in img.GetOrigin())} instead of {tuple(round(v, 3) for v in series.origin)}"
-        elif not np.allclose(direction[:, :2], want[:, :2], atol=1e-4) or (size[2] > 1 and not np.allclose(direction[:, 2], want[:, 2], atol=1e-4)):
+        elif not np.allclose(direction[:, :2], want[:, :2], rtol=0, atol=DIRECTION_TOLERANCE) or (
+            size[2] > 1 and not np.allclose(direction[:, 2], want[:, 2], rtol=0, atol=DIRECTION_TOLERANCE)
+        ):
             problem = "another orientation"
         elif size[2] > 1 and not np.isclose(img.GetSpacing()[2], series.slice_step, rtol=0.01, atol=1e-4):  # steps are even to 1 %
             problem = f"slice spacing {img.GetSpacing()[2]:.4g} mm instead of {series.slice_step:.4g} mm"
@@ -210,6 +214,10 @@ def read_image(path) -> Image:
     if series is not None:
         out.dicom_series, out.dicom_files = series, tuple(series.files)
         _dicom_semantics(out, series)
+    elif p.name.lower().endswith((".nii", ".nii.gz")):
+        bad = nifti_nonfinite(p, out.array.size)
+        if bad is not None and bad.size:  # ITK's NIfTI reader makes NaN and Inf 0 without a word
+            out.array.reshape(-1)[bad] = np.nan
     finite = np.isfinite(out.array)
     if not finite.all():
         n_bad = int((~finite).sum())
@@ -218,6 +226,50 @@ def read_image(path) -> Image:
         out.array = np.where(finite, out.array, np.nan).astype(np.float32)
         out.warnings.append(f"{p.name}: {n_bad} non-finite voxels (NaN/Inf) treated as background")
     return out
+
+
+#: NIfTI datatype codes of real floating-point voxels and their numpy types.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def nifti_nonfinite(path, n_voxels: int) -> Optional[np.ndarray]:
+    """Flat indices (file order, which is numpy's C order of the image) of the NaN and infinite
+    voxels of a floating-point NIfTI-1/2 file; None when the file holds no such voxels' type or its
+    header cannot be parsed. ITK's reader replaces them by 0, so they must be found in the file.
+    Read in blocks (a gzip file is decompressed once more)."""
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(540)
+            for end in "<>":
+                size = struct.unpack(end + "i", head[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                return None
+            if size == 348:
+                datatype = struct.unpack(end + "h", head[70:72])[0]
+                offset = int(struct.unpack(end + "f", head[108:112])[0])
+            else:
+                datatype = struct.unpack(end + "h", head[12:14])[0]
+                offset = int(struct.unpack(end + "q", head[168:176])[0])
+            if datatype not in _NIFTI_FLOATS:
+                return None
+            dtype = np.dtype(end + _NIFTI_FLOATS[datatype])
+            f.seek(max(offset, size))
+            found, done, block = [], 0, 1 << 22
+            while done < n_voxels:
+                raw = f.read(min(block, n_voxels - done) * dtype.itemsize)
+                if not raw:
+                    break
+                vals = np.frombuffer(raw[: len(raw) - len(raw) % dtype.itemsize], dtype)
+                idx = np.flatnonzero(~np.isfinite(vals))
+                if idx.size:
+                    found.append(idx + done)
+                done += vals.size
+    except (OSError, EOFError, struct.error, ValueError):
+        return None
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def _dicom_semantics(out: Image, series: DicomSeries) -> None:

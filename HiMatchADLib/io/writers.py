@@ -9,7 +9,7 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import HiMatchADError
-from ..core.geometry import Geometry
+from ..core.geometry import DIRECTION_TOLERANCE, Geometry
 from .formats import NIFTI_SUFFIXES
 from .readers import quiet_itk, read_sitk
 
@@ -46,7 +46,7 @@ def check_storable(geometry: Geometry, path: str | os.PathLike) -> None:
     be silently made orthogonal, and the output would no longer overlay its input.
     """
     d = geometry.direction[:2, :2] if geometry.is_2d else geometry.direction
-    if str(path).lower().endswith(NIFTI_SUFFIXES) and _orthogonality_error(d) > 1e-4:
+    if str(path).lower().endswith(NIFTI_SUFFIXES) and _orthogonality_error(d) > DIRECTION_TOLERANCE:
         cols = d / np.linalg.norm(d, axis=0, keepdims=True)
         angles = np.degrees(np.arccos(np.clip(np.abs(cols.T @ cols), 0, 1)))
         worst = float(np.min(angles[np.triu_indices(len(d), 1)]))
@@ -74,7 +74,7 @@ def _verify_written(tmp: Path, img: dict, voxels: np.ndarray, final: Path, lossy
         problem = f"spacing {back.GetSpacing()} instead of {img['spacing']}"
     elif not np.allclose(back.GetOrigin(), img["origin"], rtol=1e-5, atol=1e-4):
         problem = f"origin {back.GetOrigin()} instead of {img['origin']}"
-    elif not np.allclose(back.GetDirection(), img["direction"], atol=1e-5):
+    elif not np.allclose(back.GetDirection(), img["direction"], rtol=0, atol=DIRECTION_TOLERANCE):
         problem = "a different direction matrix"
     elif not lossy:
         a, b = voxels, sitk.GetArrayViewFromImage(back)

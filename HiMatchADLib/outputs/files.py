@@ -24,7 +24,7 @@ import numpy as np
 from ..core.atomic import atomic_path, write_text_atomic
 from ..core.digest import files_digest
 from ..core.errors import HiMatchADError
-from ..core.geometry import Geometry
+from ..core.geometry import DIRECTION_TOLERANCE, Geometry
 from ..core.result import DetectionResult, Support
 from ..io.readers import read_image
 from ..io.writers import write_image
@@ -199,7 +199,7 @@ def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
             g.size != geometry.size
             or not np.allclose(g.spacing[in_plane], geometry.spacing[in_plane], rtol=1e-5, atol=1e-5)
             or not np.allclose(g.origin[in_plane], geometry.origin[in_plane], rtol=1e-5, atol=1e-4)
-            or not np.allclose(g.direction[in_plane, in_plane], geometry.direction[in_plane, in_plane], atol=1e-5)
+            or not np.allclose(g.direction[in_plane, in_plane], geometry.direction[in_plane, in_plane], rtol=0, atol=DIRECTION_TOLERANCE)
         ):
             raise HiMatchADError(f"{img.path} does not lie on the grid recorded in {path.name}; run the detection again")
 
