@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import Cancelled, HiMatchADError
+from ..outputs.files import check_output_paths
 from .cases import Case
 from .resume import case_outputs, check_earlier
 from .run_case import CASE_ERRORS, case_error_message, failed_row, run_case, write_case
@@ -46,6 +47,7 @@ def _read_stage(detector, case: Case, out_root: Path, current: dict, overwrite: 
     out = _Read(earlier=earlier, note=note)
     if earlier is None:
         try:
+            check_output_paths(case.out_dir, case.name, True, outputs=case_outputs(case, outputs)[0].get("outputs", ()))
             out.query = detector.prepare(case.input)
         except CASE_ERRORS as exc:
             out.error = case_error_message(exc)

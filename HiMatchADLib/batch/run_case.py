@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import Cancelled, HiMatchADError
-from ..outputs.files import output_paths
+from ..outputs.files import check_output_paths, output_paths
 from .cases import Case, PathLike, absolute_path
 from .resume import case_outputs, check_earlier, read_scores
 from .summary import (
@@ -66,6 +66,7 @@ def run_case(
         say(f"{case.case}: {note}")
     save_options, dicom_note = case_outputs(case, outputs)
     try:
+        check_output_paths(case.out_dir, case.name, True, outputs=save_options.get("outputs", ()))
         result = detector.predict(case.input)
         result.name = case.name
         data = write_case(detector, case, result, save_options)

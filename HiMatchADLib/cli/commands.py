@@ -27,8 +27,9 @@ from ..evaluation.metrics import dice, image_auroc
 from ..evaluation.phantom import write_demo_dataset
 from ..features.backbone import DEFAULT_MODEL, build_random_model, load_backbone
 from ..io.readers import dicom_input, read_image
+from ..outputs.files import check_output_paths
 from ..worker.server import main as worker_main
-from .checks import check_out_dir
+from .checks import check_cache_for_run, check_input_direction, check_out_dir
 
 
 def _detect_input(inp: Path, args):
@@ -117,7 +118,10 @@ def cmd_detect(args) -> int:
     out = check_out_dir(args.out_dir)
     query = _detect_input(inp, args)
     det = detector_from_args(args, _progress(args))
+    check_cache_for_run(det, args.normals, getattr(args, "rebuild", False))
+    check_input_direction(query)
     img = det.check_query(query)  # a bad input fails now, not after minutes of bank building
+    check_output_paths(out, img.name, img.is_2d, outputs=args.outputs or ())
     _fit(det, args.normals, args)
     res = det.predict(img)
     paths = det.save(res, out, outputs=args.outputs)
@@ -149,6 +153,7 @@ def cmd_batch(args) -> int:
     elif args.address is not None or args.workers is not None or args.gpus_per_worker or args.cpus_per_worker != 1.0:
         raise HiMatchADError("--address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
     det = detector_from_args(args, _progress(args))
+    check_cache_for_run(det, normals, getattr(args, "rebuild", False))
     _fit(det, normals, args)
     rows = run_batch(
         det, inputs, out, overwrite=args.overwrite, exclude=[normals], progress=progress,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -103,7 +104,14 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         _cleaned_folders.add(folder)
     name = final.name
     suffix = next((s for s in _KEPT_SUFFIXES if name.lower().endswith(s)), final.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}@{_HOST}.", suffix=".tmp" + suffix, dir=final.parent)
+    owner = f".{os.getpid()}@{_HOST}."
+    room = name_max(final.parent) - len(os.fsencode(f".{owner}xxxxxxxx.tmp{suffix}"))
+    if len(os.fsencode(name)) > room:  # a name that fits must fit as a temporary too: shortened, with a hash
+        stem = os.fsencode(name[: len(name) - len(suffix)] if suffix else name)
+        tag = "~" + hashlib.blake2b(os.fsencode(name), digest_size=4).hexdigest()
+        keep = max(1, room - len(os.fsencode(suffix)) - len(tag))
+        name = stem[:keep].decode("utf-8", "ignore") + tag + suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}{owner}", suffix=".tmp" + suffix, dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -113,11 +121,45 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
             mode = 0o666 & ~_umask()
         yield tmp_path
         os.chmod(tmp_path, mode)
-        os.replace(tmp_path, final)
+        try:
+            os.replace(tmp_path, final)
+        except OSError as exc:  # name the user's path, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(final)) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (bytes) the file system of ``folder`` (or its nearest existing parent) allows."""
+    p = Path(folder)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return int(os.pathconf(p, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def folder_write_problem(folder: str | os.PathLike) -> Optional[str]:
+    """Why files cannot be written in ``folder`` (when it does not exist yet: why it cannot be created
+    in its nearest existing parent), or None when they can. Probed with a temporary file removed at
+    once: permissions alone do not tell (root ignores them; a read-only mount does not show in them)."""
+    folder = Path(folder).expanduser()
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".himatchad-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        where = "" if probe == folder else f" (in its parent {probe})"
+        return f"{exc.strerror or exc}{where}"
+    return None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

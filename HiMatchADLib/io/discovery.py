@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections import deque
@@ -156,13 +157,40 @@ def _real(path: Path) -> Path:
     return Path(os.path.realpath(os.path.abspath(path)))
 
 
+def check_links(path, name: str) -> None:
+    """Refuse a folder to be written (``name`` is what the caller calls it) that is, or lies under, a
+    symbolic link that leads nowhere: a dangling link or a link loop (creating the folder would fail
+    only when the first output is written)."""
+    given = Path(path).expanduser()
+    for p in (given, *given.parents):
+        if p.exists():
+            return  # every link from here up leads somewhere
+        if not p.is_symlink():
+            continue
+        where = f"{name} {path} is" if p == given else f"{name} {path} lies under {p}, which is"
+        try:
+            os.stat(p)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise HiMatchADError(f"{where} a symbolic link loop; choose another {name}") from exc
+        try:
+            target = os.readlink(p)
+        except OSError:
+            target = "?"
+        raise HiMatchADError(
+            f"{where} a symbolic link to {target}, which does not exist; create the folder it points to or choose another {name}"
+        )
+
+
 def check_output_folder(out_dir, *, input=None, input_dir=None, normals=None, name: str = "--out-dir") -> None:
-    """Refuse an output folder that is the input folder (a batch would find nothing new to do, a
-    DICOM series folder would get NIfTI files among its slices), or the normal scans' folder or a
-    folder inside it (the next bank would read the outputs as normal scans). ``name`` is what the
-    caller calls the output folder in its messages."""
+    """Refuse an output folder that is, or lies under, a dangling symbolic link or a link loop
+    (:func:`check_links`), that is the input folder (a batch would find nothing new to do, a DICOM
+    series folder would get NIfTI files among its slices), or the normal scans' folder or a folder
+    inside it (the next bank would read the outputs as normal scans). ``name`` is what the caller
+    calls the output folder in its messages."""
     if not isinstance(out_dir, (str, os.PathLike)):
         return
+    check_links(out_dir, name)
     out = _real(Path(out_dir).expanduser())
     inputs = []
     if isinstance(input_dir, (str, os.PathLike)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -39,20 +40,28 @@ def _orthogonality_error(direction: np.ndarray) -> float:
     return float(np.max(np.abs(d.T @ d - np.eye(d.shape[0]))))
 
 
-def check_storable(geometry: Geometry, path: str | os.PathLike) -> None:
+def check_storable(geometry: Geometry, path: str | os.PathLike, source: Optional[str] = None) -> None:
     """Refuse a geometry that the format of ``path`` cannot store exactly (before any work is done).
 
-    NIfTI stores the orientation as a rotation: a sheared (non-orthogonal) direction matrix would
-    be silently made orthogonal, and the output would no longer overlay its input.
+    NIfTI stores the orientation as a rotation: a direction matrix that is not orthonormal within
+    :data:`~HiMatchADLib.core.geometry.DIRECTION_TOLERANCE` (a sheared grid, or axes whose
+    direction vectors are not of unit length) would be silently changed, and the output would no
+    longer overlay its input. ``source``: the input's path, named in the message.
     """
     d = geometry.direction[:2, :2] if geometry.is_2d else geometry.direction
     if str(path).lower().endswith(NIFTI_SUFFIXES) and _orthogonality_error(d) > DIRECTION_TOLERANCE:
-        cols = d / np.linalg.norm(d, axis=0, keepdims=True)
+        norms = np.linalg.norm(d, axis=0)
+        cols = d / norms
         angles = np.degrees(np.arccos(np.clip(np.abs(cols.T @ cols), 0, 1)))
         worst = float(np.min(angles[np.triu_indices(len(d), 1)]))
+        whose = f"the axes of {source}" if source else "the image's axes"
+        if np.max(np.abs(cols.T @ cols - np.eye(len(d)))) > DIRECTION_TOLERANCE:
+            what = f"{whose} are not perpendicular (sheared grid, {worst:.2f} degrees between two axes)"
+        else:
+            length = float(norms[int(np.argmax(np.abs(norms - 1)))])
+            what = f"the direction matrix of {source or 'the image'} is not orthonormal (an axis' direction vector has length {length:.6g}, not 1)"
         raise HiMatchADError(
-            f"the image's axes are not perpendicular (sheared grid, {worst:.2f} degrees between two axes); "
-            f"{Path(path).name} (NIfTI) cannot store such a geometry and the result would not overlay the input. "
+            f"{what}; {Path(path).name} (NIfTI) cannot store such a geometry and the result would not overlay the input. "
             "Resample the input onto an orthogonal grid first (e.g. 3D Slicer's Resample Scalar/Vector/DWI Volume)"
         )
 

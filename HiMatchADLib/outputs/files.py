@@ -21,7 +21,7 @@ from typing import Iterable, Union
 
 import numpy as np
 
-from ..core.atomic import atomic_path, write_text_atomic
+from ..core.atomic import atomic_path, name_max, write_text_atomic
 from ..core.digest import files_digest
 from ..core.errors import HiMatchADError
 from ..core.geometry import DIRECTION_TOLERANCE, Geometry
@@ -51,6 +51,23 @@ def output_paths(
     for key in check_outputs(outputs):
         paths[key] = out / f"{name}{get_writer(key).suffix}"
     return paths
+
+
+def check_output_paths(out_dir: Union[str, os.PathLike], name: str, is_2d: bool = True, foreground: bool = False, outputs: Iterable[str] = ()) -> None:
+    """Refuse, before any work, outputs of ``name`` that cannot be written: a name longer than the
+    file system allows, or a folder (or anything but a file) where an output file goes. With
+    ``is_2d`` the overlay PNG is checked too (when it is not known yet whether the input is 2D)."""
+    out = Path(out_dir).expanduser()
+    longest = name_max(out)
+    for key, path in output_paths(out, name, is_2d, foreground=foreground, outputs=outputs).items():
+        n = len(os.fsencode(path.name))
+        if n > longest:
+            raise HiMatchADError(
+                f"the output file name {path.name[:60]}... is {n} bytes long, more than the file system of {out} allows "
+                f"({longest}): rename the input (its name names the outputs)"
+            )
+        if path.exists() and not path.is_file():
+            raise HiMatchADError(f"cannot write the {key} output {path}: a folder (or another non-file) of that name is in the way; move it")
 
 
 def output_damage(scores_path: Union[str, os.PathLike], data: dict, digests: bool = True) -> str:
@@ -111,6 +128,7 @@ def save_result(
     the new maps).
     """
     outputs = check_outputs(outputs)
+    check_output_paths(out_dir, result.name, result.geometry.is_2d, foreground, outputs)
     writers = {}
     for key in outputs:
         writer = get_writer(key)

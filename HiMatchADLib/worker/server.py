@@ -36,8 +36,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
+from ..bank.store import default_cache_root
 from ..batch.runner import run_batch
 from ..batch.summary import summary_counts
+from ..core.atomic import folder_write_problem
 from ..core.errors import Cancelled, HiMatchADError
 from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
@@ -54,6 +56,17 @@ from .protocol import (
 )
 
 log = logging.getLogger("HiMatchAD.worker")
+
+
+def _check_cache_folder(cache_dir) -> None:
+    """Refuse, before a detector is made, a cache folder that is a file or cannot be created (the
+    normal bank could be neither read from it nor built into it)."""
+    cache = Path(cache_dir).expanduser() if isinstance(cache_dir, (str, os.PathLike)) and str(cache_dir) else default_cache_root()
+    if cache.is_dir():
+        return  # an existing one may be read-only: a complete bank can be read from it
+    problem = folder_write_problem(cache)
+    if problem is not None:
+        raise HiMatchADError(f"the cache folder {cache} (cache_dir) cannot be created: {problem}; give cache_dir a folder you can write to")
 
 
 def _default_factory():
@@ -167,6 +180,7 @@ class Worker:
             if cmd == "batch":
                 parse_series_filters(req.get("series_filter") or ())
             check_output_folder(req.get("out_dir"), input=req.get("input"), input_dir=req.get("input_dir"), normals=req.get("normals"), name="out_dir")
+            _check_cache_folder(settings.get("cache_dir"))
             det, existed = self.detector(settings)
             if cmd == "detect":
                 self._detect(rid, req, det, existed, outputs)
