@@ -9,6 +9,8 @@ import zlib
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..core.errors import HiMatchADError
 
 #: File suffixes that are never DICOM, besides the image formats of :mod:`HiMatchADLib.io.readers`.
@@ -67,44 +69,106 @@ def _nifti_data_end(header: bytes) -> Optional[int]:
     return int(offset) + n * bitpix // 8
 
 
-def check_complete(path: str | os.PathLike) -> None:
-    """Refuse a truncated file that ITK would read without complaint.
+#: NIfTI datatype codes of real floating-point voxels and their numpy types.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+class _NonFiniteScan:
+    """Finds the NaN / infinite voxels of a floating-point NIfTI while its bytes stream past (ITK's
+    reader makes them 0 without a word): flat voxel indices in file order (numpy's C order)."""
+
+    def __init__(self, header: bytes):
+        self.dtype = None
+        for end in "<>":
+            if len(header) >= 348 and struct.unpack(end + "i", header[:4])[0] == 348:
+                datatype, self.start = struct.unpack(end + "h", header[70:72])[0], max(int(struct.unpack(end + "f", header[108:112])[0]), 352)
+                break
+            if len(header) >= 540 and struct.unpack(end + "i", header[:4])[0] == 540:
+                datatype, self.start = struct.unpack(end + "h", header[12:14])[0], max(struct.unpack(end + "q", header[168:176])[0], 544)
+                break
+        else:
+            return
+        self.end = _nifti_data_end(header)
+        if datatype in _NIFTI_FLOATS and self.end is not None:
+            self.dtype = np.dtype(end + _NIFTI_FLOATS[datatype])
+        self.rest, self.found, self.next_voxel = b"", [], 0
+
+    def feed(self, chunk: bytes, at: int) -> None:
+        """``chunk``: the file's (decompressed) bytes from offset ``at`` on."""
+        if self.dtype is None:
+            return
+        lo, hi = max(at, self.start), min(at + len(chunk), self.end)
+        if hi <= lo:
+            return
+        data = self.rest + chunk[lo - at : hi - at]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        vals = np.frombuffer(data[:usable], self.dtype)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if bad.size:
+            self.found.append(bad + self.next_voxel)
+        self.next_voxel += vals.size
+        self.rest = data[usable:]
+
+    def result(self) -> Optional[np.ndarray]:
+        if self.dtype is None:
+            return None
+        return np.concatenate(self.found) if self.found else np.zeros(0, np.int64)
+
+
+def check_complete(path: str | os.PathLike) -> Optional[np.ndarray]:
+    """Refuse a truncated file that ITK would read without complaint; return, for a floating-point
+    NIfTI, the flat indices of its NaN and infinite voxels (None for other files).
 
     ITK's NIfTI reader fills the missing part of a cut file with zeros and does not check the gzip
     stream, so a partly copied or downloaded ``.nii``/``.nii.gz`` would be analysed as if it were
     whole. Checked here: a gzip stream must be complete (end marker, CRC and length), and a NIfTI
     file must hold as many bytes as its header declares. (NRRD and MetaImage readers already raise.)
+    The same pass over the bytes finds the non-finite voxels, which ITK's reader turns into 0.
     """
     p = Path(path)
     low = p.name.lower()
-    if not (low.endswith(NIFTI_SUFFIXES) or low.endswith(".gz")):
-        return
+    nifti = low.endswith(NIFTI_SUFFIXES)
+    if not (nifti or low.endswith(".gz")):
+        return None
+    scan = None
     try:
         with open(p, "rb") as f:
             head = f.read(544)
         size = p.stat().st_size
-        if low.endswith(".gz") and head[:2] == b"\x1f\x8b":  # not gzip at all: ITK's to judge
-            head, size = b"", 0
-            with gzip.open(p, "rb") as f:
+        gz = low.endswith(".gz")
+        if gz and head[:2] != b"\x1f\x8b":
+            return None  # not gzip at all: ITK's to judge
+        if nifti:
+            with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
+                at = 0
                 while True:
                     chunk = f.read(1 << 22)
                     if not chunk:
                         break
-                    if len(head) < 544:
-                        head += chunk[: 544 - len(head)]
-                    size += len(chunk)
-        elif low.endswith(".gz"):
-            return
+                    if at == 0:
+                        head = chunk[:544]
+                        scan = _NonFiniteScan(head)
+                        if scan.dtype is None and not gz:
+                            at = size  # nothing to scan, nothing to check in a plain file
+                            break
+                    scan.feed(chunk, at)
+                    at += len(chunk)
+            size = at if gz else size
+        elif gz:
+            with gzip.open(p, "rb") as f:
+                while f.read(1 << 22):
+                    pass
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise HiMatchADError(
             f"{p} is truncated or corrupt (its compressed data is incomplete or damaged: {exc}); copy or download it again"
         ) from exc
     except OSError as exc:
         raise HiMatchADError(f"cannot read {p}: {exc.strerror or exc}") from exc
-    if low.endswith(NIFTI_SUFFIXES):
+    if nifti:
         need = _nifti_data_end(head)
         if need is not None and size < need:
             raise HiMatchADError(
                 f"{p} is truncated: its header declares {need:,} bytes but it holds {size:,} "
                 f"({100.0 * size / need:.0f} %); copy or download it again"
             )
+    return scan.result() if scan is not None else None

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
-import struct
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -49,7 +47,7 @@ def quiet_itk():
                 sitk.ProcessObject.SetGlobalWarningDisplay(_quiet_state["previous"])
 
 
-def read_sitk(path):
+def read_sitk(path, nonfinite: Optional[list] = None):
     """Read a file, a DICOM series folder or a :class:`~HiMatchADLib.io.dicom.DicomSeries` into a
     ``SimpleITK.Image`` (clear errors, no tracebacks).
 
@@ -65,7 +63,9 @@ def read_sitk(path):
         return _read_series(series)
     p = Path(path)
     try:
-        check_complete(p)
+        bad = check_complete(p)
+        if nonfinite is not None and bad is not None:
+            nonfinite.append(bad)  # ITK's NIfTI reader makes them 0: where they were, from the file
         with quiet_itk():
             return sitk.ReadImage(str(p))
     except HiMatchADError:
@@ -208,16 +208,15 @@ def read_image(path) -> Image:
     """
     series = path if isinstance(path, DicomSeries) else dicom_input(path)
     p = Path(series.folder) if isinstance(path, DicomSeries) else Path(path)
-    img = read_sitk(series if series is not None else p)
+    nonfinite: list = []
+    img = read_sitk(series if series is not None else p, nonfinite)
     name = series.name if series is not None else strip_suffix(p)
     out = image_from_sitk(img, name=name, path=str(p))
     if series is not None:
         out.dicom_series, out.dicom_files = series, tuple(series.files)
         _dicom_semantics(out, series)
-    elif p.name.lower().endswith((".nii", ".nii.gz")):
-        bad = nifti_nonfinite(p, out.array.size)
-        if bad is not None and bad.size:  # ITK's NIfTI reader makes NaN and Inf 0 without a word
-            out.array.reshape(-1)[bad] = np.nan
+    elif nonfinite and nonfinite[0].size and int(nonfinite[0].max()) < out.array.size:
+        out.array.reshape(-1)[nonfinite[0]] = np.nan
     finite = np.isfinite(out.array)
     if not finite.all():
         n_bad = int((~finite).sum())
@@ -226,50 +225,6 @@ def read_image(path) -> Image:
         out.array = np.where(finite, out.array, np.nan).astype(np.float32)
         out.warnings.append(f"{p.name}: {n_bad} non-finite voxels (NaN/Inf) treated as background")
     return out
-
-
-#: NIfTI datatype codes of real floating-point voxels and their numpy types.
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}
-
-
-def nifti_nonfinite(path, n_voxels: int) -> Optional[np.ndarray]:
-    """Flat indices (file order, which is numpy's C order of the image) of the NaN and infinite
-    voxels of a floating-point NIfTI-1/2 file; None when the file holds no such voxels' type or its
-    header cannot be parsed. ITK's reader replaces them by 0, so they must be found in the file.
-    Read in blocks (a gzip file is decompressed once more)."""
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(540)
-            for end in "<>":
-                size = struct.unpack(end + "i", head[:4])[0]
-                if size in (348, 540):
-                    break
-            else:
-                return None
-            if size == 348:
-                datatype = struct.unpack(end + "h", head[70:72])[0]
-                offset = int(struct.unpack(end + "f", head[108:112])[0])
-            else:
-                datatype = struct.unpack(end + "h", head[12:14])[0]
-                offset = int(struct.unpack(end + "q", head[168:176])[0])
-            if datatype not in _NIFTI_FLOATS:
-                return None
-            dtype = np.dtype(end + _NIFTI_FLOATS[datatype])
-            f.seek(max(offset, size))
-            found, done, block = [], 0, 1 << 22
-            while done < n_voxels:
-                raw = f.read(min(block, n_voxels - done) * dtype.itemsize)
-                if not raw:
-                    break
-                vals = np.frombuffer(raw[: len(raw) - len(raw) % dtype.itemsize], dtype)
-                idx = np.flatnonzero(~np.isfinite(vals))
-                if idx.size:
-                    found.append(idx + done)
-                done += vals.size
-    except (OSError, EOFError, struct.error, ValueError):
-        return None
-    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 def _dicom_semantics(out: Image, series: DicomSeries) -> None:
