@@ -440,7 +440,7 @@ class HiMatchDetector:
         """
         t = time.perf_counter()
         img = image if isinstance(image, Image) else read_image(image)
-        check_storable(img.geometry, "map.nii.gz")  # outputs must be able to overlay it exactly
+        check_storable(img.geometry, "map.nii.gz", source=img.path or img.name)  # outputs must be able to overlay it exactly
         t_read = time.perf_counter() - t
         t = time.perf_counter()
         settings = self._prep_settings()

@@ -48,6 +48,7 @@ import numpy as np
 
 from ..core.atomic import atomic_path
 from ..core.errors import HiMatchADError
+from ..core.geometry import DIRECTION_TOLERANCE  # source direction cosines vs the result's direction matrix
 from ..core.result import DetectionResult
 from ..core.version import __version__
 
@@ -96,9 +97,6 @@ HEATMAP_SERIES_NUMBER = 902
 #: grid point of its slice (DICOM stores positions as decimal strings; a real mismatch is larger).
 TOLERANCE = 0.05
 
-
-#: Largest difference between the source's direction cosines and the result's direction matrix.
-DIRECTION_TOLERANCE = 1e-4
 
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -250,3 +250,20 @@ def test_a_cache_that_is_a_file_is_refused_for_root_too(normals_dir, tmp_path, m
     worker.handle({"id": "1", "cmd": "detect", "input": str(inp), "normals": str(normals_dir), "out_dir": str(tmp_path / "w"),
                    "settings": {"cache_dir": str(tmp_path / "cachefile" / "sub")}})
     assert made == [] and events[-1]["event"] == "error" and str(tmp_path / "cachefile") in events[-1]["message"]
+
+
+def test_the_library_names_a_sheared_input_by_its_path(tiny_model, tmp_path):
+    """A batch row and the Python API name the sheared file, not a placeholder output name."""
+    import numpy as np
+
+    from HiMatchADLib import HiMatchADError, HiMatchDetector
+    from HiMatchADLib.core.geometry import Geometry
+
+    img, _ = make_phantom((8, 32, 32), seed=3)
+    g = img.geometry
+    d = np.array(g.direction, float)
+    d[:, 1] = [0.2, np.sqrt(1 - 0.04), 0.0]  # a unit column 11.5 degrees off: NRRD stores it, NIfTI could not
+    path = tmp_path / "sheared_scan.nrrd"
+    write_image(img.array, Geometry(g.size, g.spacing, g.origin, d), path)
+    with pytest.raises(HiMatchADError, match=f"the axes of {path} are not perpendicular"):
+        HiMatchDetector(model=tiny_model).check_query(path)
