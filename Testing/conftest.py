@@ -3,7 +3,9 @@ synthetic phantoms with known lesions. Nothing here needs the network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +110,23 @@ def cli(tiny_model, normals_dir, cache_dir, capsys):
 
     return _run
 
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str = "1m", options: str = ""):
+    """A small tmpfs mounted at ``path``; the test is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (f",{options}" if options else "")
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount_read_only(path: Path) -> None:
+    p = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {p.stderr.strip()}")

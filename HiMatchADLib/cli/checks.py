@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,22 +42,12 @@ def check_out_dir(out_dir: str) -> Path:
 def _check_writable(folder: Path, option: str) -> None:
     """Refuse a folder this process cannot create files in (or, when it does not exist yet, whose
     nearest existing parent it cannot create it in). Nothing is left behind."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise HiMatchADError(f"{option} {folder} cannot be created: {probe} is a file, not a folder; choose another {option}")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".himatchad-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        where = "" if probe == folder else f" (its parent {probe})"
-        raise HiMatchADError(
-            f"{option} {folder}{where} is not writable: {exc.strerror or exc}; choose a folder you can write to"
-        ) from exc
+    problem = folder_write_problem(folder)
+    if problem is None:
+        return
+    if problem.endswith("is a file, not a folder"):
+        raise HiMatchADError(f"{option} {folder} cannot be created: {problem}; choose another {option}")
+    raise HiMatchADError(f"{option} {folder} is not writable: {problem}; choose a folder you can write to")
 
 
 def _check_cache_dir(args) -> None:

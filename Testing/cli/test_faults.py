@@ -3,7 +3,6 @@ correct result or one clear error (see docs/reliability.md for the table)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import io
 import importlib
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import RESOLUTION, one_error_line
+from conftest import RESOLUTION, one_error_line, remount_read_only, tmpfs
 from HiMatchADLib.core import atomic
 from HiMatchADLib.io import writers
 from HiMatchADLib.detector.parameters import MAX_RESOLUTION
@@ -30,33 +29,9 @@ from HiMatchADLib.evaluation.phantom import make_phantom
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str = "1m", options: str = ""):
-    """A small tmpfs mounted at ``path``; the test is skipped where mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size}" + (f",{options}" if options else "")
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def remount_read_only(path: Path) -> None:
-    p = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot remount read-only here: {p.stderr.strip()}")
-
-
 def _random_volume(shape=(20, 64, 64), seed=0) -> Image:
     arr = np.random.default_rng(seed).random(shape, dtype=np.float32)  # incompressible
     return Image.from_array(arr, spacing=(0.8, 0.8, 2.0), origin=(-10.0, 5.0, 3.0))
-
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import one_error_line
+from conftest import one_error_line, remount_read_only, tmpfs
 from HiMatchADLib.core.atomic import atomic_path, name_max
 from HiMatchADLib.evaluation.phantom import make_phantom
 from HiMatchADLib.io.writers import write_image
@@ -134,29 +134,6 @@ def test_a_slightly_sheared_input_is_analysed_and_its_outputs_written(cli, tmp_p
 
 
 # ------------------------------------------------------------------ a cache that cannot be written
-import contextlib  # noqa: E402
-import subprocess  # noqa: E402
-
-
-@contextlib.contextmanager
-def _tmpfs(path, options=""):
-    path.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m" + (f",{options}" if options else ""), "tmpfs", str(path)],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {p.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _remount_read_only(path) -> None:
-    p = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.skip(f"cannot remount read-only here: {p.stderr.strip()}")
-
-
 @pytest.fixture()
 def no_model(monkeypatch):
     """Loading the model fails the test: what is refused must be refused before."""
@@ -170,7 +147,7 @@ def no_model(monkeypatch):
 
 def test_a_cache_that_cannot_be_created_is_refused_before_the_model_loads(cli, tmp_path, no_model):
     inp = _case(tmp_path / "case.nii.gz")
-    with _tmpfs(tmp_path / "ro", "ro") as ro:
+    with tmpfs(tmp_path / "ro", size="64m", options="ro") as ro:
         for command in (("detect", str(inp)), ("batch", str(tmp_path))):
             code, out, err = cli(*command, "--out-dir", str(tmp_path / "o"), cache=ro / "cache")
             line = one_error_line(err)
@@ -210,9 +187,9 @@ def test_a_read_only_cache_serves_only_what_it_holds(tiny_model, normals_dir, tm
     from HiMatchADLib.detector.detector import HiMatchDetector
 
     inp = _case(tmp_path / "in" / "case.nii.gz")
-    with _tmpfs(tmp_path / "cache") as cache:
+    with tmpfs(tmp_path / "cache", size="64m") as cache:
         assert _detect(tiny_model, normals_dir, inp, tmp_path / "o1", cache, "--method", "knn") == 0, capsys.readouterr().err
-        _remount_read_only(cache)
+        remount_read_only(cache)
         assert _detect(tiny_model, normals_dir, inp, tmp_path / "o2", cache, "--method", "knn") == 0, capsys.readouterr().err
         loads = []
 
