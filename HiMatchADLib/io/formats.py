@@ -44,17 +44,17 @@ def is_image_file(path: Path) -> bool:
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def _nifti_data_end(header: bytes) -> Optional[int]:
-    """Where the voxel data of a single-file NIfTI-1/-2 ends (bytes from the start), or None when
-    the header is not one this check understands (ITK then decides)."""
+def _nifti_layout(header: bytes) -> Optional[tuple]:
+    """``(endian, datatype, data start, data end)`` of a single-file NIfTI-1/-2 (bytes from the
+    start), or None when the header is not one this check understands (ITK then decides)."""
     for endian in "<>":
         if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
             dim = struct.unpack(endian + "8h", header[40:56])
-            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[70:74])
             offset = max(int(struct.unpack(endian + "f", header[108:112])[0]), 352)
             break
         if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            datatype, bitpix = struct.unpack(endian + "2h", header[12:16])
             dim = struct.unpack(endian + "8q", header[16:80])
             offset = max(struct.unpack(endian + "q", header[168:176])[0], 544)
             break
@@ -66,7 +66,7 @@ def _nifti_data_end(header: bytes) -> Optional[int]:
     n = 1
     for d in dim[1 : ndim + 1]:
         n *= max(int(d), 1)
-    return int(offset) + n * bitpix // 8
+    return endian, int(datatype), int(offset), int(offset) + n * bitpix // 8
 
 
 #: NIfTI datatype codes of real floating-point voxels and their numpy types.
@@ -75,22 +75,15 @@ _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 class _NonFiniteScan:
     """Finds the NaN / infinite voxels of a floating-point NIfTI while its bytes stream past (ITK's
-    reader makes them 0 without a word): flat voxel indices in file order (numpy's C order)."""
+    reader makes them 0 without a word): flat voxel indices in file order (numpy's C order).
+    ``dtype`` is None for a file that holds no floating-point voxels (nothing to find)."""
 
     def __init__(self, header: bytes):
+        layout = _nifti_layout(header)
         self.dtype = None
-        for end in "<>":
-            if len(header) >= 348 and struct.unpack(end + "i", header[:4])[0] == 348:
-                datatype, self.start = struct.unpack(end + "h", header[70:72])[0], max(int(struct.unpack(end + "f", header[108:112])[0]), 352)
-                break
-            if len(header) >= 540 and struct.unpack(end + "i", header[:4])[0] == 540:
-                datatype, self.start = struct.unpack(end + "h", header[12:14])[0], max(struct.unpack(end + "q", header[168:176])[0], 544)
-                break
-        else:
-            return
-        self.end = _nifti_data_end(header)
-        if datatype in _NIFTI_FLOATS and self.end is not None:
-            self.dtype = np.dtype(end + _NIFTI_FLOATS[datatype])
+        if layout is not None and layout[1] in _NIFTI_FLOATS:
+            endian, datatype, self.start, self.end = layout
+            self.dtype = np.dtype(endian + _NIFTI_FLOATS[datatype])
         self.rest, self.found, self.next_voxel = b"", [], 0
 
     def feed(self, chunk: bytes, at: int) -> None:
@@ -138,26 +131,23 @@ def check_complete(path: str | os.PathLike) -> Optional[np.ndarray]:
         gz = low.endswith(".gz")
         if gz and head[:2] != b"\x1f\x8b":
             return None  # not gzip at all: ITK's to judge
-        if nifti:
+        if nifti and not gz:
+            scan = _NonFiniteScan(head)
+        if gz or (scan is not None and scan.dtype is not None):  # stream the bytes once
             with (gzip.open(p, "rb") if gz else open(p, "rb")) as f:
                 at = 0
                 while True:
                     chunk = f.read(1 << 22)
                     if not chunk:
                         break
-                    if at == 0:
+                    if at == 0 and nifti and gz:
                         head = chunk[:544]
                         scan = _NonFiniteScan(head)
-                        if scan.dtype is None and not gz:
-                            at = size  # nothing to scan, nothing to check in a plain file
-                            break
-                    scan.feed(chunk, at)
+                    if scan is not None:
+                        scan.feed(chunk, at)
                     at += len(chunk)
-            size = at if gz else size
-        elif gz:
-            with gzip.open(p, "rb") as f:
-                while f.read(1 << 22):
-                    pass
+            if gz:
+                size = at
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise HiMatchADError(
             f"{p} is truncated or corrupt (its compressed data is incomplete or damaged: {exc}); copy or download it again"
@@ -165,7 +155,8 @@ def check_complete(path: str | os.PathLike) -> Optional[np.ndarray]:
     except OSError as exc:
         raise HiMatchADError(f"cannot read {p}: {exc.strerror or exc}") from exc
     if nifti:
-        need = _nifti_data_end(head)
+        layout = _nifti_layout(head)
+        need = layout[3] if layout is not None else None
         if need is not None and size < need:
             raise HiMatchADError(
                 f"{p} is truncated: its header declares {need:,} bytes but it holds {size:,} "
