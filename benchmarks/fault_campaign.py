@@ -151,7 +151,7 @@ def c_outlier_ct(c):
     from HiMatchADLib.features.slicing import prepare_volume
 
     ct = np.where(c.lesion.array > 50, 40.0, -1000.0).astype(np.float32)
-    a, b = prepare_volume(Image(ct, c.lesion.geometry)), None
+    a = prepare_volume(Image(ct, c.lesion.geometry))
     bad, _ = _outliers(ct, -3e6, 1, seed=3)
     b = prepare_volume(Image(bad, c.lesion.geometry))
     return a.modality == b.modality == "ct" and int((a.foreground != b.foreground).sum()) <= 1, f"modalities {a.modality}/{b.modality}"
@@ -356,9 +356,10 @@ def c_tiff16(c):
     from PIL import Image as PILImage
 
     bank = c.work / "png_bank"
+    bank.mkdir(exist_ok=True)
     for i in range(4):
         a = make_phantom((1, 64, 64), seed=50 + i)[0].array[0]
-        PILImage.fromarray(np.clip(a / a.max() * 255, 0, 255).astype(np.uint8)).save(bank / f"subj{'abcd'[i]}.png") if bank.mkdir(exist_ok=True) or True else None
+        PILImage.fromarray(np.clip(a / a.max() * 255, 0, 255).astype(np.uint8)).save(bank / f"subj{'abcd'[i]}.png")
     q = make_phantom((1, 64, 64), seed=60, lesion=True)[0].array[0]
     q8 = np.clip(q / q.max() * 255, 0, 255).astype(np.uint8)
     PILImage.fromarray(q8).save(c.path("q8.png"))
