@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..detector.parameters import (
+    add_method_tuning,
     argtype,
     fraction_value,
     positive_int,
@@ -21,14 +22,15 @@ threshold_arg = argtype(threshold_value)
 positive_int_arg = argtype(positive_int)
 resolution_arg = argtype(resolution_value)
 fraction_arg = argtype(fraction_value)
-
-
 def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("model and features")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local model folder (default {DEFAULT_MODEL})")
     g.add_argument("--modality", default="auto", choices=MODALITIES, help="intensity preset (default auto)")
     g.add_argument("--slice-axis", default="auto", choices=SLICE_AXES, help="slicing direction (default: the modality's)")
-    g.add_argument("--resolution", type=resolution_arg, default=448, help="longer side of the model input in pixels (default 448)")
+    g.add_argument(
+        "--resolution", type=resolution_arg, default=448,
+        help="shorter side of the model input in pixels (default 448; 512 gives DINOv3/16 a 32x32 grid on square slices)",
+    )
     g.add_argument(
         "--pixel-spacing", default="auto", metavar="MM",
         help="in-plane pixel spacing (mm) every slice is resampled to before the model: 'auto' (default: from the "
@@ -49,6 +51,7 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         m = p.add_argument_group("detection")
         m.add_argument("--method", default="himatch", choices=list_methods(), help="; ".join(f"{m}: {get_method(m).title}" for m in list_methods()) + " (default himatch)")
         m.add_argument("--k", type=positive_int_arg, default=8, help="normal reference slices per query slice (himatch; default 8)")
+        add_method_tuning(m)
         m.add_argument(
             "--knn-index", default="exact", choices=KNN_INDEXES,
             help="knn only: exact nearest-neighbour search (default), or approximate ivf / hnsw (faster on large normal "

@@ -21,9 +21,10 @@ from ..io.readers import read_image
 from ..methods.base import QuerySlice, SliceScores, get_method
 from ..methods.maps import fuse_one, top_percent_mean, window
 
-#: Version of the cached calibration (3: subjects from ``subject_pattern``, at least
+#: Version of the cached calibration (4: per-stage reliability weights, smoothing in image pixels;
+#: 3: subjects from ``subject_pattern``, at least
 #: ``calibration_slices`` held-out slices when the normal set has them, warnings kept with it).
-CALIBRATION_FORMAT = 3
+CALIBRATION_FORMAT = 4
 #: Fewer held-out calibration slices than this is reported as a warning (the threshold is uncertain).
 MIN_CALIBRATION_SLICES = 8
 

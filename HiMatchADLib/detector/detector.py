@@ -102,8 +102,16 @@ class HiMatchDetector:
         target_fpr: pixel false-positive rate on held-out normal foreground for ``threshold="auto"``.
         min_component_size: components of the labelmap smaller than this many voxels are removed
             (default: the pixel area of one model patch).
-        sigma: Gaussian smoothing of the maps, in pixels of the model input (AnomalyDINO: 4).
-        position_window: slice-position prior for volumes (relative position distance), None = off.
+        sigma: Gaussian smoothing of the pixel maps, in pixels of the image (the slice's own grid).
+            None (default): the method's reference: 4 for ``knn`` (AnomalyDINO) and ``himatch``,
+            0 (none) for ``dpmm`` (AnomalyDINO-DPMM). The resolved value is what ``sigma`` holds.
+        position_window: opt-in slice-position prior for volumes (``himatch``): only normal slices
+            whose relative position in their foreground extent lies within this distance of the
+            query's are retrieved, when there are K of them. None (default): off, as in the paper
+            (relative positions depend on each scan's coverage).
+        fusion: how ``himatch`` fuses its calibrated stage maps: ``"reliability"`` (default: one
+            weight per stage from its support disagreement on held-out normal slices), ``"mean"``,
+            ``"max"`` or ``"variance"`` (the former per-pixel rule); see ``HiMatchADLib.methods.fusion``.
         clusters_per_slice: spherical k-means centroids summarising each normal slice per stage.
         shared_codebook: replace every slice centroid by its entry in a codebook shared by the normal
             set (opt-in; default False: the stage maps compare with each support slice's own centroids).
@@ -147,8 +155,9 @@ class HiMatchDetector:
         threshold: Union[str, float] = "auto",
         target_fpr: float = 0.01,
         min_component_size: Optional[int] = None,
-        sigma: float = 4.0,
-        position_window: Optional[float] = 0.15,
+        sigma: Optional[float] = None,
+        position_window: Optional[float] = None,
+        fusion: str = "reliability",
         candidates: int = 32,
         alpha: float = 0.5,
         clusters_per_slice: int = 64,
@@ -282,6 +291,8 @@ class HiMatchDetector:
         }
         if get_method(self.method).uses_knn_index:  # the other methods search no normal tokens
             s["knn_index"] = self.knn_index
+        if get_method(self.method).uses_fusion:  # the other methods have one map
+            s["fusion"] = self.fusion
         return s
 
     def method_key(self) -> dict:
@@ -391,15 +402,17 @@ class HiMatchDetector:
         return qs, masks
 
     def _pixel_map(self, patch: np.ndarray, q: QuerySlice, plane, native_hw: tuple) -> np.ndarray:
-        """Patch scores of one slice -> smoothed pixel map on the slice's native grid. With a common
-        pixel spacing (``plane``) the map is made on the model canvas (sigma in model pixels, as in
-        AnomalyDINO) and resampled back to the native grid."""
-        p = self.extractor.patch_size
-        model_hw = (q.grid[0] * p, q.grid[1] * p)
+        """Patch scores of one slice -> pixel map on the slice's native grid, smoothed with a
+        Gaussian of ``sigma`` native pixels (AnomalyDINO smooths the map resized to the image).
+        With a common pixel spacing (``plane``) the map is made on the model canvas, with sigma
+        converted to canvas pixels per axis, and resampled back to the native grid."""
         if plane is None:
-            pix = patch_to_pixels(patch, q.fg, q.grid, native_hw, self.sigma, model_hw)
+            pix = patch_to_pixels(patch, q.fg, q.grid, native_hw, self.sigma)
         else:
-            pix = plane.to_native(patch_to_pixels(patch, q.fg, q.grid, plane.canvas_hw, self.sigma, model_hw)[None])[0]
+            r0, r1, c0, c1 = plane.box
+            h, w = plane.scaled_hw
+            sig = (self.sigma * h / max(r1 - r0, 1), self.sigma * w / max(c1 - c0, 1))
+            pix = plane.to_native(patch_to_pixels(patch, q.fg, q.grid, plane.canvas_hw, sig)[None])[0]
         transform = get_method(self.method).pixel_transform
         if transform is not None:
             transform(pix)

@@ -19,6 +19,7 @@ from ..features.presets import MODALITIES
 from ..features.slicing import SLICE_AXES
 from ..io.subjects import compile_subject_pattern
 from ..methods.base import get_method
+from ..methods.fusion import FUSIONS, check_fusion
 from ..methods.knn_index import check_knn_index
 
 #: Largest ``--resolution``. DINOv3 features stay usable up to about 4k pixels, and no medical slice
@@ -82,6 +83,14 @@ def positive_value(value) -> float:
     v = _number(value)
     if not v > 0:
         raise ValueError(f"must be positive, not {value}")
+    return v
+
+
+def non_negative_value(value) -> float:
+    """A finite number of at least 0."""
+    v = _number(value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"must be a number of at least 0, not {value}")
     return v
 
 
@@ -154,6 +163,26 @@ def argtype(check):
     return parse
 
 
+def add_method_tuning(g) -> None:
+    """The command-line options that tune how the modes score (detect, batch, demo and evaluate), in
+    the argparse group ``g``."""
+    g.add_argument(
+        "--fusion", default=FUSIONS[0], choices=FUSIONS,
+        help="himatch only: how the calibrated stage maps are fused: reliability (default: one weight per stage, from "
+        "its support disagreement on held-out normals), mean, max, or variance (the former per-pixel weights)",
+    )
+    g.add_argument(
+        "--position-window", type=argtype(fraction_value), default=None, metavar="D",
+        help="himatch, volumes: retrieve only normal slices whose relative position lies within D of the query's "
+        "(opt-in slice-position prior; default off)",
+    )
+    g.add_argument(
+        "--sigma", type=argtype(non_negative_value), default=None, metavar="PX",
+        help="Gaussian smoothing of the maps in image pixels (default: the mode's reference: 4 for himatch and knn, "
+        "0 for dpmm)",
+    )
+
+
 # ------------------------------------------------------------------------------- the detector's keywords
 def keyword(check, name: str = ""):
     """``check`` for the detector's keyword ``name``: a :class:`HiMatchADError` that names it
@@ -213,8 +242,9 @@ DETECTOR_PARAMETERS = {
     "threshold": keyword(threshold_value),
     "target_fpr": keyword(fraction_value, "target false-positive rate"),
     "min_component_size": _unchanged,
-    "sigma": keyword(number_value),
-    "position_window": _unchanged,
+    "sigma": keyword(optional(non_negative_value), "smoothing sigma"),
+    "position_window": keyword(optional(fraction_value), "position window"),
+    "fusion": keyword(check_fusion),
     "candidates": keyword(whole_value),
     "alpha": keyword(number_value),
     "clusters_per_slice": keyword(positive_int),
@@ -243,6 +273,11 @@ def check_detector_parameters(values: dict) -> dict:
     together are checked too (``knn_index`` other than exact needs a method that searches normal
     tokens)."""
     out = {name: check(name, values[name]) for name, check in DETECTOR_PARAMETERS.items()}
-    if out["knn_index"] != "exact" and not get_method(out["method"]).uses_knn_index:
+    spec = get_method(out["method"])
+    if out["knn_index"] != "exact" and not spec.uses_knn_index:
         raise HiMatchADError(f"knn_index {out['knn_index']} applies to method knn only (method is {out['method']}); leave it at exact")
+    if out["fusion"] != FUSIONS[0] and not spec.uses_fusion:
+        raise HiMatchADError(f"fusion {out['fusion']} applies to method himatch only (method is {out['method']}), which fuses stage maps; leave it at {FUSIONS[0]}")
+    if out["sigma"] is None:  # the method's own smoothing (its reference's)
+        out["sigma"] = float(spec.smoothing_sigma)
     return out

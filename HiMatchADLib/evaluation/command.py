@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..detector.parameters import argtype, positive_int
+from ..detector.parameters import add_method_tuning, argtype, positive_int
 from .datasets import LAYOUTS, SPLITS
 from .records import DETECTOR_METHODS
 from .report import print_table
@@ -37,8 +37,9 @@ def add_subparser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-normals", type=argtype(positive_int), default=None, metavar="N", help="use N normal images (evenly spaced, deterministic)")
     p.add_argument("--max-test", type=argtype(positive_int), default=None, metavar="N", help="use N test cases (stratified, deterministic)")
     p.add_argument("--out-dir", default=DEFAULT_OUT, metavar="OUT", help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--resolution", type=int, default=None, help="longer side of the model input in pixels (detector default 448)")
+    p.add_argument("--resolution", type=int, default=None, help="shorter side of the model input in pixels (detector default 448)")
     p.add_argument("--k", type=int, default=None, help="normal slices retrieved per query slice (himatch)")
+    add_method_tuning(p)
     p.add_argument("--modality", default=None, help="intensity preset: auto, mri, ct, oct, 8bit (default auto)")
     p.add_argument(
         "--slice-axis", default=None, choices=("auto", "axial", "coronal", "sagittal", "largest_spacing"),
@@ -69,6 +70,9 @@ def run_evaluate_cli(args) -> int:
         "model": args.model,
         "resolution": args.resolution,
         "k": args.k,
+        "fusion": args.fusion,
+        "position_window": args.position_window,
+        "sigma": args.sigma,
         "modality": args.modality,
         "slice_axis": args.slice_axis,
         "target_fpr": args.fpr,

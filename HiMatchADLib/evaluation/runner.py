@@ -18,6 +18,7 @@ from ..core.errors import HiMatchADError
 from ..core.geometry import Image
 from ..core.progress import tqdm_callback
 from ..detector.detector import HiMatchDetector
+from ..methods.base import get_method
 from ..io.readers import read_image
 from .baselines import BASELINES, IntensityBaselines
 from .datasets import TestCase, evenly_spaced, load_dataset
@@ -169,7 +170,8 @@ def evaluate(
         mem.reset()
         prog.quiet_detector = False
         t0 = time.perf_counter()
-        det = factory(method, **kwargs, progress=prog.detector_callback)
+        own = kwargs if get_method(method).uses_fusion else {k: v for k, v in kwargs.items() if k not in ("fusion", "position_window")}
+        det = factory(method, **own, progress=prog.detector_callback)
         if fit_folder is None:
             fit_folder = normals_folder(ds.normals, ds.normal_dir, Path(cache_dir).expanduser() if cache_dir else None)
         det.fit(fit_folder)

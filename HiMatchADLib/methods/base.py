@@ -88,7 +88,9 @@ class MethodSpec:
     the scorer is fitted without the calibration subjects (so at most half of them are held out);
     otherwise each held-out slice only excludes its own subject. ``pixel_transform`` maps a pixel
     map in place (e.g. a softplus). ``uses_knn_index``: the method searches normal tokens and takes
-    ``knn_index``.
+    ``knn_index``. ``smoothing_sigma``: the Gaussian smoothing of its pixel maps by default, in
+    pixels of the image (the detector's ``sigma`` overrides it). ``uses_fusion``: the method fuses
+    stage maps and takes ``fusion``.
     """
 
     name: str
@@ -99,6 +101,8 @@ class MethodSpec:
     held_out_of_fit: bool = False
     pixel_transform: Optional[Callable] = None
     uses_knn_index: bool = False
+    smoothing_sigma: float = 4.0
+    uses_fusion: bool = False
 
 
 _METHODS = Registry("method")

@@ -10,11 +10,12 @@ import numpy as np
 from ..bank.store import NormalBank
 from ..core.result import Support
 from .base import MethodSpec, QuerySlice, Scorer, SliceScores, register_method
+from .fusion import FUSIONS, fuse_stages, stage_reliability, stage_weights, standardise
 from .maps import max_cos_to_slices
 
 
 class HiMatchScorer(Scorer):
-    """Dual-branch retrieval, clustered multi-stage maps, uncertainty-weighted fusion."""
+    """Dual-branch retrieval, clustered multi-stage maps, reliability-weighted fusion (``fusion``, see :mod:`.fusion`)."""
 
     name = "himatch"
 
@@ -24,8 +25,8 @@ class HiMatchScorer(Scorer):
         k: int = 8,
         candidates: int = 32,
         alpha: float = 0.5,
-        position_window: Optional[float] = 0.15,
-        tau: float = 1.0,
+        position_window: Optional[float] = None,
+        fusion: str = FUSIONS[0],
         groups: Optional[np.ndarray] = None,
     ):
         self.bank = bank
@@ -35,9 +36,9 @@ class HiMatchScorer(Scorer):
         self.candidates = int(max(self.k, candidates))
         self.alpha = float(alpha)
         self.position_window = position_window
-        self.tau = float(tau)
+        self.fusion = fusion
         self.stages = bank.stages
-        self.calibration: Optional[dict] = None  # {"median": [S], "sigma": [S]}
+        self.calibration: Optional[dict] = None  # {"median": [S], "sigma": [S], "reliability": [S], "weights": [S]}
         self.timings: dict = {}
         self._last = self.stages[-1]
         self._cls_index = None
@@ -107,11 +108,8 @@ class HiMatchScorer(Scorer):
     def fuse(self, a: np.ndarray, v: np.ndarray) -> np.ndarray:
         if self.calibration is None:
             raise RuntimeError("himatch fusion needs calibration statistics")
-        med = np.asarray(self.calibration["median"], np.float32)[:, None]
-        sig = np.asarray(self.calibration["sigma"], np.float32)[:, None]
-        z = (a - med) / sig
-        w = 1.0 / (v / sig**2 + self.tau)
-        return (w * z).sum(0) / w.sum(0)
+        z, vt = standardise(a, v, self.calibration["median"], self.calibration["sigma"])
+        return fuse_stages(z, vt, self.fusion, self.calibration.get("weights"))
 
     def score(self, queries: list, fuse: bool = True) -> list:
         t0 = time.perf_counter()
@@ -144,11 +142,20 @@ class HiMatchScorer(Scorer):
 
     def calibrate(self, centre: list, collected: list) -> dict:
         """Median and robust spread (1.4826 MAD) of every stage's raw scores over the held-out
-        slices; the held-out scores are then fused with them."""
+        slices, and each stage's reliability (mean standardised support variance over them, see
+        :mod:`.fusion`); the held-out scores are then fused with them."""
         a = np.concatenate([s.stage for s in centre], axis=1)
+        v = np.concatenate([s.var for s in centre], axis=1)
         med = np.median(a, axis=1)
         sig = np.maximum(1.4826 * np.median(np.abs(a - med[:, None]), axis=1), 1e-6)
-        self.calibration = {"stages": list(self.stages), "median": med.tolist(), "sigma": sig.tolist()}
+        rel = stage_reliability(standardise(a, v, med, sig)[1])
+        self.calibration = {
+            "stages": list(self.stages),
+            "median": med.tolist(),
+            "sigma": sig.tolist(),
+            "reliability": rel.tolist(),
+            "weights": stage_weights(rel).tolist(),
+        }
         for s in collected:
             s.patch = self.fuse(s.stage, s.var).astype(np.float32)
         return {"stages": self.calibration}
@@ -172,7 +179,9 @@ def _softplus(pix: np.ndarray) -> np.ndarray:
 
 
 def _make(detector, held_out_groups: list) -> HiMatchScorer:
-    return HiMatchScorer(detector.bank, detector.k, detector.candidates, detector.alpha, detector.position_window, groups=detector.slice_subject)
+    return HiMatchScorer(
+        detector.bank, detector.k, detector.candidates, detector.alpha, detector.position_window, detector.fusion, groups=detector.slice_subject
+    )
 
 
 SPEC = register_method(
@@ -181,7 +190,8 @@ SPEC = register_method(
         title="HiMatch-AD: dual-branch retrieval, clustered multi-stage maps, reliability-weighted fusion",
         reference="arXiv 2606.22556",
         make_scorer=_make,
-        key_settings=lambda detector: ["k", "position_window", "candidates", "alpha"],
+        key_settings=lambda detector: ["k", "position_window", "candidates", "alpha", "fusion"],
         pixel_transform=_softplus,
+        uses_fusion=True,
     )
 )

@@ -86,5 +86,6 @@ SPEC = register_method(
         # exact: the key calibrations had before the index existed
         key_settings=lambda detector: [] if detector.knn_index == "exact" else ["knn_index"],
         uses_knn_index=True,
+        smoothing_sigma=4.0,  # AnomalyDINO: the map resized to the image, then a Gaussian of 4 image pixels
     )
 )

@@ -71,12 +71,9 @@ def top_percent_mean(x: np.ndarray, percent: float = 1.0) -> float:
     return float(np.mean(np.partition(x, x.size - n)[x.size - n :]))
 
 
-def patch_to_pixels(scores: np.ndarray, fg: np.ndarray, grid: tuple, out_hw: tuple, sigma: float = 4.0, model_hw: Optional[tuple] = None) -> np.ndarray:
-    """Foreground patch scores -> smoothed pixel map of size ``out_hw`` (bilinear, then Gaussian).
-
-    ``sigma`` is in pixels of the model input (``model_hw``), as in AnomalyDINO where the map is
-    smoothed at the model's resolution; it is converted to the output grid's pixels per axis.
-    """
+def patch_to_pixels(scores: np.ndarray, fg: np.ndarray, grid: tuple, out_hw: tuple, sigma=0.0) -> np.ndarray:
+    """Foreground patch scores -> pixel map of size ``out_hw`` (bilinear, then a Gaussian of
+    ``sigma`` pixels of ``out_hw``: one number, or one per axis; 0 = no smoothing)."""
     import torch
     import torch.nn.functional as F
     from scipy.ndimage import gaussian_filter
@@ -85,11 +82,8 @@ def patch_to_pixels(scores: np.ndarray, fg: np.ndarray, grid: tuple, out_hw: tup
     full[fg] = scores
     t = torch.from_numpy(full.reshape(1, 1, grid[0], grid[1]))
     up = F.interpolate(t, size=tuple(out_hw), mode="bilinear", align_corners=False)[0, 0].numpy()
-    if sigma > 0:
-        if model_hw is not None:
-            sig = (sigma * out_hw[0] / model_hw[0], sigma * out_hw[1] / model_hw[1])
-        else:
-            sig = (sigma, sigma)
+    sig = tuple(float(x) for x in np.broadcast_to(np.asarray(sigma, float), (2,)))
+    if max(sig) > 0:
         up = gaussian_filter(up, sigma=sig)
     return up.astype(np.float32)
 

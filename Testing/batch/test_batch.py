@@ -177,7 +177,8 @@ def test_changed_settings_are_recomputed_with_the_reason(fitted, tiny_model, nor
     knn = run_batch(fitted("knn"), inp, out)
     log = []
     rows = run_batch(fitted("himatch"), inp, out, log=log.append)
-    assert log == ["a.nii.gz: recomputed: settings changed: method knn -> himatch"]
+    # himatch records its fusion rule, which knn has not
+    assert log == ["a.nii.gz: recomputed: settings changed: method knn -> himatch, fusion (not recorded) -> reliability"]
     assert rows[0]["status"] == STATUS_OK
     assert "recomputed: settings changed: method knn -> himatch" in rows[0]["message"]
     assert json.loads((out / "a_scores.json").read_text())["method"] == "himatch"

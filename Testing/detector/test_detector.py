@@ -138,7 +138,11 @@ def test_bad_settings_are_user_errors(tiny_model):
         ({"batch_size": 0}, "batch_size must be at least 1, not 0"),
         ({"resolution": 5000}, "resolution must be at most 4096 pixels, not 5000"),
         ({"resolution": 8}, "resolution must be at least 16 pixels (one model patch), not 8"),
-        ({"sigma": "wide"}, "sigma must be a number, not 'wide'"),
+        ({"sigma": "wide"}, "smoothing sigma must be a number, not 'wide'"),
+        ({"sigma": -1}, "smoothing sigma must be a number of at least 0, not -1"),
+        ({"position_window": 1.5}, "position window must be between 0 and 1, not 1.5"),
+        ({"fusion": "median"}, "fusion must be one of reliability, mean, max, variance, not 'median'"),
+        ({"fusion": "max", "method": "knn"}, "fusion max applies to method himatch only"),
         ({"stages": ["last"]}, "stages must be a list of layer numbers, not ['last']"),
         ({"target_fpr": 2}, "target false-positive rate must be between 0 and 1, not 2.0"),
         ({"codebook_factor": 0}, "codebook_factor must be positive, not 0"),
@@ -162,6 +166,18 @@ def test_every_keyword_of_the_detector_is_declared():
     assert keywords == set(DETECTOR_PARAMETERS)
     det = HiMatchDetector(model="m", k="3", threshold="0.5", pixel_spacing="off", modality="CT", stages=(1, 2))
     assert (det.k, det.threshold, det.pixel_spacing, det.modality, det.stages) == (3, 0.5, None, "ct", [1, 2])
+
+
+def test_each_mode_smooths_as_its_reference_and_the_prior_is_off():
+    """sigma None resolves to the mode's reference (AnomalyDINO: 4 image pixels; the DPMM reference
+    does not smooth); a given sigma applies to every mode. The slice-position prior is opt-in, and
+    only himatch records a fusion rule."""
+    assert [HiMatchDetector(model="m", method=m).sigma for m in ("himatch", "knn", "dpmm")] == [4.0, 4.0, 0.0]
+    assert HiMatchDetector(model="m", method="dpmm", sigma=2).sigma == 2.0
+    det = HiMatchDetector(model="m")
+    assert det.position_window is None and det.fusion == "reliability"
+    assert det.settings()["fusion"] == "reliability" and "fusion" not in HiMatchDetector(model="m", method="knn").settings()
+    assert "fusion" in det.method_key()
 
 
 def test_cancel_stops_a_long_step(tiny_model, normals_dir, tmp_path):

@@ -119,14 +119,16 @@ def test_stage_scores_against_the_supports_own_centroids(tmp_path):
 
 def test_himatch_calibration_statistics_and_fusion_against_a_reference():
     """``HiMatchScorer.calibrate``: per stage the median and 1.4826 x MAD of the held-out raw stage
-    scores (floored at 1e-6), then every held-out slice fused as sum_s w_s z_s / sum_s w_s with
-    z = (a - median) / sigma and w = 1 / (v / sigma^2 + tau), written out here by hand."""
+    scores (floored at 1e-6), then every held-out slice fused. ``fusion="variance"`` (the former
+    per-pixel rule): sum_s w_s z_s / sum_s w_s with z = (a - median) / sigma and
+    w = 1 / (v / sigma^2 + tau); ``"reliability"``: one weight per stage, w_s = 1 / (R_s + 1) with
+    R_s the mean of v / sigma^2 over the held-out patches; both written out here by hand."""
     from HiMatchADLib.methods.base import SliceScores
     from HiMatchADLib.methods.himatch import HiMatchScorer
 
     rng = np.random.default_rng(3)
     scorer = HiMatchScorer.__new__(HiMatchScorer)  # the statistics need no bank
-    scorer.stages, scorer.tau, scorer.calibration = [1, 3], 1.0, None
+    scorer.stages, scorer.fusion, scorer.calibration = [1, 3], "variance", None
     centre = [SliceScores(patch=np.zeros(5, np.float32), stage=rng.normal([[0.2], [0.5]], [[0.05], [0.1]], (2, 5)), var=rng.random((2, 5)) * 0.01) for _ in range(4)]
     constant = SliceScores(patch=np.zeros(3, np.float32), stage=np.full((2, 3), 0.7), var=np.zeros((2, 3)))
     record = scorer.calibrate(centre, centre + [constant])
@@ -142,10 +144,55 @@ def test_himatch_calibration_statistics_and_fusion_against_a_reference():
         np.testing.assert_allclose(s.patch, (w[0] * z[0] + w[1] * z[1]) / (w[0] + w[1]), rtol=1e-5)
     # a stored record gives the same fusion back
     other = HiMatchScorer.__new__(HiMatchScorer)
-    other.stages, other.tau, other.calibration = [1, 3], 1.0, None
+    other.stages, other.fusion, other.calibration = [1, 3], "variance", None
     other.set_calibration(record)
     np.testing.assert_array_equal(other.fuse(constant.stage, constant.var), scorer.fuse(constant.stage, constant.var))
     assert other.calibration == record["stages"]
+    # the reliability rule: one weight per stage from the held-out support variances
+    v = np.concatenate([s.var for s in centre], axis=1)
+    rel = [float(np.mean(v[i] / (1.4826 * mad[i]) ** 2)) for i in range(2)]
+    w = [1.0 / (r + 1.0) for r in rel]
+    scorer.fusion = "reliability"
+    record = scorer.calibrate(centre, centre + [constant])
+    np.testing.assert_allclose(record["stages"]["reliability"], rel, rtol=1e-6)
+    np.testing.assert_allclose(record["stages"]["weights"], [w[0] / sum(w), w[1] / sum(w)], rtol=1e-6)
+    for s in centre + [constant]:
+        z = [(s.stage[i] - med[i]) / (1.4826 * mad[i]) for i in range(2)]
+        np.testing.assert_allclose(s.patch, (w[0] * z[0] + w[1] * z[1]) / (w[0] + w[1]), rtol=1e-5)
     # a stage with no spread on the held-out slices keeps a positive sigma
     flat = [SliceScores(patch=np.zeros(4, np.float32), stage=np.full((2, 4), 0.3), var=np.zeros((2, 4)))]
     assert scorer.calibrate(flat, flat)["stages"]["sigma"] == [1e-6, 1e-6]
+
+
+@pytest.mark.parametrize("canvas_scale", [None, 0.5, 2.0])
+def test_maps_are_smoothed_by_sigma_pixels_of_the_image_whatever_the_model_grid(canvas_scale):
+    """AnomalyDINO resizes the patch map to the image and smooths it with sigma = 4 image pixels.
+    A Gaussian adds sigma^2 to the spatial variance of what it smooths: the map of one hot patch
+    gains 16 pixel^2 per axis on the native grid, whether the slice was stretched to the model input
+    (no canvas) or resampled onto a canvas at half or twice its pixel size."""
+    from HiMatchADLib import HiMatchDetector
+    from HiMatchADLib.features.canvas import PlaneMap
+
+    native = (96, 96)
+    if canvas_scale is None:
+        plane, grid = None, (8, 8)
+    else:
+        side = int(96 * canvas_scale)
+        plane, grid = PlaneMap(native, (0, 96, 0, 96), (side, side), (0, 0), (side, side), 1.0 / canvas_scale), (8, 8)
+    patch = np.zeros(64, np.float32)
+    patch[3 * 8 + 4] = 1.0
+    q = QuerySlice(0, [], np.zeros(1), np.ones(64, bool), grid)
+
+    def spread(sigma):
+        det = HiMatchDetector(model="m", method="knn", sigma=sigma)
+        m = det._pixel_map(patch.copy(), q, plane, native).astype(np.float64)
+        m = np.clip(m, 0, None)
+        rows, cols = np.indices(native)
+        tot = m.sum()
+        var = []
+        for c in (rows, cols):
+            mu = (m * c).sum() / tot
+            var.append((m * (c - mu) ** 2).sum() / tot)
+        return np.array(var)
+
+    np.testing.assert_allclose(spread(4.0) - spread(0.0), [16.0, 16.0], rtol=0.06)
