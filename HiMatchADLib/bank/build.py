@@ -224,7 +224,7 @@ def _build(root, files, fps, content, extractor, settings, dest: Path, reporter:
             for b in range(0, len(idx), extractor.batch_size):
                 reporter.check()
                 sel = idx[b : b + extractor.batch_size]
-                feats = extractor.extract(prep.canonical[sel])
+                feats = extractor.extract(prep.canonical[sel], as_is=prep.plane is not None)
                 pfg = patch_foreground(prep.foreground[sel], grid, settings.patch_foreground_fraction)
                 for n, si in enumerate(sel):
                     m = pfg[n]

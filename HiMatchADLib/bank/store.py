@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.digest import file_digest, json_hash
 
-BANK_FORMAT = 6
+BANK_FORMAT = 7
 
 
 def default_cache_root() -> Path:
@@ -34,7 +34,7 @@ class BankSettings:
     slice_axis: str = "auto"
     resolution: int = 448
     # In-plane pixel spacing (mm) of the model canvas every slice is resampled to (None: each slice
-    # stretched to ``resolution``; see preprocess.plan_plane).
+    # stretched to ``resolution``, its shorter side; see features.canvas.plan_plane).
     pixel_spacing_mm: Optional[float] = None
     stages: tuple = ()
     clusters_per_slice: int = 64

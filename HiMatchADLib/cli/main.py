@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             a.help = "Hugging Face id or local folder (default: pretrained DINOv3 if cached locally, else a random stand-in)"
         if a.dest == "resolution":
             a.default = 224
-            a.help = "longer side of the model input (demo default 224, for speed)"
+            a.help = "shorter side of the model input (demo default 224, for speed)"
 
     wk = sub.add_parser("worker", help="serve detection requests as JSON lines on stdin/stdout (the 3D Slicer module's worker process)")
     wk.set_defaults(func=cmd_worker)

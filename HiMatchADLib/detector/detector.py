@@ -28,7 +28,7 @@ from ..core.version import __version__
 from ..features.backbone import DEFAULT_MODEL, resolve_precision
 from ..features.canvas import patch_foreground
 from ..features.extractor import FeatureExtractor
-from ..features.presets import resolve_modality
+from ..features.presets import PRESETS, resolve_modality
 from ..features.slicing import (
     PreparedVolume,
     common_spacing,
@@ -83,12 +83,13 @@ class HiMatchDetector:
         k: number of normal reference slices retrieved per query slice (``himatch``).
         modality: ``"auto"``, ``"mri"``, ``"ct"``, ``"oct"`` or ``"8bit"`` (intensity preset).
         slice_axis: ``"auto"`` (the preset's), ``"axial"``, ``"coronal"``, ``"sagittal"``, ``"largest_spacing"``.
-        resolution: longer side of the model input in pixels (rounded to the patch size).
+        resolution: shorter side of the model input in pixels (rounded to the patch size), as the
+            references; the aspect is kept (see ``HiMatchADLib.features.canvas.model_grid``).
         pixel_spacing: in-plane pixel spacing (mm) at which every slice is resampled before the
             model, so one millimetre is the same number of model pixels in the normals and the query:
-            ``"auto"`` (default: the normal set's median field of view over the model's longer
-            side), a number, or None (stretch each slice's longer side to ``resolution``, the papers'
-            preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
+            ``"auto"`` (default: the normal set's median shorter field of view over ``resolution``;
+            for OCT, whose preset keeps each B-scan's own pixels, None), a number, or None (stretch
+            each slice's shorter side to ``resolution``, the papers' preprocessing). Stored with the bank; queries use the bank's. 2D PNG/JPEG/TIFF/BMP slices
             have no recorded spacing and are always stretched.
         knn_index: how ``knn`` finds each query token's nearest normal token: ``"exact"`` (default),
             ``"ivf"`` or ``"hnsw"`` (approximate, faster on large banks; see ``knn_index.py``). Only
@@ -221,9 +222,6 @@ class HiMatchDetector:
                 extents.append(None)
         if flat:
             out["dims"] = "2d" if all(flat) else "3d" if not any(flat) else "mixed"
-        if self.pixel_spacing == "auto":
-            sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
-            out["pixel_spacing_mm"] = None if sp is None else float(f"{sp:.6g}")
         if self.modality == "auto":
             seen: dict = {}
             for f in dict.fromkeys([files[0], files[len(files) // 2], files[-1]]):
@@ -236,6 +234,10 @@ class HiMatchDetector:
                 raise HiMatchADError(f"the normal folder {folder} mixes modalities ({which}); pass the modality explicitly (--modality)")
             if seen:
                 out["modality"] = next(iter(seen))
+        # "auto": one spacing from the normal set, unless the preset keeps each slice's own pixels (OCT)
+        if self.pixel_spacing == "auto" and PRESETS.get(out["modality"], {}).get("pixel_spacing") != "stretch":
+            sp = common_spacing(extents, self.resolution, self._ensure_extractor().patch_size)
+            out["pixel_spacing_mm"] = None if sp is None else float(f"{sp:.6g}")
         return out
 
     def _bank_settings(self, folder: Optional[Union[str, os.PathLike]] = None) -> BankSettings:
@@ -390,7 +392,7 @@ class HiMatchDetector:
     # ------------------------------------------------------------------ predict
     def _queries(self, prep: PreparedVolume, sel: np.ndarray) -> tuple[list, list]:
         ex = self.extractor
-        feats = ex.extract(prep.canonical[sel])
+        feats = ex.extract(prep.canonical[sel], as_is=prep.plane is not None)
         pfg = patch_foreground(prep.foreground[sel], feats.grid, self.bank.manifest["settings"]["patch_foreground_fraction"])
         qs, masks = [], []
         for n, si in enumerate(sel):

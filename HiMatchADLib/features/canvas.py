@@ -59,8 +59,18 @@ def has_physical_spacing(image: Image) -> bool:
     return not (image.is_2d and image.path is not None and str(image.path).lower().endswith(IMAGE_SUFFIXES))
 
 
+#: The model input's longer side is at most this many times its shorter side (``resolution``): a
+#: very elongated slice is shrunk to fit rather than given thousands of patches.
+MAX_ASPECT = 4.0
+#: With a common pixel spacing, a side of the model canvas is at most this many times
+#: ``resolution``: a slice with twice the normal set's typical field of view still keeps the normal
+#: set's millimetres per pixel; a larger one is cropped to its foreground, then coarsened.
+MAX_CANVAS = 2
+
+
 def model_side(resolution: int, patch_size: int) -> int:
-    """The model input's longer side for ``resolution`` (a multiple of the patch size)."""
+    """The model input's shorter side for ``resolution`` (a multiple of the patch size), as in the
+    references, which resize the shorter side of every image to it."""
     return max(1, int(round(resolution / float(patch_size)))) * int(patch_size)
 
 
@@ -71,13 +81,13 @@ def _ceil_to(n: float, step: int) -> int:
 def plan_plane(native_hw, pixel_spacing, foreground_box, spacing_mm: float, resolution: int, patch_size: int):
     """Where the native slices go on the model canvas at ``spacing_mm`` per pixel.
 
-    Returns (:class:`PlaneMap`, warning or None). The canvas's longer side is the model's longer
-    side (so the model does not rescale it) and its shorter side a multiple of the patch size. A
-    native slice larger than the canvas at that spacing is cropped to its foreground's bounding
-    box (all slices together); if that is still larger, the spacing is coarsened until it fits and
-    a warning says so.
+    Returns (:class:`PlaneMap`, warning or None). The canvas is the resampled slice, each side
+    rounded up to a multiple of the patch size: it is the model input as it is (no rescaling). A
+    side may be at most :data:`MAX_CANVAS` times the model side; a native slice larger than that at
+    ``spacing_mm`` is cropped to its foreground's bounding box (all slices together); if that is
+    still larger, the spacing is coarsened until it fits and a warning says so.
     """
-    L = model_side(resolution, patch_size)
+    L = MAX_CANVAS * model_side(resolution, patch_size)
     H, W = int(native_hw[0]), int(native_hw[1])
     sr, sc = float(pixel_spacing[0]), float(pixel_spacing[1])
     s = float(spacing_mm)
@@ -103,49 +113,56 @@ def plan_plane(native_hw, pixel_spacing, foreground_box, spacing_mm: float, reso
     rh, rw = box[1] - box[0], box[3] - box[2]
     h = max(1, min(L, int(round(rh * sr / s))))
     w = max(1, min(L, int(round(rw * sc / s))))
-    if h >= w:
-        canvas = (L, min(L, _ceil_to(w, patch_size)))
-    else:
-        canvas = (min(L, _ceil_to(h, patch_size)), L)
+    canvas = (min(L, _ceil_to(h, patch_size)), min(L, _ceil_to(w, patch_size)))
     offset = ((canvas[0] - h) // 2, (canvas[1] - w) // 2)
     return PlaneMap((H, W), tuple(int(v) for v in box), (h, w), offset, canvas, float(s)), warn
 
 
-def to_canvas(slices: np.ndarray, plane: PlaneMap, mode: str = "bilinear", threshold: Optional[float] = None) -> np.ndarray:
-    """Slices resampled onto the model canvas (float32), or, with ``threshold``, the boolean mask of
-    the resampled values at or above it (made block by block, without the float canvas)."""
-    import torch
+def _resize(x, size: tuple, mode: str):
+    """(B, 1, h, w) -> (B, 1, *size): ``bicubic`` (the references' resampling of images) or
+    ``bilinear`` (masks); antialiased when shrinking."""
     import torch.nn.functional as F
+
+    antialias = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False, antialias=antialias)
+
+
+def to_canvas(slices: np.ndarray, plane: PlaneMap, threshold: Optional[float] = None) -> np.ndarray:
+    """Slices resampled onto the model canvas (float32, bicubic), or, with ``threshold``, the boolean
+    mask of the (bilinearly) resampled values at or above it (made block by block, without the float
+    canvas)."""
+    import torch
 
     r0, r1, c0, c1 = plane.box
     h, w = plane.scaled_hw
     out = np.zeros((slices.shape[0],) + tuple(plane.canvas_hw), np.float32 if threshold is None else bool)
     for a in range(0, slices.shape[0], 64):  # bounded memory on long volumes
         x = torch.from_numpy(np.ascontiguousarray(slices[a : a + 64, r0:r1, c0:c1], dtype=np.float32))[:, None]
-        antialias = h < (r1 - r0) or w < (c1 - c0)
-        y = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=antialias)[:, 0].numpy()
+        y = _resize(x, (h, w), "bicubic" if threshold is None else "bilinear")[:, 0].numpy()
         oy, ox = plane.offset
         out[a : a + 64, oy : oy + h, ox : ox + w] = y if threshold is None else y >= threshold
     return out
 
 
 def model_grid(height: int, width: int, resolution: int, patch_size: int) -> tuple[int, int]:
-    """Model input size: longer side ``resolution``, aspect kept, both sides multiples of the patch."""
-    scale = resolution / float(max(height, width))
+    """Model input size, as in the references: the shorter side ``resolution``, the aspect kept (the
+    longer side at most :data:`MAX_ASPECT` times the shorter), each side rounded to a multiple of
+    the patch size. (The references crop the remainder instead; rounding keeps every image pixel,
+    at a distortion of at most half a patch.)"""
+    scale = resolution / float(min(height, width))
+    scale = min(scale, MAX_ASPECT * resolution / float(max(height, width)))
     gh = max(1, int(round(height * scale / patch_size)))
     gw = max(1, int(round(width * scale / patch_size)))
     return gh * patch_size, gw * patch_size
 
 
 def to_model_input(slices: np.ndarray, size: tuple[int, int]):
-    """(B, H, W) float32 in [0,1] -> (B, 3, h, w) torch tensor, resized, ImageNet-normalised."""
+    """(B, H, W) float32 in [0,1] -> (B, 3, h, w) torch tensor, resized (bicubic), ImageNet-normalised."""
     import torch
-    import torch.nn.functional as F
 
     x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32))[:, None]
     if tuple(x.shape[-2:]) != tuple(size):
-        antialias = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+        x = _resize(x, size, "bicubic")
     mean = torch.from_numpy(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.from_numpy(IMAGENET_STD).view(1, 3, 1, 1)
     return (x.expand(-1, 3, -1, -1) - mean) / std

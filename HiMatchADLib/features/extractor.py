@@ -128,8 +128,14 @@ class FeatureExtractor:
             cls = F.normalize(out.last_hidden_state[:, 0, :].float(), dim=-1).cpu().numpy()
         return Features(stage_tokens, cls, (gh, gw))
 
-    def extract(self, slices: np.ndarray) -> Features:
-        """(B, H, W) slices in [0, 1] -> :class:`Features` on this extractor's model grid."""
-
-        size = self.grid_for(slices.shape[1], slices.shape[2])
+    def extract(self, slices: np.ndarray, as_is: bool = False) -> Features:
+        """(B, H, W) slices in [0, 1] -> :class:`Features` on this extractor's model grid, or, with
+        ``as_is`` (slices already on a model canvas, sides multiples of the patch size), on theirs."""
+        if as_is:
+            p = self.patch_size
+            if slices.shape[1] % p or slices.shape[2] % p:
+                raise ValueError(f"a model canvas of {slices.shape[1]}x{slices.shape[2]} pixels is not a multiple of the {p}-pixel patch")
+            size = (int(slices.shape[1]), int(slices.shape[2]))
+        else:
+            size = self.grid_for(slices.shape[1], slices.shape[2])
         return self.forward(to_model_input(slices, size))

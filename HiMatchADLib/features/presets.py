@@ -23,7 +23,14 @@ PRESETS: dict[str, dict] = {
     # Hounsfield window (soft tissue, level 40 / width 400); body = HU > -500, largest component.
     "ct": {"scaling": "window", "level": 40.0, "width": 400.0, "foreground": "hu", "hu_min": -500.0, "slice_axis": "axial"},
     # OCT: percentile scaling; B-scans are the slices, stacked along the most widely spaced axis.
-    "oct": {"scaling": "percentile", "low": 1.0, "high": 50.0, "high_value": 0.4, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "largest_spacing"},
+    # ``pixel_spacing`` "stretch": B-scan pixels are kept and each B-scan stretched to the model
+    # input (shorter side ``resolution``), as the references do, by default: B-scan pixels are
+    # strongly anisotropic (about 4 um axial, 12 um lateral), and one isotropic spacing would squash
+    # the retina's depth into one or two patch rows.
+    "oct": {
+        "scaling": "percentile", "low": 1.0, "high": 50.0, "high_value": 0.4, "foreground": "otsu", "otsu_factor": 0.5,
+        "slice_axis": "largest_spacing", "pixel_spacing": "stretch",
+    },
     # 8-bit slices (PNG/JPEG): value / 255.
     "8bit": {"scaling": "divide", "divisor": 255.0, "foreground": "otsu", "otsu_factor": 0.5, "slice_axis": "axial"},
 }

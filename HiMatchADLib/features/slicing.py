@@ -207,7 +207,7 @@ def prepare_volume(
 
 
 def in_plane_extent(path, modality: str = "auto", slice_axis: str = "auto") -> Optional[tuple]:
-    """(field of view in mm along the slices' longer side, (row, column) pixel spacing) of an image
+    """(field of view in mm along the slices' shorter side, (row, column) pixel spacing) of an image
     from its header, or None when it has no recorded pixel spacing (PNG/JPEG/TIFF/BMP)."""
     from pathlib import Path
 
@@ -228,7 +228,7 @@ def in_plane_extent(path, modality: str = "auto", slice_axis: str = "auto") -> O
         size, spacing, direction = r.GetSize(), r.GetSpacing(), r.GetDirection()
     if dim == 2 or (dim >= 3 and 1 in tuple(size)[:3] and tuple(size)[2] == 1):
         rows, cols = float(spacing[1]), float(spacing[0])
-        return max(size[1] * rows, size[0] * cols), (rows, cols)
+        return min(size[1] * rows, size[0] * cols), (rows, cols)
     size, spacing = tuple(size)[:3], tuple(spacing)[:3]
     d = np.asarray(direction, float)
     d = d.reshape(int(round(math.sqrt(d.size))), -1)[:3, :3]
@@ -242,13 +242,14 @@ def in_plane_extent(path, modality: str = "auto", slice_axis: str = "auto") -> O
         choice = slice_axis if slice_axis not in (None, "auto") else ("largest_spacing" if modality == "oct" else "axial")
         axis = int(np.argmax(sp)) if choice == "largest_spacing" else _CANONICAL_AXIS.get(choice, 0)
     plane = [a for a in range(3) if a != axis]
-    return max(shape[a] * sp[a] for a in plane), (float(sp[plane[0]]), float(sp[plane[1]]))
+    return min(shape[a] * sp[a] for a in plane), (float(sp[plane[0]]), float(sp[plane[1]]))
 
 
 def common_spacing(extents: list, resolution: int, patch_size: int) -> Optional[float]:
-    """Default pixel spacing of the model canvas for a normal set: the median field of view (longer
-    in-plane side, mm) over the model's longer side, so that a typical normal slice fills the model
-    input as before. None when no image has a recorded spacing."""
+    """Default pixel spacing of the model canvas for a normal set: the median field of view (shorter
+    in-plane side, mm) over the model's shorter side, so that a typical normal slice is resampled
+    as the references resize an image (shorter side ``resolution``). None when no image has a
+    recorded spacing."""
     fov = [e[0] for e in extents if e is not None]
     if not fov:
         return None

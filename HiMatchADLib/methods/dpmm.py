@@ -38,16 +38,17 @@ class DpmmScorer(Scorer):
     @staticmethod
     def fit(
         tokens: np.ndarray,
-        n_components: int = 100,
+        n_components: int = 200,
         covariance_type: str = "diag",
         max_iter: int = 200,
         seed: int = 0,
-        concentration: Optional[float] = None,
+        concentration: Optional[float] = 2.0,
         chunk: int = 8192,
     ) -> dict:
         """Fit the mixture (scikit-learn ``BayesianGaussianMixture``, Dirichlet-process prior).
 
-        ``concentration``: the stick-breaking concentration prior (None: scikit-learn's
+        Defaults as the detector's (200 components, concentration 2, the reference's initial
+        value). ``concentration``: the stick-breaking concentration prior (None: scikit-learn's
         ``1 / n_components``). Returns ``means``, ``weights``, ``soft_counts`` (summed
         responsibilities of the fitted tokens per component), ``hard_counts`` (tokens whose most
         likely component it is), ``converged`` and ``n_iter``.

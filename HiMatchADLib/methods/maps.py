@@ -20,34 +20,34 @@ mean; the weight cut alone would keep them and make the average token look perfe
 ``himatch``:
 
 1. Retrieval (dual branch). Global branch: :math:`g_n = \cos(\mathrm{cls}_q, \mathrm{cls}_n)` for every
-   normal slice :math:`n` (faiss inner-product search); the best ``candidates`` slices are kept, and
-   for volumes only slices whose relative position lies within ``position_window`` of the query's
-   (slice-position prior). Patch branch: :math:`p_n = \mathrm{mean}_i \max_{c \in C_n} \cos(q_i, c)`
-   over the last-stage clustered features :math:`C_n` of slice :math:`n` (below). Candidates are ranked by
+   normal slice :math:`n` (faiss inner-product search); the best ``candidates`` slices are kept.
+   (Opt-in slice-position prior ``position_window``, beyond the paper: for volumes only slices
+   whose relative position lies within that distance of the query's; off by default.) Patch
+   branch: :math:`p_n = \mathrm{mean}_i \max_{c \in C_n} \cos(q_i, c)` over the last-stage
+   clustered features :math:`C_n` of slice :math:`n` (below). Candidates are ranked by
    :math:`r_n = \alpha g_n + (1 - \alpha) p_n` and the top :math:`K` are the supports.
 2. Stage maps. For each stage :math:`s` and support :math:`k`,
    :math:`d_{ik}^{(s)} = 1 - \max_{c \in C_k^{(s)}} \cos(q_i^{(s)}, c)` against the support's clustered
    features :math:`C_k^{(s)}`, computed when the bank was built: the spherical k-means centroids
-   (64 per slice) of the support slice's own foreground tokens at stage :math:`s`, as in HiMatch-AD,
-   which compares the query with the clustered features of the retrieved references. (Opt-in
-   ``shared_codebook``: each centroid is replaced by its entry in a codebook shared by the whole
-   normal set, spherical k-means over all slice centroids of the stage with :math:`8\sqrt{m}`
-   entries for :math:`m` centroids.) The stage score is the
-   distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and its uncertainty the
-   spread across supports, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
+   (64 per slice) of the support slice's own foreground tokens at stage :math:`s` (HiMatch-AD
+   compares the query with the clustered features of the retrieved references; how they are
+   clustered is the project's choice). (Opt-in ``shared_codebook``: each centroid is replaced by
+   its entry in a codebook shared by the whole normal set, spherical k-means over all slice
+   centroids of the stage with :math:`8\sqrt{m}` entries for :math:`m` centroids.) The stage score
+   is the distance to the closest support, :math:`a_i^{(s)} = \min_k d_{ik}^{(s)}`, and the
+   supports' disagreement its spread, :math:`v_i^{(s)} = \mathrm{Var}_k\, d_{ik}^{(s)}`.
 3. Calibration. Each stage is standardised against its own normal-score distribution, measured on
    held-out normal slices (leave-one-subject-out): :math:`z_i^{(s)} = (a_i^{(s)} - m_s) / \sigma_s`
    with :math:`m_s` the median and :math:`\sigma_s = 1.4826\,\mathrm{MAD}` of the held-out
    :math:`a^{(s)}`.
-4. Uncertainty-weighted fusion. With the variance in the same units,
-   :math:`\tilde v_i^{(s)} = v_i^{(s)} / \sigma_s^2`, the weights are
-   :math:`w_i^{(s)} = 1 / (\tilde v_i^{(s)} + \tau)` and the fused score is
-   :math:`F_i = \sum_s w_i^{(s)} z_i^{(s)} / \sum_s w_i^{(s)}` (:math:`\tau = 1` keeps the weights
-   bounded: with agreeing supports the fusion is the plain mean of the stages).
+4. Reliability-weighted fusion (``fusion``; see :mod:`.fusion` for the formula and the other
+   rules): one weight per stage map, from the supports' disagreement on held-out normal slices,
+   fixed at calibration.
 
 Maps (all modes): patch scores on the patch grid (background patches set to the slice's median
 foreground score) are upsampled bilinearly to the slice's pixel grid and smoothed with a Gaussian of
-sigma 4 pixels of the model input; pixels outside the foreground are 0. The ``himatch`` pixel map is passed through
+``sigma`` pixels of the image (by default the mode's reference: 4 for ``knn``, as AnomalyDINO, none
+for ``dpmm``, as the DPMM reference, 4 for ``himatch``); pixels outside the foreground are 0. The ``himatch`` pixel map is passed through
 :math:`\mathrm{softplus}(F) = \log(1 + e^F)`: positive inside the foreground (so the background's 0 stays
 the lowest value), strictly increasing (no ties among foreground pixels, unlike clipping at 0), and
 within 0.13 of :math:`F` ("standard deviations above normal") wherever :math:`F \ge 2`. Slice score: mean of the top 1 % patch scores of the slice;

@@ -33,13 +33,13 @@ def _extent_px(mask2d):
 def test_same_anatomy_at_two_spacings_has_the_same_size_in_model_pixels():
     spacing = 0.5  # mm per model pixel
     a, _ = _disc_volume(200, 200, (0.5, 0.5))  # FOV 100 mm
-    b, _ = _disc_volume(150, 150, (1.0, 1.0))  # FOV 150 mm: larger than the canvas, cropped to the body
+    b, _ = _disc_volume(150, 150, (1.0, 1.0))  # FOV 150 mm: more than 224 model pixels, within twice that
     sizes = []
-    for img in (a, b):
+    for img, scaled, canvas in ((a, (200, 200), (208, 208)), (b, (300, 300), (304, 304))):
         prep = prepare_volume(img, "mri", "axial", spacing, 224, 16)
         fg = prep.foreground[1]
-        assert max(prep.canonical.shape[1:]) == 224 and all(n % 16 == 0 for n in prep.canonical.shape[1:])
-        assert model_grid(*prep.canonical.shape[1:], 224, 16) == prep.canonical.shape[1:]  # the model does not rescale it
+        # the canvas is the slice at 0.5 mm, rounded up to whole patches: the model input as it is
+        assert prep.plane.scaled_hw == scaled and prep.canonical.shape[1:] == canvas
         sizes.append(_extent_px(fg))
         assert prep.plane.spacing_mm == spacing and not prep.warnings
     # Reference: 60 mm of anatomy at 0.5 mm per pixel = 120 model pixels, in both images.
@@ -81,11 +81,11 @@ def test_maps_return_to_the_native_grid_at_the_right_place():
 
 
 def test_large_field_of_view_coarsens_the_spacing_with_a_warning():
-    img, _ = _disc_volume(100, 100, (2.0, 2.0), radius_mm=(90.0, 90.0))  # 180 mm of anatomy
-    prep = prepare_volume(img, "mri", "axial", 0.5, 224, 16)  # 224 px = 112 mm
-    # cropped to the body's 180 mm, which then spans the canvas's 224 pixels
-    assert prep.plane.spacing_mm == pytest.approx(180 / 224, rel=0.03)
-    assert max(_extent_px(prep.foreground[1])) >= 220
+    img, _ = _disc_volume(200, 200, (2.0, 2.0), radius_mm=(180.0, 180.0))  # 360 mm of anatomy
+    prep = prepare_volume(img, "mri", "axial", 0.5, 224, 16)  # at most 2 x 224 px = 224 mm
+    # cropped to the body's 360 mm, which then spans the canvas's 448 pixels
+    assert prep.plane.spacing_mm == pytest.approx(360 / 448, rel=0.03)
+    assert max(_extent_px(prep.foreground[1])) >= 440 and max(prep.canonical.shape[1:]) == 448
     assert any("anatomy looks" in w for w in prep.warnings)
 
 
@@ -112,6 +112,10 @@ def test_default_spacing_is_the_median_fov_over_the_model_side(tmp_path):
     ext = [in_plane_extent(tmp_path / f"v{i}.nii.gz") for i in range(3)]
     assert [e[0] for e in ext] == pytest.approx(fovs)
     assert common_spacing(ext, 448, 16) == pytest.approx(np.median(fovs) / 448)
+    # the shorter side sets it, as the references resize the shorter side to the model's
+    img, _ = _disc_volume(100, 300, (1.0, 1.0))
+    write_image(img.array, img.geometry, tmp_path / "wide.nii.gz")
+    assert in_plane_extent(tmp_path / "wide.nii.gz")[0] == pytest.approx(100.0)
     assert common_spacing([None, None], 448, 16) is None
 
 
@@ -156,3 +160,52 @@ def test_pixel_spacing_option(tiny_model):
     for bad in ("-1", "wide", 0):
         with pytest.raises(HiMatchADError, match="pixel spacing"):
             HiMatchDetector(model=tiny_model, pixel_spacing=bad)
+
+
+def test_oct_b_scans_keep_their_pixels_and_a_retina_spans_four_patch_rows(tiny_model, tmp_path):
+    """OCT B-scans of 496 x 512 pixels at 3.9 um (depth) x 11.7 um (lateral): by default each B-scan
+    keeps its own pixels and is stretched to the model input (shorter side ``resolution``), as the
+    references do, so a 300 um retina spans at least four patch rows at the default 448. One
+    isotropic spacing (the MRI/CT default) squashes the depth: fewer than four."""
+    from HiMatchADLib import HiMatchDetector
+
+    depth, lateral = 0.0039, 0.0117
+    n_layer = int(round(0.3 / depth))  # 77 rows of retina
+    arr = np.full((5, 496, 512), 5.0, np.float32)
+    arr[:, 200 : 200 + n_layer, :] = 100.0
+    img = Image.from_array(arr, spacing=(lateral, depth, 0.12))  # B-scans 120 um apart: the widest spacing
+    (tmp_path / "normals").mkdir()
+    for i in range(2):
+        write_image(arr, img.geometry, tmp_path / "normals" / f"oct_{i}.nii.gz")
+    det = HiMatchDetector(model=tiny_model, modality="oct", cache_dir=tmp_path / "cache")
+    assert det.resolution == 448
+    det._ensure_extractor()
+    settings = det._bank_settings(tmp_path / "normals")
+    assert settings.pixel_spacing_mm is None  # no common spacing for OCT by default
+    p = det.extractor.patch_size
+
+    def layer_patch_rows(prep):
+        rows = np.flatnonzero(prep.canonical[2].mean(1) > 0.2)  # the bright band on what the model is given
+        h = prep.canonical.shape[1] if prep.plane is not None else det.extractor.grid_for(*prep.canonical.shape[1:])[0]
+        return (rows[-1] - rows[0] + 1) * h / prep.canonical.shape[1] / p
+
+    prep = prepare_volume(img, "oct", "auto", settings.pixel_spacing_mm, det.resolution, p)
+    assert prep.plane is None and prep.canonical.shape == (5, 496, 512)  # B-scans, in their own pixels
+    assert layer_patch_rows(prep) >= 4.0
+    iso = common_spacing([in_plane_extent(tmp_path / "normals" / "oct_0.nii.gz", "oct")], det.resolution, p)
+    assert layer_patch_rows(prepare_volume(img, "oct", "auto", iso, det.resolution, p)) < 4.0
+    # MRI keeps its physical spacing by default
+    mri = HiMatchDetector(model=tiny_model, modality="mri", cache_dir=tmp_path / "cache")
+    mri._ensure_extractor()
+    assert mri._bank_settings(tmp_path / "normals").pixel_spacing_mm is not None
+
+
+def test_model_input_has_the_shorter_side_at_the_resolution():
+    """As the references: the shorter side is ``resolution`` and the aspect is kept (each side a
+    whole number of patches); 512 gives DINOv3/16 a 32 x 32 grid on a square slice."""
+    assert model_grid(240, 240, 448, 16) == (448, 448)
+    assert model_grid(496, 512, 448, 16) == (448, 464)
+    assert model_grid(512, 256, 448, 16) == (896, 448)
+    assert model_grid(300, 300, 512, 16) == (512, 512)
+    # an extremely elongated slice is shrunk so that its longer side is at most 4 x the resolution
+    assert model_grid(100, 1000, 224, 16) == (96, 896)

@@ -29,7 +29,7 @@ def _query(tokens):
 
 def test_dpmm_keeps_exactly_the_used_components():
     x, centres, labels = _clusters_on_sphere()
-    fit = DpmmScorer.fit(x, n_components=30, seed=0)
+    fit = DpmmScorer.fit(x, n_components=30, seed=0, concentration=None)  # scikit-learn's default prior
     assert fit["hard_counts"].sum() == len(x) and fit["soft_counts"].sum() == pytest.approx(len(x), rel=1e-4)
     scorer = DpmmScorer(fit["means"], fit["weights"], fit["soft_counts"], fit["hard_counts"])
     # One kept component per true cluster, at the cluster's centre.
@@ -52,7 +52,7 @@ def test_dpmm_keeps_exactly_the_used_components():
 def test_unused_stick_components_sit_at_the_global_mean():
     """What the count rule removes: sklearn gives unused components ~1/n weight and the data mean."""
     x, _, _ = _clusters_on_sphere(seed=1)
-    fit = DpmmScorer.fit(x, n_components=30, seed=0)
+    fit = DpmmScorer.fit(x, n_components=30, seed=0, concentration=None)  # scikit-learn's default prior
     unused = fit["hard_counts"] == 0
     assert (fit["weights"][unused] > 1e-6).sum() > 5  # the weight cut alone keeps them
     g = _unit(x.mean(0))
