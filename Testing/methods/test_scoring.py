@@ -196,3 +196,41 @@ def test_maps_are_smoothed_by_sigma_pixels_of_the_image_whatever_the_model_grid(
         return np.array(var)
 
     np.testing.assert_allclose(spread(4.0) - spread(0.0), [16.0, 16.0], rtol=0.06)
+
+
+def _retrieved_levels(tmp_path, position_window):
+    """Retrieval on a constructed bank of two normal volumes of one anatomy with different coverage:
+    volume A covers levels 0-1 over its whole extent (relative position = level, 8 slices), volume B
+    has more coverage below (relative position = 0.4 + 0.6 x level, 20 slices). Slice features are
+    points on a circle indexed by anatomical level (cosine between levels l, m: cos(pi (l - m))).
+    The query is level 0.5 at relative position 0.5."""
+    from HiMatchADLib.methods.himatch import HiMatchScorer
+
+    def feat(level):
+        v = np.zeros(8, np.float32)
+        v[0], v[1] = np.cos(np.pi * level), np.sin(np.pi * level)
+        return v
+
+    levels = np.concatenate([np.linspace(0, 1, 8), np.linspace(0, 1, 20)])
+    pos = np.concatenate([np.linspace(0, 1, 8), 0.4 + 0.6 * np.linspace(0, 1, 20)]).astype(np.float32)
+    bank = _hand_bank(tmp_path, [feat(lv)[None] for lv in levels])
+    bank.cls = np.stack([feat(lv) for lv in levels]).astype(np.float16)
+    bank.slice_pos = pos
+    bank.slice_group = np.array([0] * 8 + [1] * 20, np.int32)
+    scorer = HiMatchScorer(bank, k=4, candidates=8, position_window=position_window)
+    q = feat(0.5)[None]
+    (ids, _, _), = scorer.retrieve([QuerySlice(0, [q, q], q[0], np.ones(1, bool), (1, 1), pos=0.5)])
+    return levels[ids]
+
+
+def test_retrieval_without_the_position_prior_takes_the_same_anatomy_whatever_the_coverage(tmp_path):
+    """Default (no prior): the supports are the slices of the query's anatomical level, from both
+    volumes. With the former hard window (0.15), volume B's slices of that level lie at relative
+    position 0.7 and are cut, and B's slices from lower levels take their place."""
+    (tmp_path / "off").mkdir()
+    off = _retrieved_levels(tmp_path / "off", None)
+    assert np.abs(off - 0.5).max() < 0.08  # the four nearest levels: 0.474, 0.526 (B), 0.429, 0.571 (A)
+    (tmp_path / "on").mkdir()
+    on = _retrieved_levels(tmp_path / "on", 0.15)
+    assert np.abs(on - 0.5).mean() > 2 * np.abs(off - 0.5).mean()
+    assert (on < 0.42).sum() >= 2  # lower anatomy retrieved through the window
