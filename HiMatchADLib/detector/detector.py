@@ -74,6 +74,13 @@ class PreparedQuery:
         return str(self.image.path)
 
 
+#: Revision of how the maps are computed from the same settings, recorded in every result's settings
+#: so that a batch resumed with another revision recomputes its earlier results (2: the model
+#: input's shorter side at ``resolution``, smoothing in image pixels per mode, one reliability
+#: weight per stage map, no slice-position prior by default).
+METHOD_REVISION = 2
+
+
 class HiMatchDetector:
     """Training-free anomaly detector on frozen DINOv3 features.
 
@@ -261,6 +268,7 @@ class HiMatchDetector:
     def settings(self) -> dict:
         s = {
             "version": __version__,
+            "method_revision": METHOD_REVISION,
             "method": self.method,
             "model": self.model,
             "k": self.k,

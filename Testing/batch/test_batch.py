@@ -157,13 +157,13 @@ def test_volatile_settings_do_not_count_but_result_settings_do(det, tmp_path):
         p.write_text(json.dumps(data))
 
     edit("a", version="0.0.1", device="cuda:3")  # where and with which release it ran: same result
-    edit("b", k=5, sigma=2.5)
+    edit("b", k=5, sigma=2.5, method_revision=1)  # and maps computed another way
     stamp = (out / "a_heatmap.nii.gz").stat().st_mtime_ns
     log = []
     rows = run_batch(det, inp, out, log=log.append)
     assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_OK]
     assert (out / "a_heatmap.nii.gz").stat().st_mtime_ns == stamp
-    assert rows[1]["message"].startswith("recomputed: settings changed: k 5 -> 4, sigma 2.5 -> 4.0")
+    assert rows[1]["message"].startswith("recomputed: settings changed: method_revision 1 -> 2, k 5 -> 4, sigma 2.5 -> 4.0")
     assert any("b.nii.gz: recomputed: settings changed" in m for m in log)
     assert json.loads((out / "b_scores.json").read_text())["settings"]["k"] == 4  # rewritten with the current settings
 
