@@ -15,7 +15,6 @@ from typing import Optional
 import numpy as np
 
 from ..core.geometry import Image
-from ..features.backbone import build_random_model
 from ..io.writers import write_image
 
 
@@ -105,20 +104,3 @@ def write_demo_dataset(folder: str | os.PathLike, n_normals: int = 6, shape: tup
     write_image(q.array, q.geometry, folder / "query.nii.gz")
     write_image(mask, q.geometry, folder / "query_lesion_mask.nii.gz")
     return {"normals": folder / "normals", "query": folder / "query.nii.gz", "mask": folder / "query_lesion_mask.nii.gz"}
-
-
-def write_selftest_data(folder: str | os.PathLike, shape: tuple = (12, 40, 40), normals: int = 3, seed: int = 0) -> tuple:
-    """What the Slicer module's self-test runs on: ``normals`` phantoms in ``folder/normals``, a
-    phantom with a :data:`DEMO_LESION` lesion (array and mask, to be placed by the caller) and the
-    tiny random model of :func:`~HiMatchADLib.features.backbone.build_random_model` (``selftest``)
-    in ``folder/model``. Returns ``(normals_folder, case_array, lesion_mask (bool), model_folder)``;
-    nothing is downloaded."""
-    folder = Path(folder)
-    normals_folder = folder / "normals"
-    normals_folder.mkdir(parents=True, exist_ok=True)
-    for i in range(normals):
-        img, _ = make_phantom(shape, seed=seed + 1 + i, spacing=(1.0, 1.0, 3.0), name=f"normal_{i}")
-        write_image(img.array, img.geometry, normals_folder / f"normal_{i}.nii.gz")
-    case, mask = make_phantom(shape, seed=seed + 1000, lesion=True, spacing=(1.0, 1.0, 3.0), name="case", **DEMO_LESION)
-    model = build_random_model(folder / "model", "selftest", seed=seed)
-    return normals_folder, case.array, mask.astype(bool), model

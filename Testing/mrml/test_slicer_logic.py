@@ -265,3 +265,119 @@ def test_a_rerun_over_a_hand_edited_segment_asks_first(HiMatchAD, logic, scene, 
     kept = mrml.segment_to_array(again.segmentation, node, "Anomaly (edited)")
     assert np.array_equal(kept, edited)
     assert np.array_equal(mrml.segment_to_array(again.segmentation, node), again.result.labelmap)
+
+
+def test_example_data_is_written_where_the_user_sees_it_and_loaded_with_its_geometry(HiMatchAD, logic, scene, tmp_path):
+    from HiMatchADLib.io.readers import read_image
+
+    folder = tmp_path / "HiMatchAD-example"
+    case, lesion, normals = logic.loadExampleData(folder, scene=scene, normals=2, shape=(8, 32, 32))
+    assert pathlib.Path(normals) == folder / "normals" and len(os.listdir(normals)) == 2
+    assert (folder / "README.txt").read_text(encoding="utf-8").startswith("HiMatch-AD example data")
+    assert case.GetScene() is scene and lesion.IsA("vtkMRMLLabelMapVolumeNode")
+    assert mrml.is_input_candidate(case) and not mrml.is_input_candidate(lesion)
+    image = read_image(folder / "query.nii.gz")
+    assert np.array_equal(slicer.util.arrayFromVolume(case), image.array)
+    assert mrml.volume_geometry(case).same_as(image.geometry)  # the file's placement
+    mask = slicer.util.arrayFromVolume(lesion) > 0
+    assert mask.any() and mrml.volume_geometry(lesion).same_as(image.geometry)
+    assert case.GetStorageNode().GetFileName() == str(folder / "query.nii.gz")  # Save shows where it came from
+    # the lesion is where the phantom put it: brighter than the tissue around it
+    values = slicer.util.arrayFromVolume(case)
+    assert values[mask].mean() > values[~mask & (values > 0)].mean()
+    # a second click writes the same data again (nothing left over from the first)
+    case2, _, _ = logic.loadExampleData(folder, scene=scene, normals=2, shape=(8, 32, 32))
+    assert np.array_equal(slicer.util.arrayFromVolume(case2), values)
+    assert HiMatchAD.HiMatchADLogic.defaultExampleFolder().endswith("HiMatchAD-example")
+
+
+def test_a_volume_file_mrml_cannot_read_leaves_no_node(scene, tmp_path):
+    from HiMatchADLib.mrml.examples import load_volume_file
+
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a volume")
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(HiMatchADError, match="could not be read"):
+        load_volume_file(scene, bad, "broken")
+    with pytest.raises(HiMatchADError, match="not found"):
+        load_volume_file(scene, tmp_path / "missing.nii.gz", "missing")
+    assert scene.GetNumberOfNodes() == before
+
+
+def test_the_example_is_registered_with_sample_data(HiMatchAD, monkeypatch):
+    """Sample Data lists the example under the module's category; its button runs the module's
+    example loader (no download: no URIs)."""
+    registered, calls = {}, []
+
+    class SampleDataLogic:
+        @staticmethod
+        def registerCustomSampleDataCategory(category, title=None):
+            registered["category"] = (category, title)
+
+        @staticmethod
+        def registerCustomSampleDataSource(**kwargs):
+            registered["source"] = kwargs
+
+    monkeypatch.setitem(sys.modules, "SampleData", types.SimpleNamespace(SampleDataLogic=SampleDataLogic))
+    monkeypatch.setattr(HiMatchAD.HiMatchADLogic, "loadExampleForModule", lambda self: calls.append(self) or ["case", "lesion"])
+    HiMatchAD.registerSampleData()
+    source = registered["source"]
+    assert registered["category"][0] == source["category"] == HiMatchAD.SAMPLE_DATA_CATEGORY
+    assert source["uris"] == [] and source["fileNames"] == []
+    assert os.path.isfile(source["thumbnailFileName"])
+    assert source["customDownloader"](object()) == ["case", "lesion"] and len(calls) == 1
+
+
+def test_nodes_added_one_by_one_or_by_a_scene_import_are_looked_at_once(HiMatchAD, scene, monkeypatch):
+    """The input selector hides the module's outputs; adding N volumes looks at N nodes (not N²/2),
+    and a scene import looks at the scene once, when it ends."""
+    looked = []
+    real = mrml.is_input_candidate
+    monkeypatch.setattr(mrml, "is_input_candidate", lambda node: looked.append(node.GetID()) or real(node))
+
+    class Proxy:
+        hiddenNodeIDs = ()
+
+    proxy = Proxy()
+    widget = HiMatchAD.HiMatchADWidget()
+    widget.ui = types.SimpleNamespace(inputSelector=types.SimpleNamespace(sortFilterProxyModel=lambda: proxy))
+    outputs = []
+    for i in range(30):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"v{i}")
+        if i % 3 == 0:  # an output of the module (its role set before the event, as here)
+            node.SetAttribute(mrml.ROLE_ATTRIBUTE, mrml.ROLE_HEATMAP)
+            outputs.append(node.GetID())
+        widget.onNodeAdded(scene, None, node)
+    assert len(looked) == 30
+    assert list(proxy.hiddenNodeIDs) == outputs
+    widget.onNodeAdded(scene, None, scene.AddNewNodeByClass("vtkMRMLModelNode"))  # not a volume: not looked at
+    assert len(looked) == 30
+
+    looked.clear()
+    scene.StartState(scene.ImportState)
+    for i in range(20):
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"imported{i}")
+        node.SetAttribute(mrml.ROLE_ATTRIBUTE, mrml.ROLE_HEATMAP)
+        widget.onNodeAdded(scene, None, node)
+    assert looked == []  # nothing while importing
+    scene.EndState(scene.ImportState)
+    widget.onSceneImported()
+    assert len(looked) == 50 and len(proxy.hiddenNodeIDs) == 10 + 20
+
+
+def test_every_logic_object_shares_one_worker_and_the_panel_hears_of_background_runs(
+        HiMatchAD, logic, settings, normals_dir, lesion_case, tmp_path, monkeypatch):
+    """A logic made in the Python console uses the panel's worker (one model loaded, not two), and a
+    batch started with ``background=True`` reaches the panel's listener, which follows it."""
+    console = HiMatchAD.HiMatchADLogic()
+    assert console.runner is logic.runner
+    heard = []
+    monkeypatch.setattr(HiMatchAD.HiMatchADLogic, "jobListeners", [heard.append])
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    img, _ = lesion_case
+    write_image(img.array, img.geometry, cases / "case1.nii.gz")
+    job = console.processFolder(cases, normals_dir, tmp_path / "out", background=True, **settings)
+    assert heard == [job] and job.kind == "batch" and logic.isRunning
+    event = logic.runner.wait(timeout=TIMEOUT)  # what the panel's timer does, without Qt
+    assert job.finished and job.event is event and os.path.isfile(event["summary"])
