@@ -408,8 +408,22 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         pn = self._parameterNode
         # Dependencies first, with a normal cursor: this may ask the user (one dialog for all packages).
-        with slicer.util.tryWithErrorDisplay(_("The Python packages HiMatch-AD needs are not available.")):
-            self.logic.ensureDependencies(interactive=True)
+        from HiMatchADLib.mrml import install
+
+        def showInstallProgress(message):
+            self.ui.statusLabel.text = message
+            slicer.app.processEvents()
+
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The Python packages HiMatch-AD needs are not available.")):
+                try:
+                    self.logic.ensureDependencies(interactive=True, progress=showInstallProgress)
+                except install.MissingRequirements as exc:
+                    if not exc.restart_required:
+                        raise
+                    self.ui.statusLabel.text = str(exc)  # the restart was offered already: no second dialog
+        except Exception:
+            pass  # shown by tryWithErrorDisplay
         if not self.logic.dependenciesReady:
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the anomaly detection."), waitCursor=True):
@@ -725,14 +739,17 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         return HiMatchADParameterNode(super().getParameterNode())
 
     # ------------------------------------------------------------------ dependencies
-    def ensureDependencies(self, interactive: bool = True, installInTesting: bool = False) -> None:
-        """Install missing or too old Python packages (PyTorch and ``Resources/requirements.txt``)
-        into Slicer's Python; see :func:`HiMatchADLib.mrml.install.ensure_requirements`. Raises
-        ``RuntimeError`` when the user declines or the installation fails."""
+    def ensureDependencies(self, interactive: bool = True, progress=None, optional=()) -> None:
+        """Install missing or too old Python packages into Slicer's Python: PyTorch through the PyTorch
+        extension, ``Resources/requirements.txt`` and the packages of the ``optional`` features (e.g.
+        ``("dicom",)``); ``progress(message)`` reports each step. See
+        :func:`HiMatchADLib.mrml.install.ensure_requirements`. Raises
+        ``HiMatchADLib.mrml.install.MissingRequirements`` (a ``RuntimeError``) when packages are missing
+        and not installed (testing mode, declined, no PyTorch extension, restart needed, failure)."""
         from HiMatchADLib.mrml import install
 
         self.dependenciesReady = False
-        install.ensure_requirements(REQUIREMENTS_FILE, interactive=interactive, install_in_testing=installInTesting)
+        install.ensure_requirements(REQUIREMENTS_FILE, interactive=interactive, progress=progress, optional=optional)
         self.dependenciesReady = True
 
     # ------------------------------------------------------------------ example data
@@ -1054,7 +1071,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         read ``job.state``, ``job.progress`` and, once done, ``job.event["summary"]``); without the
         panel, follow it with :meth:`pollJob`. :meth:`cancel` stops it.
         """
-        self.ensureDependencies()
+        self.ensureDependencies(optional=("dicom",) if (dicomSeg or dicomHeatmap) else ())
         settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
         job = self.runner.start_batch(
             os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite,
@@ -1085,8 +1102,8 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
     Nothing heavy runs in Slicer's process: the model is built and the detection computed in
     separate processes, and torch is never imported here. Run by CTest on a build machine (testing
     mode) where the Python requirements are not installed, the test checks the example data and
-    skips the detection instead of installing PyTorch (set ``HIMATCHAD_SELFTEST_INSTALL=1`` to
-    install them and run it all).
+    skips the detection instead of installing PyTorch; from "Reload and Test" it offers to install
+    them.
     """
 
     def setUp(self):
@@ -1121,15 +1138,15 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
             self.assertFalse(mrml.is_input_candidate(lesionNode))
 
             missing = install.missing([install.TORCH_REQUIREMENT] + install.load_requirements(REQUIREMENTS_FILE))
-            if missing and os.environ.get("HIMATCHAD_SELFTEST_INSTALL") != "1":
+            if missing and slicer.app.testingEnabled():
                 logging.warning(
                     "HiMatch-AD self-test: detection skipped, the Python requirements are not installed "
-                    f"({', '.join(missing)}); set HIMATCHAD_SELFTEST_INSTALL=1 to install them and run it"
+                    f"({', '.join(missing)}) and nothing is installed in testing mode"
                 )
                 self.delayDisplay("Test passed (detection skipped: requirements not installed)")
                 return
             self.delayDisplay("Checking Python dependencies")
-            logic.ensureDependencies(interactive=False, installInTesting=True)
+            logic.ensureDependencies(interactive=True)  # asks first, from "Reload and Test"
             self.assertTrue(logic.dependenciesReady)
 
             # An oblique, anisotropic placement: outputs must overlay the input exactly.

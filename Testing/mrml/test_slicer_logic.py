@@ -381,3 +381,18 @@ def test_every_logic_object_shares_one_worker_and_the_panel_hears_of_background_
     assert heard == [job] and job.kind == "batch" and logic.isRunning
     event = logic.runner.wait(timeout=TIMEOUT)  # what the panel's timer does, without Qt
     assert job.finished and job.event is event and os.path.isfile(event["summary"])
+
+
+def test_the_self_test_under_ctest_without_requirements_installs_nothing(HiMatchAD, scene, monkeypatch):
+    """On a build machine (testing mode, PyTorch absent) the self-test checks the example data and
+    skips the detection: nothing is installed, no worker is started."""
+    from HiMatchADLib.mrml import install
+
+    monkeypatch.setattr(install, "missing", lambda reqs: ["torch>=2.1"])
+    monkeypatch.setattr(install, "ensure_requirements", lambda *a, **k: pytest.fail("the self-test tried to install"))
+    monkeypatch.setattr(HiMatchAD.HiMatchADLogic, "_sharedRunner", None)
+    test = HiMatchAD.HiMatchADTest("test_HiMatchAD1")
+    test.setUp()
+    test.test_HiMatchAD1()
+    assert HiMatchAD.HiMatchADLogic._sharedRunner is None
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the example case and its lesion labelmap
