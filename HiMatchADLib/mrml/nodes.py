@@ -60,21 +60,64 @@ def require_in_scene(node, what: str) -> None:
         )
 
 
-def is_input_candidate(node) -> bool:
-    """True for volumes this module can analyse: scalar volumes (and RGB vector volumes), not
-    labelmaps, not tensor or diffusion volumes, and not outputs of this module (``HiMatchAD.Role``)."""
-    if node is None or not node.IsA("vtkMRMLScalarVolumeNode"):
-        return False
-    if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(ROLE_ATTRIBUTE):
-        return False
-    if node.IsA("vtkMRMLTensorVolumeNode"):  # vector (RGB) volumes derive from it, as diffusion tensors do
-        return node.IsA("vtkMRMLVectorVolumeNode")
-    return not node.IsA("vtkMRMLDiffusionWeightedVolumeNode") and not node.IsA("vtkMRMLMultiVolumeNode")
+#: Components per voxel of the vector volumes accepted as input: RGB and RGBA colour images,
+#: analysed as their luminance (0.299 R + 0.587 G + 0.114 B), as the library's reader does with
+#: colour image files (:func:`HiMatchADLib.io.readers.image_from_sitk`).
+COLOR_COMPONENTS = (3, 4)
+
+
+def input_problem(node) -> Optional[str]:
+    """Why ``node`` cannot be this module's input, or None when it can.
+
+    The rule: a scalar volume, or an RGB/RGBA vector volume (analysed as its luminance, see
+    :data:`COLOR_COMPONENTS`), that is not an output of this module
+    (``HiMatchAD.Role``). Labelmaps, tensor, diffusion-weighted and multi-volumes, vector volumes
+    of other kinds (2 components, displacement fields of more), and non-volume nodes are refused.
+    """
+    if node is None:
+        return "no volume selected"
+    name = node.GetName()
+    if not node.IsA("vtkMRMLScalarVolumeNode"):
+        return f"'{name}' is a {node.GetClassName()}, not a volume; select a scalar or RGB volume"
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"'{name}' is a labelmap (segment labels, not an image); select the image it was drawn on"
+    if node.GetAttribute(ROLE_ATTRIBUTE):
+        return f"'{name}' is an output of HiMatch-AD ({node.GetAttribute(ROLE_ATTRIBUTE)}); select the volume it was computed on"
+    if node.IsA("vtkMRMLDiffusionWeightedVolumeNode") or node.IsA("vtkMRMLMultiVolumeNode"):
+        return f"'{name}' is a {node.GetClassName()} (several volumes); extract one scalar volume first"
+    if node.IsA("vtkMRMLTensorVolumeNode") and not node.IsA("vtkMRMLVectorVolumeNode"):
+        return f"'{name}' is a {node.GetClassName()} (tensors); select a scalar volume"
+    image = node.GetImageData()
+    if image is None:  # still loading, or empty: judged by its class until it has voxels
+        return None
+    components = image.GetNumberOfScalarComponents()
+    if node.IsA("vtkMRMLVectorVolumeNode"):
+        if components not in COLOR_COMPONENTS:
+            return (f"'{name}' is a vector volume of {components} components per voxel; only RGB and RGBA colour "
+                    "volumes (analysed as their luminance) and scalar volumes can be examined")
+    elif components != 1:
+        return f"'{name}' has {components} components per voxel; select a scalar volume"
+    return None
+
+
+def is_supported_input(node) -> bool:
+    """True for volumes this module can analyse (:func:`input_problem` has nothing against it). The
+    one rule for the panel's input selector (which volumes it lists) and its automatic choice."""
+    return input_problem(node) is None
+
+
+#: Former name of :func:`is_supported_input`.
+is_input_candidate = is_supported_input
+
+
+#: Node classes whose nodes :func:`is_supported_input` may accept (a node selector's ``nodeTypes``,
+#: with ``showChildNodeTypes`` off; the others of these classes are hidden by the predicate).
+INPUT_NODE_CLASSES = ("vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode")
 
 
 def input_candidates(scene) -> list:
-    """The volume nodes of ``scene`` that :func:`is_input_candidate` accepts, in scene order."""
-    return [node for node in nodes_by_class(scene, "vtkMRMLVolumeNode") if is_input_candidate(node)]
+    """The volume nodes of ``scene`` that :func:`is_supported_input` accepts, in scene order."""
+    return [node for node in nodes_by_class(scene, "vtkMRMLVolumeNode") if is_supported_input(node)]
 
 
 def _place_like(node, reference_node, result: Optional[DetectionResult]) -> None:

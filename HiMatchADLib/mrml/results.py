@@ -20,6 +20,7 @@ from .segments import (
     SEGMENT_NAME,
     is_edited,
     labelmap_to_segmentation,
+    segment_algorithm_type,
     update_segmentation_threshold,
 )
 from .views import show_in_slice_views
@@ -28,7 +29,12 @@ from .views import show_in_slice_views
 # --------------------------------------------------------------------------- everything at once
 @dataclass
 class ResultNodes:
-    """The MRML nodes showing one :class:`DetectionResult`, and the result itself."""
+    """The MRML nodes showing one :class:`DetectionResult`, and the result itself.
+
+    ``labelmap`` mirrors the Anomaly segment of ``segmentation`` (edits included, see
+    :func:`~HiMatchADLib.mrml.segments.sync_labelmap`); ``result.labelmap`` is the detector's
+    labelmap at ``result.threshold``, without the edits.
+    """
 
     result: DetectionResult
     input_volume: Any
@@ -66,6 +72,13 @@ class ResultNodes:
     @property
     def anomalous_voxels(self) -> int:
         return int(self.result.labelmap.sum())
+
+    @property
+    def algorithm_type(self) -> Optional[str]:
+        """The segment's DICOM SegmentAlgorithmType now: AUTOMATIC or SEMIAUTOMATIC (None without it)."""
+        if not node_in_scene(self.segmentation):
+            return None
+        return segment_algorithm_type(self.segmentation)
 
     def set_threshold(self, threshold: float, if_edited: str = "raise") -> int:
         """Re-threshold the result and update labelmap and segmentation; returns anomalous voxels.

@@ -6,9 +6,10 @@ its instances frame by frame, and place every frame exactly on its source instan
 viewer, OHIF or 3D Slicer shows them over the images.
 
 - :func:`write_dicom_seg`: ``result.labelmap`` as a BINARY Segmentation (SOP class
-  1.2.840.10008.5.1.4.1.1.66.4) with one segment "Anomaly" (algorithm type AUTOMATIC, algorithm
-  "HiMatch-AD" with the package version and the method; category SCT 49755003 "Morphologically
-  Altered Structure", type SCT 4147007 "Mass", the terminology the Slicer module gives its segment).
+  1.2.840.10008.5.1.4.1.1.66.4) with one segment "Anomaly" (algorithm type from
+  :func:`segment_algorithm_type`, algorithm "HiMatch-AD" with the package version, the method and
+  the threshold with where it came from; category and type SCT 49755003 "Morphologically Altered
+  Structure", the terminology the Slicer module gives its segment, see :data:`SEGMENT_TYPE`).
   Every source instance gets one frame, empty or not (``omit_empty_frames=False``): the frame count
   is always the number of slices, an empty labelmap gives a valid object of empty frames, and
   viewers that expect one frame per slice show it.
@@ -56,11 +57,73 @@ SEGMENT_LABEL = "Anomaly"
 
 
 #: The same codes as the "Anomaly" segment of the Slicer module (``mrml.SEGMENT_CATEGORY`` /
-#: ``mrml.SEGMENT_TYPE``; Slicer's DICOM master list): (scheme, value, meaning).
+#: ``mrml.SEGMENT_TYPE``): (scheme, value, meaning). The category is the one of Slicer's DICOM
+#: master list (CID 7150) for findings; the code meaning is Slicer's, so that its terminology
+#: resolves the code.
 SEGMENT_CATEGORY = ("SCT", "49755003", "Morphologically Altered Structure")
 
 
-SEGMENT_TYPE = ("SCT", "4147007", "Mass")
+#: The type is the category's own code, SNOMED's root of morphologic abnormalities: the map flags
+#: voxels unlike the normal scans and says nothing about what they are (oedema, artefact, tumour
+#: alike). Every type that Slicer's terminologies list under this category (a subset of CID 7159:
+#: Mass, Nodule, Cyst, Edema, Hemorrhage, Necrosis, Neoplasm, ...) names a particular finding, and
+#: "Lesion" (SCT 52988006, in CID 7159 but not in Slicer's lists) still asserts a lesion.
+SEGMENT_TYPE = ("SCT", "49755003", "Morphologically Altered Structure")
+
+
+AUTOMATIC = "AUTOMATIC"
+
+
+SEMIAUTOMATIC = "SEMIAUTOMATIC"
+
+
+def detector_threshold(result: DetectionResult) -> float:
+    """The threshold the detection itself chose for ``result``: the calibrated one, or the fixed
+    number it was configured with (``--threshold``).
+
+    Read from ``threshold_info["calibrated_threshold"]`` when the detector recorded it, else from a
+    fixed threshold in ``settings["threshold"]``, else the result's current threshold (a result
+    that records neither is taken as the detector made it).
+    """
+    info = result.threshold_info or {}
+    for value in (info.get("calibrated_threshold"), (result.settings or {}).get("threshold")):
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(value):
+            return value
+    return float(result.threshold)
+
+
+def algorithm_type(threshold: float, chosen_by_detector: float, edited: bool) -> str:
+    """DICOM SegmentAlgorithmType of an anomaly segment.
+
+    AUTOMATIC ("calculated automatically, no user intervention"): the segment is what the detection
+    computed, at the threshold it chose before anyone saw the map (calibrated on normals, or a fixed
+    number given as a setting of the run, e.g. ``--threshold``: that is a parameter of the algorithm,
+    recorded in AlgorithmParameters, not an intervention in the calculation). SEMIAUTOMATIC
+    ("calculated with user assistance"): a person changed the result afterwards, by editing the
+    segment or by moving the threshold away from the one of the run while looking at the map.
+    """
+    if edited or float(threshold) != float(chosen_by_detector):
+        return SEMIAUTOMATIC
+    return AUTOMATIC
+
+
+def segment_algorithm_type(result: DetectionResult) -> str:
+    """:func:`algorithm_type` of the segment :func:`write_dicom_seg` writes for ``result``: the
+    labelmap counts as edited when it is not the one the result's threshold gives."""
+    labelmap = np.asarray(result.labelmap) > 0
+    edited = not np.array_equal(labelmap, result.labelmap_at(result.threshold) > 0)
+    return algorithm_type(result.threshold, detector_threshold(result), edited)
+
+
+def threshold_source(result: DetectionResult) -> str:
+    """What AlgorithmParameters says about the threshold: ``calibrated``, ``fixed`` or ``adjusted``."""
+    if float(result.threshold) != detector_threshold(result):
+        return "adjusted"
+    return "fixed" if (result.threshold_info or {}).get("mode") == "fixed" else "calibrated"
 
 
 ALGORITHM_NAME = "HiMatch-AD"
@@ -345,6 +408,7 @@ def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], p
                 ("method", result.method),
                 ("model", result.model),
                 ("threshold", f"{float(result.threshold):.6g}"),
+                ("threshold_source", threshold_source(result)),
                 ("min_component_size", int(result.min_component_size)),
             )
             if str(value)
@@ -355,7 +419,7 @@ def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], p
         segment_label=SEGMENT_LABEL,
         segmented_property_category=hd.sr.CodedConcept(SEGMENT_CATEGORY[1], SEGMENT_CATEGORY[0], SEGMENT_CATEGORY[2]),
         segmented_property_type=hd.sr.CodedConcept(SEGMENT_TYPE[1], SEGMENT_TYPE[0], SEGMENT_TYPE[2]),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_type=getattr(hd.seg.SegmentAlgorithmTypeValues, segment_algorithm_type(result)),
         algorithm_identification=algorithm,
     )
     try:

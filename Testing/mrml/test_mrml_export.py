@@ -259,7 +259,7 @@ def test_segment_terminology_is_in_slicers_serialized_format():
     entry = deserialize(text)
     assert entry.GetTerminologyContextName() == "Segmentation category and type - DICOM master list"
     assert codes(entry.GetCategoryObject()) == ("SCT", "49755003", "Morphologically Altered Structure")
-    assert codes(entry.GetTypeObject()) == ("SCT", "4147007", "Mass")
+    assert codes(entry.GetTypeObject()) == ("SCT", "49755003", "Morphologically Altered Structure")
     assert entry.GetRegionContextName() == "Anatomic codes - DICOM master list"
     assert not entry.GetTypeModifierObject().GetCodeValue() and not entry.GetRegionObject().GetCodeValue()
     # ... and its serializer writes the same string.
@@ -270,9 +270,17 @@ def test_segment_terminology_is_in_slicers_serialized_format():
     assert serialized == text
 
 
-def test_segment_codes_are_in_slicers_dicom_master_list():
-    """The category/type pair is one of Slicer's DICOM master list, read from Slicer's source when
-    a git repository of it is at hand (the adapter keeps the codes as constants)."""
+def test_segment_codes_are_the_least_assertive_of_slicers_dicom_master_list():
+    """The category is one of Slicer's DICOM master list and the type is that category's own code:
+    every type the list has under it names a particular finding (Mass, Edema, ...), which an anomaly
+    map cannot tell. Read from Slicer's source when a git repository of it is at hand (the adapter
+    keeps the codes as constants); the file writer uses the same codes."""
+    from HiMatchADLib.outputs import dicom_seg
+
+    assert (mrml.SEGMENT_CATEGORY, mrml.SEGMENT_TYPE) == (dicom_seg.SEGMENT_CATEGORY, dicom_seg.SEGMENT_TYPE)
+    assert mrml.SEGMENT_TYPE == mrml.SEGMENT_CATEGORY == ("SCT", "49755003", "Morphologically Altered Structure")
+    mass = deserialize(mrml.FORMER_SEGMENT_TERMINOLOGIES[-1])
+    assert codes(mass.GetTypeObject()) == ("SCT", "4147007", "Mass")  # what earlier versions wrote is replaced
     try:
         text = subprocess.run(["git", "-C", str(SLICER_SOURCE_GIT), "show", f"HEAD:{DICOM_MASTER_LIST}"],
                               capture_output=True, text=True, check=True, timeout=60).stdout
@@ -280,13 +288,11 @@ def test_segment_codes_are_in_slicers_dicom_master_list():
         pytest.skip(f"no Slicer source repository at {SLICER_SOURCE_GIT} (set SLICER_SOURCE_GIT) to read the DICOM master list from")
     master = json.loads(text)
     assert master["SegmentationCategoryTypeContextName"] == mrml.TERMINOLOGY_CONTEXT
-    pairs = {
-        ((c["CodingSchemeDesignator"], c["CodeValue"], c["CodeMeaning"]), (t["CodingSchemeDesignator"], t["CodeValue"], t["CodeMeaning"]))
-        for c in master["SegmentationCodes"]["Category"] for t in c.get("Type", [])
-    }
-    assert (mrml.SEGMENT_CATEGORY, mrml.SEGMENT_TYPE) in pairs
-    former = deserialize(mrml.FORMER_SEGMENT_TERMINOLOGIES[0])
-    assert (codes(former.GetCategoryObject()), codes(former.GetTypeObject())) not in pairs
+    categories = {(c["CodingSchemeDesignator"], c["CodeValue"], c["CodeMeaning"]): c for c in master["SegmentationCodes"]["Category"]}
+    assert mrml.SEGMENT_CATEGORY in categories
+    listed = {t["CodeMeaning"] for t in categories[mrml.SEGMENT_CATEGORY]["Type"]}
+    assert {"Mass", "Edema", "Hemorrhage", "Necrosis", "Neoplasm"} <= listed  # specific findings only
+    assert not listed & {"Lesion", "Morphologically Altered Structure", "Morphologically Abnormal Structure"}
 
 
 def test_segment_tags_for_dicom_seg(scene):
@@ -303,7 +309,7 @@ def test_segment_tags_for_dicom_seg(scene):
     for name in ("DICOM.SegmentAlgorithmType", "DICOM.SegmentAlgorithmName"):
         segment.RemoveTag(name)
     segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), mrml.FORMER_SEGMENT_TERMINOLOGIES[0])
-    nodes.set_threshold(2.0)
+    nodes.set_threshold(1.0)
     assert tag(segment, "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
     assert tag(segment, "DICOM.SegmentAlgorithmName") == "HiMatch-AD"
     assert tag(segment, slicer.vtkSegment.GetTerminologyEntryTagName()) == mrml.SEGMENT_TERMINOLOGY
@@ -413,14 +419,15 @@ def test_threshold_refuses_to_erase_edits(scene, slicer_modules):
     node = add_volume(scene, synthetic_array(), oblique_ijk_to_ras())
     result = make_result(mrml.image_from_volume_node(node))
     nodes = mrml.result_to_nodes(result, node)
-    labelmap_before = slicer.util.arrayFromVolume(nodes.labelmap).copy()
+    labelmap_before = result.labelmap.copy()
     mine = edited(nodes)
+    assert np.array_equal(slicer.util.arrayFromVolume(nodes.labelmap), mine)  # the labelmap node follows the segment
 
     with pytest.raises(mrml.SegmentEditedError, match="if_edited='keep'"):
         nodes.set_threshold(4.0)
     assert isinstance(mrml.SegmentEditedError("x"), HiMatchADError)
     assert result.threshold == 1.0 and np.array_equal(result.labelmap, labelmap_before)
-    assert np.array_equal(slicer.util.arrayFromVolume(nodes.labelmap), labelmap_before)
+    assert np.array_equal(slicer.util.arrayFromVolume(nodes.labelmap), mine)
     assert np.array_equal(mrml.segment_to_array(nodes.segmentation, node), mine)
     assert segment_names(nodes) == ["Anomaly"]
     with pytest.raises(mrml.SegmentEditedError):  # the function form says the same
@@ -455,7 +462,7 @@ def test_threshold_keeps_a_copy_of_the_edits(scene, slicer_modules):
     assert tag(copy, "DICOM.SegmentAlgorithmName") == "HiMatch-AD"
     assert tag(copy, slicer.vtkSegment.GetTerminologyEntryTagName()) == mrml.SEGMENT_TERMINOLOGY
     assert tag(copy, mrml.LABELMAP_DIGEST_TAG) is None
-    assert tag(anomaly, "DICOM.SegmentAlgorithmType") == "AUTOMATIC"
+    assert tag(anomaly, "DICOM.SegmentAlgorithmType") == "SEMIAUTOMATIC"  # a threshold chosen by a person
 
     # Edited again: a second copy with a name of its own; the first copy is left alone.
     mine_again = edited(nodes)

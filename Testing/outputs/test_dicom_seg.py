@@ -187,6 +187,7 @@ def test_seg_frames_lie_on_exactly_the_input_voxels(series, tmp_path):
 def test_seg_describes_the_segment_and_references_the_series(series, tmp_path):
     files, image = series
     result = make_result(image, method="himatch")
+    result.labelmap = result.labelmap_at(result.threshold)  # the detection's own output
     ds = pydicom.dcmread(write_dicom_seg(result, files, tmp_path / "seg.dcm"))
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
 
@@ -196,11 +197,13 @@ def test_seg_describes_the_segment_and_references_the_series(series, tmp_path):
     category = segment.SegmentedPropertyCategoryCodeSequence[0]
     kind = segment.SegmentedPropertyTypeCodeSequence[0]
     assert (category.CodingSchemeDesignator, category.CodeValue, category.CodeMeaning) == ("SCT", "49755003", "Morphologically Altered Structure")
-    assert (kind.CodingSchemeDesignator, kind.CodeValue, kind.CodeMeaning) == ("SCT", "4147007", "Mass")
+    # The type is the category's own code: no assertion of a mass, oedema or any particular finding.
+    assert (kind.CodingSchemeDesignator, kind.CodeValue, kind.CodeMeaning) == ("SCT", "49755003", "Morphologically Altered Structure")
     algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmName == "HiMatch-AD" and algorithm.AlgorithmVersion == __version__
     parameters = dict(p.split("=") for p in algorithm.AlgorithmParameters.split(","))
     assert parameters["method"] == "himatch" and parameters["threshold"] == "1.5"
+    assert parameters["threshold_source"] == "calibrated"
     assert parameters["model"] == "dinov3-vits16"  # a local folder's name, not the user's folders
 
     assert ds.StudyInstanceUID == source.StudyInstanceUID
@@ -402,3 +405,38 @@ def test_the_segment_terminology_is_the_slicer_modules():
     assert dicom_seg.SEGMENT_TYPE == mrml.SEGMENT_TYPE
     assert dicom_seg.SEGMENT_LABEL == mrml.SEGMENT_NAME
     assert dicom_seg.ALGORITHM_NAME == mrml.ALGORITHM_NAME
+
+
+def segment_of(path):
+    (segment,) = pydicom.dcmread(path).SegmentSequence
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    return segment.SegmentAlgorithmType, dict(p.split("=") for p in algorithm.AlgorithmParameters.split(","))
+
+
+def test_seg_algorithm_type_says_whether_a_person_changed_the_result(series, tmp_path):
+    """AUTOMATIC for the detection's output at the threshold it chose (calibrated, or a fixed
+    --threshold: a setting of the run), SEMIAUTOMATIC for a threshold moved afterwards or an
+    edited labelmap; read back from the files written."""
+    files, image = series
+    calibrated = make_result(image)
+    calibrated.threshold_info = {"mode": "auto", "calibrated_threshold": 1.5}
+    calibrated.labelmap = calibrated.labelmap_at(1.5)
+    kind, parameters = segment_of(write_dicom_seg(calibrated, files, tmp_path / "a.dcm"))
+    assert kind == "AUTOMATIC" and parameters["threshold_source"] == "calibrated"
+
+    calibrated.set_threshold(2.0)  # moved by a person after the run
+    kind, parameters = segment_of(write_dicom_seg(calibrated, files, tmp_path / "b.dcm"))
+    assert kind == "SEMIAUTOMATIC" and parameters["threshold"] == "2" and parameters["threshold_source"] == "adjusted"
+
+    fixed = make_result(image)  # himatchad detect --threshold 1.5
+    fixed.threshold_info, fixed.settings = {"mode": "fixed"}, {"threshold": 1.5}
+    fixed.labelmap = fixed.labelmap_at(1.5)
+    kind, parameters = segment_of(write_dicom_seg(fixed, files, tmp_path / "c.dcm"))
+    assert kind == "AUTOMATIC" and parameters["threshold_source"] == "fixed"
+    fixed.set_threshold(1.0)
+    assert segment_of(write_dicom_seg(fixed, files, tmp_path / "d.dcm"))[0] == "SEMIAUTOMATIC"
+
+    edited = make_result(image)  # a labelmap that is not the heatmap's at its threshold
+    assert not np.array_equal(edited.labelmap, edited.labelmap_at(edited.threshold))
+    assert segment_of(write_dicom_seg(edited, files, tmp_path / "e.dcm"))[0] == "SEMIAUTOMATIC"
+    assert dicom_seg.segment_algorithm_type(edited) == "SEMIAUTOMATIC"
