@@ -287,3 +287,20 @@ def test_one_rule_for_inputs(scene):
     assert image.array.shape == (1, 4, 5)
     with pytest.raises(HiMatchADError):
         mrml.image_from_volume_node(model)
+
+
+def test_a_segmentation_on_another_grid_is_written_through_slicers_import(scene, monkeypatch):
+    """When the segment cannot be set on the result's grid directly, the labelmap goes through
+    Slicer's import (resampled to the segmentation's geometry): the same voxels."""
+    from HiMatchADLib.mrml import segments
+
+    node, _, _ = transformed_volume(scene, flip=True)
+    result = graded_result(node, 4)
+    nodes = mrml.result_to_nodes(result, node)
+    monkeypatch.setattr(segments, "_write_segment", lambda *args: False)
+    for threshold in (3.3, 5.0, 2.5):
+        nodes.set_threshold(threshold)
+        expected = result.labelmap_at(threshold)
+        assert np.array_equal(mrml.segment_to_array(nodes.segmentation, node), expected)
+        assert np.array_equal(labelmap_of(nodes), expected)
+        assert not mrml.segment_was_edited(nodes)
