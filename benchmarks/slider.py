@@ -1,6 +1,6 @@
 """Time per step of the panel's threshold slider, on Slicer's real MRML (``slicer-core``).
 
-    .venv/bin/python benchmarks/slider.py [--shape 400 512 512] [--steps 9] [--min-size 64] [--dtype float32|uint8]
+    .venv/bin/python benchmarks/slider.py [--shape 400 512 512] [--steps 9] [--min-size 64] [--dtype float32|uint8] [--around T]
 
 A volume of ``--shape`` (nz ny nx; default 400 x 512 x 512, an oblique grid under a parent
 transform) gets a hand-made result: a heatmap of that size (smooth background below the threshold,
@@ -8,7 +8,7 @@ a few blobs above it, speckle around them; float32, or ``--dtype uint8`` scaled 
 mask and ``min_component_size`` ``--min-size``. The result is imported (:func:`HiMatchADLib.mrml.result_to_nodes`, not timed), then
 ``--steps`` threshold steps are made as the slider makes them (``ResultNodes.set_threshold``, each a
 slider step of 1/500 of the range away from the last), alternating up and down around the
-calibrated threshold. Printed: milliseconds per step (median, min, max) and, per function of the
+calibrated threshold (or ``--around``, e.g. a low value where much of the volume is above it). Printed: milliseconds per step (median, min, max) and, per function of the
 adapter and of the result that a step calls, the median milliseconds it took per step (the functions
 are wrapped with timers; nested calls count in their callers too). After the last step the segment
 is compared with ``heatmap > threshold`` (the result's labelmap), voxel for voxel, on the input grid.
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=9)
     ap.add_argument("--min-size", type=int, default=64, help="min_component_size of the result (voxels)")
     ap.add_argument("--dtype", choices=("float32", "uint8"), default="float32", help="heatmap voxel type")
+    ap.add_argument("--around", type=float, default=None,
+                    help="make the steps around this threshold instead of the calibrated one (float32 map units)")
     args = ap.parse_args(argv)
 
     import slicer
@@ -138,9 +140,10 @@ def main(argv=None) -> int:
     top = float(heat.max()) * 1.05
     step = top / 500.0 if args.dtype == "float32" else 1.0  # a uint8 map changes only at whole numbers
     per_step, parts = [], defaultdict(list)
-    value = threshold
+    centre = threshold if args.around is None else args.around * (60.0 if args.dtype == "uint8" else 1.0)
+    value = centre
     for i in range(args.steps):
-        value = threshold + step * ((i % 4) - 1.5)  # up and down around the calibrated threshold
+        value = centre + step * ((i % 4) - 1.5)  # up and down around the centre
         times.clear()
         t = time.perf_counter()
         nodes.set_threshold(value)
