@@ -22,6 +22,7 @@ from .heatmap import labelmap_to_volume_node
 from .nodes import (
     INPUT_REFERENCE_ROLE,
     ROLE_ATTRIBUTE,
+    ROLE_LABELMAP,
     ROLE_SEGMENTATION,
     base_name,
     find_output_node,
@@ -377,8 +378,13 @@ def _reference_geometry(segmentation_node):
 
 
 def _labelmap_node_of(segmentation_node, labelmap_node=None):
+    """``labelmap_node``, else the segmentation's labelmap reference, else (scenes of earlier
+    versions) the labelmap node made for the same input volume."""
+    scene = segmentation_node.GetScene()
     node = labelmap_node if labelmap_node is not None else segmentation_node.GetNodeReference(LABELMAP_REFERENCE_ROLE)
-    return node if node_in_scene(node, segmentation_node.GetScene()) else None
+    if node is None and labelmap_node is None:
+        node = find_output_node(scene, "vtkMRMLLabelMapVolumeNode", ROLE_LABELMAP, segmentation_node.GetNodeReference(INPUT_REFERENCE_ROLE))
+    return node if node_in_scene(node, scene) else None
 
 
 def _write_labelmap_node(labelmap_node, shape: tuple, box, mask) -> bool:

@@ -186,6 +186,13 @@ def test_labelmap_follows_a_segmentation_of_a_loaded_scene(scene, slicer_modules
     assert np.array_equal(labelmap_of(view), more)
     assert mrml.watch_result_segmentations(scene) == 1  # idempotent
 
+    # A scene of an earlier version: no reference from the segmentation to its labelmap node; the
+    # labelmap node made for the same input is found.
+    loaded.RemoveNodeReferenceIDs(mrml.LABELMAP_REFERENCE_ROLE)
+    assert loaded.GetNodeReference(mrml.LABELMAP_REFERENCE_ROLE) is None
+    again = paint(view, (0, slice(5, 7), slice(5, 7)))
+    assert np.array_equal(labelmap_of(view), again)
+
 
 # --------------------------------------------------------------------------- threshold steps
 def graded_result(node, min_component_size: int) -> DetectionResult:
