@@ -12,7 +12,7 @@ The public API is re-exported here. ``import HiMatchADLib`` stays light: torch, 
 faiss load when a detector is made.
 """
 
-from .core.errors import Cancelled, HiMatchADError
+from .core.errors import Cancelled, HiMatchADError, ModelAccessError
 from .core.geometry import Geometry, Image
 from .core.result import DetectionResult, Support
 from .core.version import __version__
@@ -30,6 +30,12 @@ _LAZY = {
     "get_method": ("methods", "get_method"),
     "list_engines": ("batch", "list_engines"),
     "list_writers": ("outputs", "list_writers"),
+    "KNOWN_MODELS": ("features.models", "KNOWN_MODELS"),
+    "model_info": ("features.models", "model_info"),
+    "ungated_alternative": ("features.models", "ungated_alternative"),
+    "save_hub_token": ("features.models", "save_hub_token"),
+    "hub_token_status": ("features.models", "hub_token_status"),
+    "available_devices": ("features.backbone", "available_devices"),
 }
 
 
@@ -43,6 +49,7 @@ def __getattr__(name):  # keep `import HiMatchADLib` light
 
 
 __all__ = [
+    "KNOWN_MODELS",
     "Cancelled",
     "DetectionResult",
     "DicomSeries",
@@ -50,18 +57,24 @@ __all__ = [
     "HiMatchADError",
     "HiMatchDetector",
     "Image",
+    "ModelAccessError",
     "PreparedQuery",
     "Support",
     "__version__",
+    "available_devices",
     "get_method",
+    "hub_token_status",
     "list_engines",
     "list_methods",
     "list_writers",
     "load_result",
+    "model_info",
     "parse_series_filters",
     "read_image",
     "run_batch",
+    "save_hub_token",
     "save_result",
     "select_series",
+    "ungated_alternative",
     "write_image",
 ]

@@ -223,4 +223,4 @@ def cmd_demo(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    return worker_main()
+    return worker_main(parent_pid=getattr(args, "parent_pid", None))

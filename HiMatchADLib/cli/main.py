@@ -14,7 +14,7 @@ import warnings
 from typing import Optional
 
 from ..batch.engines import get_engine, list_engines
-from ..core.errors import Cancelled, HiMatchADError
+from ..core.errors import Cancelled, HiMatchADError, ModelAccessError
 from ..core.progress import close_bars, print_line
 from ..core.version import __version__
 from ..evaluation.command import add_subparser as add_evaluate_subparser
@@ -115,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
             a.help = "shorter side of the model input (demo default 224, for speed)"
 
     wk = sub.add_parser("worker", help="serve detection requests as JSON lines on stdin/stdout (the 3D Slicer module's worker process)")
+    wk.add_argument(
+        "--parent-pid", type=positive_int_arg, default=None, metavar="PID",
+        help="exit when the process PID ends (the application that started the worker); default: when the parent process changes (POSIX)",
+    )
     wk.set_defaults(func=cmd_worker)
 
     add_evaluate_subparser(sub)
@@ -151,7 +155,7 @@ def main(argv: Optional[list] = None) -> int:
     except HiMatchADError as exc:
         if args.debug:
             raise
-        _print_error(f"error: {exc}")
+        _print_error(f"error: {exc.message('cli') if isinstance(exc, ModelAccessError) else exc}")
         return EXIT_USER_ERROR
     except OSError as exc:  # a full disk, a read-only or missing folder: the user's to fix
         if args.debug:

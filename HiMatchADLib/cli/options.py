@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from ..detector.parameters import (
     add_method_tuning,
@@ -22,6 +23,15 @@ threshold_arg = argtype(threshold_value)
 positive_int_arg = argtype(positive_int)
 resolution_arg = argtype(resolution_value)
 fraction_arg = argtype(fraction_value)
+
+
+def device_arg(value: str) -> str:
+    """auto, cpu, cuda, cuda:N or mps (whether torch finds it is checked when the model is loaded)."""
+    v = str(value).strip().lower()
+    if v in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", v):
+        return v
+    raise argparse.ArgumentTypeError(f"invalid device '{value}': choose auto, cpu, cuda, cuda:N or mps")
+
 def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> None:
     g = p.add_argument_group("model and features")
     g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id or local model folder (default {DEFAULT_MODEL})")
@@ -36,7 +46,10 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         help="in-plane pixel spacing (mm) every slice is resampled to before the model: 'auto' (default: from the "
         "normal set), a number, or 'off' (stretch each slice to --resolution)",
     )
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device (default auto)")
+    g.add_argument(
+        "--device", default="auto", type=device_arg, metavar="{auto,cpu,cuda,cuda:N,mps}",
+        help="compute device: auto (default: a CUDA GPU, else an Apple GPU (mps), else the CPU), cpu, cuda, cuda:N, or mps",
+    )
     g.add_argument("--batch-size", type=positive_int_arg, default=8, help="slices per forward pass (default 8)")
     g.add_argument("--slice-step", type=positive_int_arg, default=1, help="bank every n-th normal slice (default 1: all)")
     g.add_argument("--cache-dir", default=None, help="where banks are cached (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")

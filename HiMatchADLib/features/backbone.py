@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Optional
 
 from ..core.errors import HiMatchADError
-
-DEFAULT_MODEL = "facebook/dinov3-vits16-pretrain-lvd1689m"
+from .models import DEFAULT_MODEL, KNOWN_MODELS, classify_load_error
 
 
 #: Backbone precisions a user may ask for; ``auto`` resolves to one of the others (see
@@ -46,17 +46,68 @@ _MODEL_CACHE: dict = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def resolve_device(device: str = "auto") -> str:
+def mps_available() -> bool:
+    """True when torch can use an Apple GPU (Metal Performance Shaders)."""
     import torch
 
-    device = (device or "auto").lower()
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise HiMatchADError(f"unknown device '{device}'; choose auto, cpu or cuda")
+    mps = getattr(torch.backends, "mps", None)
+    try:
+        return bool(mps is not None and mps.is_available())
+    except Exception:  # a probe that fails is "not available"
+        return False
+
+
+def resolve_device(device: str = "auto") -> str:
+    """The torch device to run on: ``auto`` is ``cuda`` when torch finds a CUDA (or ROCm) GPU, else
+    ``mps`` when it finds an Apple GPU, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` are
+    checked against what torch finds."""
+    import torch
+
+    device = str(device or "auto").strip().lower()
+    if device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", device):
+        raise HiMatchADError(f"unknown device '{device}'; choose auto, cpu, cuda, cuda:N or mps")
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HiMatchADError("device 'cuda' was asked for but no CUDA GPU is available to torch; use --device cpu or auto")
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if mps_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            other = "mps, cpu or auto" if mps_available() else "cpu or auto"
+            raise HiMatchADError(f"device '{device}' was asked for but no CUDA GPU is available to torch; use --device {other}")
+        count = torch.cuda.device_count()
+        if ":" in device and count and int(device.split(":")[1]) >= count:
+            raise HiMatchADError(f"device '{device}' was asked for but torch finds {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    if device == "mps" and not mps_available():
+        built = getattr(getattr(torch.backends, "mps", None), "is_built", lambda: False)()
+        why = "this torch build has no MPS support" if not built else "torch finds no usable Apple GPU (MPS needs macOS 12.3 or later on Apple silicon or an AMD GPU)"
+        other = "cuda, cpu or auto" if torch.cuda.is_available() else "cpu or auto"
+        raise HiMatchADError(f"device 'mps' (Apple GPU) was asked for but {why}; use --device {other}")
     return device
+
+
+def available_devices() -> list:
+    """What torch finds, as ``[{"device": "cpu", "kind": "cpu", "label": "cpu"}, {"device": "cuda:0",
+    "kind": "cuda", "label": "cuda:0 (NVIDIA ...)", "name": ..., "memory_gib": ...}, {"device": "mps",
+    "kind": "mps", "label": "mps (Apple GPU)"}]``: the CPU always, then every CUDA GPU, then MPS."""
+    import torch
+
+    out = [{"device": "cpu", "kind": "cpu", "label": "cpu"}]
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        n = 0
+    for i in range(n):
+        entry = {"device": f"cuda:{i}", "kind": "cuda", "label": f"cuda:{i}"}
+        try:
+            props = torch.cuda.get_device_properties(i)
+            entry.update(name=str(props.name), memory_gib=round(props.total_memory / 2**30, 1))
+            entry["label"] = f"cuda:{i} ({props.name}, {entry['memory_gib']:g} GiB)"
+        except Exception:  # a GPU torch lists but cannot describe is still listed
+            pass
+        out.append(entry)
+    if mps_available():
+        out.append({"device": "mps", "kind": "mps", "label": "mps (Apple GPU)"})
+    return out
 
 
 def _looks_like_path(model: str) -> bool:
@@ -64,15 +115,31 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
-def _load_error(model: str, exc: Exception) -> HiMatchADError:
+def _first_lines(exc: BaseException, n: int = 3) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:n]
+    return " ".join(ln[:300] for ln in lines) or type(exc).__name__
+
+
+def _catalogue_ids() -> str:
+    return ", ".join(m.id for m in KNOWN_MODELS)
+
+
+def _timm_error(model: str) -> HiMatchADError:
     return HiMatchADError(
-        f"could not load the model '{model}' ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}).\n"
-        "  - Offline or no access to the Hugging Face Hub: download the model once where you have access "
-        "and pass its local folder (config.json + model.safetensors) with --model /path/to/folder.\n"
-        "  - DINOv3 weights are gated: accept the licence on the model's Hub page, then log in with "
-        "`hf auth login` (or set HF_TOKEN).\n"
-        "  - Check the model id for typos (e.g. facebook/dinov3-vits16-pretrain-lvd1689m)."
+        f"{model} is a timm checkpoint: transformers loads it only as a TimmWrapperModel (with the timm package), "
+        "not as the DINOv3ViTModel or Dinov2Model this feature extractor reads; use a transformers-format "
+        f"DINOv3 or DINOv2 model ({_catalogue_ids()})"
     )
+
+
+def _load_error(model: str, folder: Optional[Path], exc: BaseException) -> HiMatchADError:
+    """What a failed ``AutoConfig.from_pretrained`` means: a timm checkpoint, an unreadable local
+    folder, or (a Hub id) a :class:`~HiMatchADLib.core.errors.ModelAccessError`."""
+    if any("TimmWrapper" in str(e) for e in (exc, exc.__cause__, exc.__context__) if e is not None):
+        return _timm_error(model)
+    if folder is not None:
+        return HiMatchADError(f"{folder}: the model configuration could not be read ({_first_lines(exc)})")
+    return classify_load_error(model, exc)
 
 
 def check_precision(precision: str) -> str:
@@ -148,11 +215,30 @@ def auto_precision(device_type: str, cuda_bf16: bool, flags) -> str:
     return "fp32"
 
 
+def mps_bf16_supported() -> bool:
+    """True when torch runs bfloat16 on the Apple GPU: torch supports it on MPS from macOS 14
+    (``torch.backends.mps.is_macos_or_newer(14, 0)``); a torch without that probe is asked to make
+    a bfloat16 tensor there."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    probe = getattr(mps, "is_macos_or_newer", None)
+    try:
+        if probe is not None:
+            return bool(probe(14, 0))
+        torch.ones(1, dtype=torch.bfloat16, device="mps")
+        return True
+    except Exception:
+        return False
+
+
 def resolve_precision(precision: str, device: str = "auto") -> str:
     """The concrete precision (``fp32``, ``bf16`` or ``int8``) the backbone runs in on ``device``.
 
-    ``auto`` is :func:`auto_precision` of the device's hardware. ``int8`` (dynamic quantisation of
-    the linear layers) runs on CPU only: on a GPU it is refused.
+    ``auto`` is :func:`auto_precision` of the device's hardware; on an Apple GPU (``mps``) it is
+    ``fp32`` (bfloat16 is not verified there), and an explicit ``bf16`` is allowed there only where
+    torch supports it (:func:`mps_bf16_supported`). ``int8`` (dynamic quantisation of the linear
+    layers) runs on CPU only: on a GPU it is refused.
     """
     import torch
 
@@ -162,8 +248,15 @@ def resolve_precision(precision: str, device: str = "auto") -> str:
     if p == "int8" and kind != "cpu":
         raise HiMatchADError(
             f"precision int8 runs on CPU only (dynamic int8 quantisation of the linear layers), not on {kind}; "
-            "use --device cpu, or --precision auto or bf16 on the GPU"
+            + ("use --device cpu, or --precision auto or bf16 on the GPU" if kind == "cuda" else "use --device cpu, or --precision auto or fp32 on the GPU")
         )
+    if kind == "mps":
+        if p == "bf16" and not mps_bf16_supported():
+            raise HiMatchADError(
+                "precision bf16 on the Apple GPU (mps) needs macOS 14 or later, which torch does not report here; "
+                "use --precision auto or fp32 on mps, or bf16 with --device cpu"
+            )
+        return "fp32" if p == "auto" else p
     if p != "auto":
         return p
     if kind == "cuda":
@@ -238,22 +331,26 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
                     "pass a folder saved with save_pretrained or a Hub id"
                 )
         kwargs = {"local_files_only": True} if local or os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+        source = str(path) if local else model
         try:
-            config = AutoConfig.from_pretrained(str(path) if local else model, **kwargs)
+            config = AutoConfig.from_pretrained(source, **kwargs)
         except Exception as exc:  # transformers raises OSError/ValueError/HF errors
-            raise _load_error(model, exc) from exc
-        if getattr(config, "model_type", "") not in ("dinov3_vit", "dinov2", "dinov2_with_registers"):
+            raise _load_error(model, path if local else None, exc) from exc
+        model_type = getattr(config, "model_type", "")
+        if model_type == "timm_wrapper":
+            raise _timm_error(model)
+        if model_type not in ("dinov3_vit", "dinov2", "dinov2_with_registers"):
             raise HiMatchADError(
-                f"{model}: model type '{getattr(config, 'model_type', '?')}' is not a DINOv2/DINOv3 ViT; "
-                "pass a DINOv3 (e.g. facebook/dinov3-vits16-pretrain-lvd1689m) or DINOv2 model"
+                f"{model}: model type '{model_type or '?'}' is not a DINOv2/DINOv3 ViT; "
+                f"pass a DINOv3 or DINOv2 model ({_catalogue_ids()})"
             )
         dtype = torch_dtype(precision)
         try:
-            net = AutoModel.from_pretrained(str(path) if local else model, dtype=dtype, **kwargs)
+            net = AutoModel.from_pretrained(source, dtype=dtype, **kwargs)
         except Exception as exc:
             if local:
-                raise HiMatchADError(f"{path}: the model weights could not be loaded ({str(exc).strip().splitlines()[0][:200]})") from exc
-            raise _load_error(model, exc) from exc
+                raise HiMatchADError(f"{path}: the model weights could not be loaded ({_first_lines(exc)})") from exc
+            raise _load_error(model, None, exc) from exc
         net.eval().to(device)
         if precision == "int8":
             net = quantize_int8(net)

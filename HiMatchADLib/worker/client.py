@@ -32,7 +32,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..core.errors import HiMatchADError
+from ..core.errors import HiMatchADError, ModelAccessError
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
@@ -56,6 +56,9 @@ class WorkerClient:
         base_env: the environment to start from (default ``os.environ``; in Slicer the startup
             environment, as ``slicer.util.launchConsoleProcess`` uses).
         log: called with each line the worker writes to stderr (default: the ``HiMatchAD.worker`` logger).
+        parent_pid: the process whose end ends the worker (``--parent-pid``); in Slicer
+            ``os.getpid()`` of the application, so a crashed Slicer leaves no worker behind on any
+            operating system. None (default): the worker watches its parent process (POSIX only).
     """
 
     def __init__(
@@ -64,8 +67,10 @@ class WorkerClient:
         env: Optional[dict] = None,
         base_env: Optional[dict] = None,
         log: Optional[Callable[[str], None]] = None,
+        parent_pid: Optional[int] = None,
     ):
         self.python = python or sys.executable
+        self.parent_pid = None if parent_pid is None else int(parent_pid)
         self.env = dict(env or {})
         self.base_env = base_env
         self.log = log or logging.getLogger("HiMatchAD.worker").info
@@ -97,7 +102,10 @@ class WorkerClient:
         return list(self._pending)
 
     def command(self) -> list:
-        return [self.python, "-m", "HiMatchADLib", "worker"]
+        cmd = [self.python, "-m", "HiMatchADLib", "worker"]
+        if self.parent_pid is not None:
+            cmd += ["--parent-pid", str(self.parent_pid)]
+        return cmd
 
     def environment(self) -> dict:
         env = dict(os.environ if self.base_env is None else self.base_env)
@@ -218,10 +226,11 @@ class WorkerClient:
             time.sleep(interval)
 
     def request(self, request: dict, timeout: Optional[float] = None, on_event=None) -> dict:
-        """Send and wait (blocking); raises :class:`HiMatchADError` with the worker's message on error."""
+        """Send and wait (blocking); raises :class:`HiMatchADError` with the worker's message on error
+        (:class:`~HiMatchADLib.core.errors.ModelAccessError` when the event has ``model_access``)."""
         event = self.wait(self.send(request), timeout=timeout, on_event=on_event)
         if event.get("event") == "error":
-            raise (WorkerError if event.get("crashed") else HiMatchADError)(event.get("message", "the worker failed"))
+            raise error_from_event(event)
         return event
 
     # ------------------------------------------------------------------ stopping
@@ -323,6 +332,18 @@ class WorkerClient:
     def log_path(self) -> Optional[Path]:
         """The worker's log file (kept after a crash, removed after a normal end)."""
         return self._stderr_path
+
+
+def error_from_event(event: dict) -> HiMatchADError:
+    """The exception an ``error`` event stands for: :class:`WorkerError` when the worker crashed,
+    :class:`~HiMatchADLib.core.errors.ModelAccessError` (its fields restored) when the event has
+    ``model_access``, else :class:`HiMatchADError` with the worker's message."""
+    if event.get("crashed"):
+        return WorkerError(event.get("message", "the worker failed"))
+    access = event.get("model_access")
+    if isinstance(access, dict):
+        return ModelAccessError.from_dict(access)
+    return HiMatchADError(event.get("message", "the worker failed"))
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:

@@ -12,12 +12,15 @@ Requests::
     {"id": "2", "cmd": "batch", "input_dir": FOLDER, "normals": FOLDER, "out_dir": FOLDER,
      "settings": {...}, "overwrite": false, "engine": "local", "engine_options": {},
      "series_filter": ["modality=MR,description~flair"], "dicom_seg": false, "dicom_heatmap": false}
-    {"id": "3", "cmd": "ping"}
+    {"id": "3", "cmd": "ping"}               (answer: pid, version, detectors, devices, hub_token)
     {"cmd": "shutdown"}                      (end of stdin does the same)
 
 Events: ``ready`` once at start; per request ``progress`` events, then exactly one ``done`` or
 ``error``. An error a user can cause (bad path, unreadable file, unknown setting) does not end the
-worker. Detectors (model + bank) are kept for the most recent settings, so a second request with
+worker. A model that cannot be loaded from the Hugging Face Hub (gated, refused token, unknown id,
+offline) gives an ``error`` whose ``model_access`` holds the fields of
+:class:`~HiMatchADLib.core.errors.ModelAccessError` (``kind``, ``model``, ``url``, ``alternative``,
+``panel_message``...). Detectors (model + bank) are kept for the most recent settings, so a second request with
 the same settings reuses them; ``done`` says so in ``"reused"``.
 """
 
@@ -40,9 +43,11 @@ from ..bank.store import default_cache_root
 from ..batch.runner import run_batch
 from ..batch.summary import summary_counts
 from ..core.atomic import folder_write_problem
-from ..core.errors import Cancelled, HiMatchADError
+from ..core.errors import Cancelled, HiMatchADError, ModelAccessError
 from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
+from ..features.backbone import available_devices
+from ..features.models import hub_token_status
 from ..io.discovery import check_output_folder
 from ..io.series_filters import parse_series_filters
 from ..outputs.files import save_result
@@ -85,6 +90,7 @@ class Worker:
         self._factory = detector_factory
         self.max_detectors = max(1, int(max_detectors))
         self.detectors: "OrderedDict[str, object]" = OrderedDict()
+        self._devices: "list | None" = None
 
     # ------------------------------------------------------------------ detectors
     @property
@@ -131,6 +137,16 @@ class Worker:
             self.detectors.popitem(last=False)
         return det, False
 
+    def devices(self) -> list:
+        """:func:`~HiMatchADLib.features.backbone.available_devices`, found once (torch is imported
+        here); ``[{"device": "cpu", ...}]`` with an ``error`` when torch cannot be imported."""
+        if self._devices is None:
+            try:
+                self._devices = available_devices()
+            except Exception as exc:  # a broken torch: say so, keep serving
+                self._devices = [{"device": "cpu", "kind": "cpu", "label": "cpu", "error": f"{type(exc).__name__}: {exc}"[:300]}]
+        return self._devices
+
     def forget(self, det) -> None:
         for key, value in list(self.detectors.items()):
             if value is det:
@@ -165,7 +181,10 @@ class Worker:
         if cmd == "shutdown":
             return False
         if cmd == "ping":
-            self.emit({"id": rid, "event": "done", "pid": os.getpid(), "version": __version__, "detectors": len(self.detectors)})
+            self.emit({
+                "id": rid, "event": "done", "pid": os.getpid(), "version": __version__, "detectors": len(self.detectors),
+                "devices": self.devices(), "hub_token": hub_token_status(),
+            })
             return True
         if cmd not in ("detect", "batch"):
             self.emit({"id": rid, "event": "error", "message": f"unknown command {cmd!r}; expected detect, batch, ping or shutdown"})
@@ -188,6 +207,10 @@ class Worker:
                 self._batch(rid, req, det, existed, outputs)
         except Cancelled:
             self.emit({"id": rid, "event": "error", "message": "cancelled"})
+        except ModelAccessError as exc:
+            if det is not None:
+                self.forget(det)  # its model never loaded: the next request tries again
+            self.emit({"id": rid, "event": "error", "message": str(exc), "model_access": exc.to_dict()})
         except HiMatchADError as exc:
             self.emit({"id": rid, "event": "error", "message": str(exc)})
         except MemoryError:
@@ -286,6 +309,55 @@ def serve(lines, emit: Callable[[dict], None], detector_factory=None) -> int:
     return 0
 
 
+def _windows_process_alive(pid: int, kernel32=None, last_error=None) -> bool:
+    """Windows: whether process ``pid`` runs (OpenProcess + WaitForSingleObject; access denied
+    means it exists). ``kernel32`` / ``last_error`` stand in for ctypes' in tests."""
+    if kernel32 is None:
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        last_error = ctypes.get_last_error
+    SYNCHRONIZE, PROCESS_QUERY_LIMITED_INFORMATION = 0x00100000, 0x1000
+    ERROR_ACCESS_DENIED, WAIT_TIMEOUT = 5, 0x102
+    handle = kernel32.OpenProcess(SYNCHRONIZE | PROCESS_QUERY_LIMITED_INFORMATION, False, int(pid))
+    if not handle:
+        return last_error() == ERROR_ACCESS_DENIED  # otherwise (ERROR_INVALID_PARAMETER): no such process
+    try:
+        return kernel32.WaitForSingleObject(handle, 0) == WAIT_TIMEOUT  # still running
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _zombie(pid: int) -> bool:
+    """Linux: the process has ended but its parent has not collected it yet (state Z)."""
+    try:
+        with open(f"/proc/{int(pid)}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2: stat.rfind(b")") + 3] in (b"Z", b"X")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs: POSIX ``os.kill(pid, 0)`` (PermissionError: it exists, owned by
+    another user; an ended process not yet collected by its parent counts as gone on Linux),
+    Windows ``OpenProcess`` / ``WaitForSingleObject``."""
+    pid = int(pid)
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return _windows_process_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return not _zombie(pid)
+
+
 def _watch_parent(parent: int) -> None:
     """End the worker when the process that started it is gone (it would otherwise run on alone)."""
     while True:
@@ -294,8 +366,20 @@ def _watch_parent(parent: int) -> None:
             os._exit(3)
 
 
-def main(detector_factory=None) -> int:
-    """Entry point of ``python -m HiMatchADLib worker``.
+def _watch_pid(pid: int, interval: float = 1.0) -> None:
+    """End the worker when process ``pid`` (``--parent-pid``: the application) is gone."""
+    while True:
+        if not process_alive(pid):
+            log.warning("process %s (--parent-pid) has ended: the worker exits", pid)
+            os._exit(3)
+        time.sleep(interval)
+
+
+def main(detector_factory=None, parent_pid: "int | None" = None) -> int:
+    """Entry point of ``python -m HiMatchADLib worker [--parent-pid PID]``.
+
+    With ``parent_pid`` the worker exits (status 3) within about a second of that process ending,
+    on every operating system; without it, on POSIX, when its parent process changes.
 
     File descriptor 1 is kept for the protocol alone: everything else that writes to stdout (a print
     in a library, a C extension) is sent to stderr, so it can never corrupt an event line.
@@ -317,7 +401,9 @@ def main(detector_factory=None) -> int:
             proto.write(text + "\n")
             proto.flush()
 
-    if os.name == "posix":
+    if parent_pid is not None:
+        threading.Thread(target=_watch_pid, args=(int(parent_pid),), daemon=True, name="parent watch").start()
+    elif os.name == "posix":
         threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True, name="parent watch").start()
     stdin = iter(sys.stdin.readline, "")
     try:
