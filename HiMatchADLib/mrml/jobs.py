@@ -30,7 +30,7 @@ from ..core.errors import Cancelled, HiMatchADError
 from ..core.geometry import Geometry
 from ..io.writers import write_image
 from ..outputs.files import load_result
-from ..worker.client import WorkerClient
+from ..worker.client import WorkerClient, error_from_event
 from .geometry import check_result_matches, image_from_volume_node
 from .nodes import node_in_scene
 
@@ -54,7 +54,8 @@ class DetectionJob:
     seconds: float = 0.0
     reused: Optional[bool] = None
     message: str = ""
-    event: dict = field(default_factory=dict)
+    event: dict = field(default_factory=dict)  # the worker's last "done" or "error" event, whole
+    error: Optional[HiMatchADError] = None  # a failed job's exception (ModelAccessError with its fields)
 
     @property
     def finished(self) -> bool:
@@ -151,7 +152,11 @@ class DetectionRunner:
         - ``("done", job, DetectionResult)`` for a detection (safe to import into ``job.scene``), or
           ``("done", job, event)`` for a batch (``event["summary"]`` is the CSV);
         - ``("dropped", job, reason)``: finished, but the volume left the scene or changed its grid;
-        - ``("error", job, message)``: the worker reported an error or died.
+        - ``("error", job, message)``: the worker reported an error or died; ``job.event`` is the
+          whole error event and ``job.error`` the exception it stands for
+          (:func:`~HiMatchADLib.worker.client.error_from_event`: a
+          :class:`~HiMatchADLib.core.errors.ModelAccessError` with its fields when the event has
+          ``model_access``, else :class:`HiMatchADError`).
         """
         out = []
         job = self.job
@@ -180,6 +185,7 @@ class DetectionRunner:
                     self._remove_workdir(job)
             elif kind == "error":
                 job.state, job.message = FAILED, str(event.get("message", "the detection failed"))
+                job.event, job.error = event, error_from_event(dict(event, message=job.message))
                 self._remove_workdir(job)
                 out.append(("error", job, job.message))
         return out
@@ -233,8 +239,9 @@ class DetectionRunner:
         """Block until the current job ends; returns its result (or batch event).
 
         ``progress(message, done, total)``; ``cancel_event.is_set()`` cancels; ``idle()`` is called
-        between polls (e.g. ``slicer.app.processEvents``). Raises :class:`HiMatchADError` on errors
-        and dropped results, :class:`Cancelled` when cancelled.
+        between polls (e.g. ``slicer.app.processEvents``). Raises the job's error on errors
+        (``job.error``: a :class:`~HiMatchADLib.core.errors.ModelAccessError` when the model could not
+        be loaded), :class:`HiMatchADError` on dropped results, :class:`Cancelled` when cancelled.
         """
         job = self.job
         if job is None:
@@ -246,7 +253,9 @@ class DetectionRunner:
                     progress(*payload)
                 elif kind == "done":
                     return payload
-                elif kind in ("error", "dropped"):
+                elif kind == "error":
+                    raise _job.error or HiMatchADError(payload)
+                elif kind == "dropped":
                     raise HiMatchADError(payload)
             if cancel_event is not None and cancel_event.is_set():
                 self.cancel()
