@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
@@ -30,6 +30,7 @@ from slicer import (
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
+    vtkMRMLVectorVolumeNode,
 )
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -49,7 +50,7 @@ except ImportError:  # Slicer without the translation helpers
 
 
 # The library (numpy only at import: torch and transformers stay out of Slicer's process).
-from HiMatchADLib.features.backbone import DEFAULT_MODEL  # noqa: E402
+from HiMatchADLib.features.models import DEFAULT_MODEL, KNOWN_MODELS  # noqa: E402
 from HiMatchADLib.methods import list_methods  # noqa: E402
 
 NORMALS_FOLDER_SETTING = "HiMatchAD/NormalsFolder"
@@ -150,9 +151,10 @@ class Device(enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
     CUDA = "cuda"
+    MPS = "mps"
 
     def label(self):
-        return {"auto": _("Auto"), "cpu": "CPU", "cuda": "CUDA"}[self.value]
+        return {"auto": _("Auto"), "cpu": "CPU", "cuda": _("NVIDIA GPU (CUDA)"), "mps": _("Apple GPU (MPS)")}[self.value]
 
 
 @parameterNodeWrapper
@@ -168,7 +170,7 @@ class HiMatchADParameterNode:
     resultVolume, heatmapVolume, labelmapVolume, segmentation, scoreTable, scoreChart - outputs of the last run.
     """
 
-    inputVolume: vtkMRMLScalarVolumeNode
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # as HiMatchADLib.mrml.INPUT_NODE_CLASSES
     normalsFolder: str = ""
     modality: Modality = Modality.AUTO
     model: str = DEFAULT_MODEL
@@ -225,6 +227,13 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.normalsPathLineEdit.connect("currentPathChanged(QString)", self.onNormalsFolderChanged)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
+        for label, modelId in HiMatchADLogic.modelChoices():
+            self.ui.modelComboBox.addItem(label, modelId)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelChosen)
+        self.ui.saveTokenButton.connect("clicked(bool)", self.onSaveToken)
+        self.ui.hubTokenLineEdit.connect("returnPressed()", self.onSaveToken)
+        self.ui.findDevicesButton.connect("clicked(bool)", self.onFindDevices)
+        self._updateTokenStatus()
         self.ui.exampleDataButton.connect("clicked(bool)", self.onLoadExampleData)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
@@ -305,7 +314,12 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._hideOutputsFromInputSelector(added=callData)
 
     def onSceneImported(self, caller=None, event=None) -> None:
+        """A scene was loaded: hide its outputs from the input list, and follow the edits of its
+        Anomaly segments again (the segment's DICOM algorithm type and the labelmap mirror it)."""
+        from HiMatchADLib import mrml
+
         self._hideOutputsFromInputSelector()
+        mrml.watch_result_segmentations(slicer.mrmlScene)
 
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self) -> None:
@@ -314,7 +328,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(self.logic.getParameterNode())
         self._hideOutputsFromInputSelector()
         if not self._parameterNode.inputVolume:
-            candidates = mrml.input_candidates(slicer.mrmlScene)
+            candidates = mrml.input_candidates(slicer.mrmlScene)  # what is_supported_input accepts
             if candidates:
                 self._parameterNode.inputVolume = candidates[0]
         if not self._parameterNode.normalsFolder:
@@ -330,10 +344,10 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         proxy = self.ui.inputSelector.sortFilterProxyModel()
         current = list(proxy.hiddenNodeIDs)
         if added is not None:
-            if not mrml.is_input_candidate(added) and added.GetID() not in current:
+            if not mrml.is_supported_input(added) and added.GetID() not in current:
                 proxy.hiddenNodeIDs = current + [added.GetID()]
             return
-        hidden = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not mrml.is_input_candidate(node)]
+        hidden = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if not mrml.is_supported_input(node)]
         if current != hidden:
             proxy.hiddenNodeIDs = hidden
 
@@ -356,8 +370,93 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.normalsPathLineEdit.blockSignals(True)
             self.ui.normalsPathLineEdit.currentPath = pn.normalsFolder
             self.ui.normalsPathLineEdit.blockSignals(wasBlocked)
+        if pn is not None:
+            self._showModel(pn.model)
         self._checkCanApply()
         self._updateResultWidgets()
+
+    # ------------------------------------------------------------------ model, token, devices
+    def _showModel(self, model: str) -> None:
+        """The Model selector shows ``model`` (a known model, or an extra item for a folder or another
+        id) and the line under it its licence and what it needs."""
+        combo = self.ui.modelComboBox
+        model = (model or "").strip()
+        index = combo.findData(model)
+        if index < 0:
+            known = len(KNOWN_MODELS)
+            while combo.count > known:  # one extra item at most: the current folder or id
+                combo.removeItem(known)
+            combo.addItem(HiMatchADLogic.modelChoiceLabel(model), model)
+            index = combo.count - 1
+        if combo.currentIndex != index:
+            wasBlocked = combo.blockSignals(True)
+            combo.currentIndex = index
+            combo.blockSignals(wasBlocked)
+        self.ui.modelInfoLabel.text = HiMatchADLogic.modelInfoText(model)
+
+    def onModelChosen(self, index) -> None:
+        model = self.ui.modelComboBox.itemData(index)
+        if model and self._parameterNode is not None and self._parameterNode.model != model:
+            self._parameterNode.model = model
+
+    def _updateTokenStatus(self) -> None:
+        from HiMatchADLib.features.models import hub_token_status
+
+        self.ui.hubTokenStatusLabel.text = HiMatchADLogic.tokenStatusText(hub_token_status())
+
+    def onSaveToken(self) -> None:
+        from HiMatchADLib.features.models import save_hub_token
+
+        token = self.ui.hubTokenLineEdit.text
+        with slicer.util.tryWithErrorDisplay(_("The Hugging Face token could not be stored.")):
+            try:
+                save_hub_token(token)
+            finally:
+                self.ui.hubTokenLineEdit.text = ""  # never kept in the panel
+            self._updateTokenStatus()
+            self.ui.statusLabel.text = _("Token stored; the next run uses it.")
+
+    def onFindDevices(self) -> None:
+        if self.logic.isRunning:
+            self.ui.deviceFoundLabel.text = _("A detection is running; try again when it ends.")
+            return
+        if not self._ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("The worker process could not list the devices."), waitCursor=True):
+            devices = self.logic.workerDevices()
+            self.ui.deviceFoundLabel.text = HiMatchADLogic.devicesText(devices)
+            found = {d.get("kind") for d in devices}
+            model = self.ui.deviceComboBox.model()
+            for row, member in enumerate(Device):
+                item = model.item(row) if hasattr(model, "item") else None
+                if item is not None:
+                    item.setEnabled(member.value in ("auto", "cpu") or member.value in found)
+
+    def _showModelAccessError(self, error) -> None:
+        """A model that could not be loaded: what happened, what to do, the model page, and the
+        model that needs no approval one click away."""
+        box = qt.QMessageBox(slicer.util.mainWindow())
+        box.setIcon(qt.QMessageBox.Warning)
+        box.setWindowTitle(_("Model not available"))
+        box.setText(error.message("panel"))
+        if error.url:
+            box.setInformativeText(_("Model page: {url}").format(url=error.url))
+        alternative = page = None
+        if error.alternative:
+            alternative = box.addButton(
+                _("Use {label} ({licence}, no approval)").format(label=error.alternative_label or error.alternative, licence=error.alternative_licence or ""),
+                qt.QMessageBox.AcceptRole,
+            )
+        if error.url:
+            page = box.addButton(_("Open the model page"), qt.QMessageBox.HelpRole)
+        box.addButton(qt.QMessageBox.Close)
+        box.exec_()
+        clicked = box.clickedButton()
+        if alternative is not None and clicked == alternative and self._parameterNode is not None:
+            self._parameterNode.model = error.alternative
+            self.ui.statusLabel.text = _("Model set to {model}: click Detect anomalies again.").format(model=error.alternative)
+        elif page is not None and clicked == page:
+            qt.QDesktopServices.openUrl(qt.QUrl(error.url))
 
     def onNormalsFolderChanged(self, path) -> None:
         if self._parameterNode is not None and self._parameterNode.normalsFolder != path:
@@ -373,7 +472,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return nodes
 
     def onBrowseModel(self) -> None:
-        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Folder of a DINOv3 model (config.json and weights)"))
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, _("Folder of a DINOv3 or DINOv2 model (config.json and model.safetensors)"))
         if folder and self._parameterNode is not None:
             self._parameterNode.model = folder
 
@@ -408,6 +507,15 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         pn = self._parameterNode
         # Dependencies first, with a normal cursor: this may ask the user (one dialog for all packages).
+        if not self._ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Failed to start the anomaly detection."), waitCursor=True):
+            self.ui.normalsPathLineEdit.addCurrentPathToHistory()
+            qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
+            self.logic.startProcessing(pn.inputVolume, pn.normalsFolder, **self.logic.settingsFromParameterNode(pn))
+
+    def _ensureDependencies(self) -> bool:
+        """Install what is missing (asking first; progress in the status line); False if not ready."""
         from HiMatchADLib.mrml import install
 
         def showInstallProgress(message):
@@ -424,12 +532,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.statusLabel.text = str(exc)  # the restart was offered already: no second dialog
         except Exception:
             pass  # shown by tryWithErrorDisplay
-        if not self.logic.dependenciesReady:
-            return
-        with slicer.util.tryWithErrorDisplay(_("Failed to start the anomaly detection."), waitCursor=True):
-            self.ui.normalsPathLineEdit.addCurrentPathToHistory()
-            qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
-            self.logic.startProcessing(pn.inputVolume, pn.normalsFolder, **self.logic.settingsFromParameterNode(pn))
+        return self.logic.dependenciesReady
 
     def onJobStarted(self, job) -> None:
         """A run started (here or from the Python console): show its progress until it ends."""
@@ -475,10 +578,16 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._endJob()
                 self.ui.statusLabel.text = str(payload)
             elif kind == "error":
+                from HiMatchADLib.core.errors import ModelAccessError
+
                 self._endJob()
-                message = str(payload)
+                error = getattr(job, "error", None)
+                message = error.message("panel") if isinstance(error, ModelAccessError) else str(payload)
                 self.ui.statusLabel.text = _("Failed: {message}").format(message=message.splitlines()[0])
-                slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=message))
+                if isinstance(error, ModelAccessError):
+                    self._showModelAccessError(error)
+                else:
+                    slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=message))
         if not self.logic.isRunning and self._pollTimer.isActive():
             self._endJob()
 
@@ -752,6 +861,64 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         install.ensure_requirements(REQUIREMENTS_FILE, interactive=interactive, progress=progress, optional=optional)
         self.dependenciesReady = True
 
+    # ------------------------------------------------------------------ model, token, devices
+    @staticmethod
+    def modelChoices() -> list:
+        """``(label, model id)`` of the Model selector: the known models with their licence and
+        whether the Hub asks for approval."""
+        out = []
+        for m in KNOWN_MODELS:
+            needs = _("approval + token") if m.gated else _("no login")
+            out.append((f"{m.label} ({m.licence}, {needs})", m.id))
+        return out
+
+    @staticmethod
+    def modelChoiceLabel(model: str) -> str:
+        """The selector's label for a model that is not a known one: a folder, or another Hub id."""
+        if os.path.isdir(os.path.expanduser(model)):
+            return _("Local folder: {name}").format(name=os.path.basename(os.path.normpath(model)) or model)
+        return _("Other: {model}").format(model=model)
+
+    @staticmethod
+    def modelInfoText(model: str) -> str:
+        """The line under the Model selector (rich text): licence, approval, model page."""
+        from HiMatchADLib.features.models import model_info, ungated_alternative
+
+        info = model_info(model)
+        if info is None:
+            if os.path.isdir(os.path.expanduser(model)):
+                return _("A model folder on this computer; its licence is the one it was published under.")
+            return _("A Hugging Face model id: downloaded once, then used from the cache.")
+        page = f'<a href="{info.url}">{_("model page")}</a>'
+        if not info.gated:
+            return _("{licence}; no login needed. Downloaded once ({page}).").format(licence=info.licence, page=page)
+        alternative = ungated_alternative(model)
+        text = _("{licence}. Request access on the {page} (approval can take a while), then save a Hugging Face token below.").format(
+            licence=info.licence, page=page)
+        if alternative is not None:
+            text += " " + _("No approval yet? Choose {label} ({licence}, no login).").format(label=alternative.label, licence=alternative.licence)
+        return text
+
+    @staticmethod
+    def tokenStatusText(status: dict) -> str:
+        """What the panel says about the Hugging Face token (never the token)."""
+        if not status.get("available"):
+            return _("No token stored: needed for the DINOv3 models only.")
+        if status.get("source") == "environment":
+            return _("A token is set in the HF_TOKEN environment variable (it takes precedence over a stored one).")
+        return _("A token is stored ({path}).").format(path=status.get("path", ""))
+
+    @staticmethod
+    def devicesText(devices: list) -> str:
+        labels = [d.get("label") or d.get("device", "?") for d in devices]
+        return _("The worker found: {devices}").format(devices=", ".join(labels) if labels else _("no device"))
+
+    def workerDevices(self) -> list:
+        """The devices PyTorch finds in the worker process (its ``ping`` answer; starts the worker)."""
+        if self.isRunning:
+            raise RuntimeError("A detection is running")
+        return list(self.runner.client.request({"cmd": "ping"}, timeout=300).get("devices", []))
+
     # ------------------------------------------------------------------ example data
     @staticmethod
     def defaultExampleFolder() -> str:
@@ -829,6 +996,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
                 python=self.pythonSlicerExecutable(),
                 base_env=slicer.util.startupEnvironment(),
                 log=lambda line: logging.info(f"HiMatch-AD worker: {line}"),
+                parent_pid=os.getpid(),  # Slicer itself: the worker ends when Slicer does, crashed or not
             )
             cls._sharedRunner = DetectionRunner(client)
         return cls._sharedRunner
@@ -1134,8 +1302,8 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
             self.assertEqual(lesion.shape, case.shape)
             self.assertTrue(lesion.any())
             self.assertTrue(np.array_equal(case, read_image(os.path.join(tmp, "example", "query.nii.gz")).array))
-            self.assertTrue(mrml.is_input_candidate(volumeNode))
-            self.assertFalse(mrml.is_input_candidate(lesionNode))
+            self.assertTrue(mrml.is_supported_input(volumeNode))
+            self.assertFalse(mrml.is_supported_input(lesionNode))
 
             missing = install.missing([install.TORCH_REQUIREMENT] + install.load_requirements(REQUIREMENTS_FILE))
             if missing and slicer.app.testingEnabled():
@@ -1253,15 +1421,7 @@ class HiMatchADTest(ScriptedLoadableModuleTest):
 
 
 def _processAlive(pid) -> bool:
-    """Whether process ``pid`` still runs (a killed child that was reaped is gone)."""
-    if pid is None:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except OSError:  # Windows: no such process
-        return False
-    return True
+    """Whether process ``pid`` still runs (POSIX and Windows; a killed, uncollected child is gone)."""
+    from HiMatchADLib.worker.server import process_alive
+
+    return pid is not None and process_alive(pid)

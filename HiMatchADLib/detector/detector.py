@@ -609,6 +609,7 @@ class HiMatchDetector:
             threshold_info={
                 "mode": "auto" if self.threshold == "auto" else "fixed",
                 "target_fpr": self.target_fpr if self.threshold == "auto" else None,
+                "calibrated_threshold": float(self.calibration["threshold"]) if self.threshold == "auto" else None,
                 "calibration_slices": self.calibration.get("n_slices"),
                 "normal_slice_score": self.calibration.get("normal_slice_score"),
                 "normal_pixel_median": (self.calibration.get("normal_pixel_quantiles") or {}).get("0.5"),

@@ -32,7 +32,7 @@ from ..io.writers import write_image
 from ..outputs.files import load_result
 from ..worker.client import WorkerClient, error_from_event
 from .geometry import check_result_matches, image_from_volume_node
-from .nodes import node_in_scene
+from .nodes import input_problem, node_in_scene
 
 RUNNING, DONE, FAILED, CANCELLED, DISCARDED = "running", "done", "failed", "cancelled", "discarded"
 
@@ -109,6 +109,9 @@ class DetectionRunner:
         normals = str(Path(normals).expanduser())
         if not Path(normals).is_dir():
             raise HiMatchADError(f"the folder of normal scans does not exist: {normals}")
+        problem = input_problem(volume_node)
+        if problem:
+            raise HiMatchADError(problem)
         image = image_from_volume_node(volume_node)
         scene = volume_node.GetScene()
         if scene is None:

@@ -28,8 +28,16 @@ UI_FILE = pathlib.Path(__file__).resolve().parents[2] / "Resources" / "UI" / "Hi
 PATHS = (pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePath, pathlib.PurePosixPath, pathlib.PureWindowsPath)
 
 
+def _node_classes(t) -> tuple:
+    """The MRML node classes of a node type or a Union of node types (else empty)."""
+    members = typing.get_args(t) if typing.get_origin(t) is typing.Union else (t,)
+    if all(isinstance(m, type) and issubclass(m, slicer.vtkMRMLNode) for m in members):
+        return members
+    return ()
+
+
 def _is_node(t) -> bool:
-    return isinstance(t, type) and issubclass(t, slicer.vtkMRMLNode)
+    return bool(_node_classes(t))
 
 
 def _is_enum(t) -> bool:
@@ -101,8 +109,16 @@ def test_node_selectors_list_the_parameters_node_class(HiMatchAD):  # noqa: F811
             continue
         props = {p.get("name"): p for p in widget.findall("property")}
         types = [s.text for s in props["nodeTypes"].iter("string")]
-        assert types == [_unannotated(hints[parameter]).__name__], widget_name
+        assert types == [c.__name__ for c in _node_classes(_unannotated(hints[parameter]))], widget_name
         assert props["showChildNodeTypes"].findtext("bool") == "false", widget_name
+
+
+def test_the_input_selector_lists_what_the_adapter_accepts(HiMatchAD):  # noqa: F811
+    """One rule: the input parameter's node classes are the adapter's INPUT_NODE_CLASSES."""
+    from HiMatchADLib import mrml
+
+    t = _unannotated(_hints(HiMatchAD)["inputVolume"])
+    assert tuple(c.__name__ for c in _node_classes(t)) == tuple(mrml.INPUT_NODE_CLASSES)
 
 
 def test_parameter_types_and_defaults_are_serialisable(HiMatchAD):  # noqa: F811

@@ -332,8 +332,8 @@ def test_nodes_added_one_by_one_or_by_a_scene_import_are_looked_at_once(HiMatchA
     """The input selector hides the module's outputs; adding N volumes looks at N nodes (not N²/2),
     and a scene import looks at the scene once, when it ends."""
     looked = []
-    real = mrml.is_input_candidate
-    monkeypatch.setattr(mrml, "is_input_candidate", lambda node: looked.append(node.GetID()) or real(node))
+    real = mrml.is_supported_input
+    monkeypatch.setattr(mrml, "is_supported_input", lambda node: looked.append(node.GetID()) or real(node))
 
     class Proxy:
         hiddenNodeIDs = ()
@@ -396,3 +396,89 @@ def test_the_self_test_under_ctest_without_requirements_installs_nothing(HiMatch
     test.test_HiMatchAD1()
     assert HiMatchAD.HiMatchADLogic._sharedRunner is None
     assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 2  # the example case and its lesion labelmap
+
+
+class FakeCombo:
+    """What the panel asks of a QComboBox."""
+
+    def __init__(self):
+        self.items, self.currentIndex = [], -1
+
+    @property
+    def count(self):
+        return len(self.items)
+
+    def addItem(self, label, data):
+        self.items.append((label, data))
+
+    def removeItem(self, i):
+        del self.items[i]
+
+    def findData(self, data):
+        return next((i for i, (_, d) in enumerate(self.items) if d == data), -1)
+
+    def itemData(self, i):
+        return self.items[i][1]
+
+    def blockSignals(self, blocked):
+        return False
+
+
+def test_the_model_selector_lists_the_known_models_with_licence_and_keeps_one_extra_item(HiMatchAD, tmp_path):
+    from HiMatchADLib.features.models import KNOWN_MODELS
+
+    choices = HiMatchAD.HiMatchADLogic.modelChoices()
+    assert [c[1] for c in choices] == [m.id for m in KNOWN_MODELS]
+    for (label, _), m in zip(choices, KNOWN_MODELS):
+        assert m.licence in label and (("approval" in label) == m.gated) and (("no login" in label) == (not m.gated))
+    gated = HiMatchAD.HiMatchADLogic.modelInfoText(HiMatchAD.DEFAULT_MODEL)
+    assert "https://huggingface.co/" + HiMatchAD.DEFAULT_MODEL in gated and "DINOv2 ViT-S/14" in gated
+    assert "no login" in HiMatchAD.HiMatchADLogic.modelInfoText("facebook/dinov2-small")
+
+    widget = HiMatchAD.HiMatchADWidget()
+    widget.ui = types.SimpleNamespace(modelComboBox=FakeCombo(), modelInfoLabel=types.SimpleNamespace(text=""))
+    for label, model_id in choices:
+        widget.ui.modelComboBox.addItem(label, model_id)
+    widget._showModel("facebook/dinov2-base")
+    assert widget.ui.modelComboBox.currentIndex == 3 and widget.ui.modelComboBox.count == 4
+    folder = tmp_path / "my-dinov3"
+    folder.mkdir()
+    widget._showModel(str(folder))
+    assert widget.ui.modelComboBox.count == 5 and widget.ui.modelComboBox.currentIndex == 4
+    assert widget.ui.modelComboBox.items[4] == ("Local folder: my-dinov3", str(folder))
+    assert "folder on this computer" in widget.ui.modelInfoLabel.text
+    widget._showModel("someone/dinov2-finetuned")  # another Hub id replaces the extra item
+    assert widget.ui.modelComboBox.count == 5 and widget.ui.modelComboBox.items[4][0] == "Other: someone/dinov2-finetuned"
+    widget._showModel(HiMatchAD.DEFAULT_MODEL)
+    assert widget.ui.modelComboBox.currentIndex == 0
+
+
+def test_the_token_status_never_shows_the_token(HiMatchAD, monkeypatch, tmp_path):
+    from HiMatchADLib.features.models import hub_token_status, save_hub_token
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    text = HiMatchAD.HiMatchADLogic.tokenStatusText
+    assert "No token" in text(hub_token_status())
+    save_hub_token("hf_" + "x" * 34)
+    stored = text(hub_token_status())
+    assert "stored" in stored and "hf_x" not in stored
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "y" * 34)
+    assert "HF_TOKEN" in text(hub_token_status()) and "hf_y" not in text(hub_token_status())
+
+
+def test_the_worker_watches_slicer_and_lists_its_devices(HiMatchAD, logic):
+    """The worker is told Slicer's own process id (not the launcher's) and answers which devices
+    torch finds; the panel's Device list offers every device the library accepts."""
+    from HiMatchADLib.features.backbone import resolve_device
+
+    assert logic.runner.client.parent_pid == os.getpid()
+    devices = logic.workerDevices()
+    assert devices and devices[0]["kind"] == "cpu"
+    assert "The worker found: " in HiMatchAD.HiMatchADLogic.devicesText(devices)
+    for member in HiMatchAD.Device:  # each choice is one resolve_device knows (mps/cuda may be absent here)
+        try:
+            resolve_device(member.value)
+        except HiMatchADError as exc:
+            assert "not available" in str(exc) or "no " in str(exc).lower(), str(exc)
