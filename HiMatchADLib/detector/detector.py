@@ -318,7 +318,8 @@ class HiMatchDetector:
         if self.extractor is None:
             self.reporter("Loading model", 0, 1)
             self.extractor = FeatureExtractor(
-                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm, precision=self.precision
+                self.model, self.device, self.stages, self.resolution, self.batch_size, stage_norm=self.stage_norm, precision=self.precision,
+                reporter=self.reporter,  # a model download reports its MB and can be cancelled
             )
             self.reporter("Loading model", 1, 1)
         return self.extractor

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.errors import HiMatchADError
+from ..core.progress import Reporter
 from .models import DEFAULT_MODEL, KNOWN_MODELS, classify_load_error
 
 
@@ -306,11 +307,189 @@ def quantize_int8(net):
         return quantize_dynamic(net, {torch.nn.Linear: per_channel_dynamic_qconfig}, inplace=True)
 
 
-def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "fp32"):
+# ------------------------------------------------------------------------------ Hub download
+#: One megabyte of the download progress (decimal, as the Hub shows file sizes).
+MB = 1_000_000
+
+
+def download_message(model: str) -> str:
+    """The progress message of a model download: ``Downloading model <id>`` (done and total in MB)."""
+    return f"Downloading model {model}"
+
+
+def hub_offline() -> bool:
+    """True when huggingface_hub must not go to the network (``HF_HUB_OFFLINE``, read now and as
+    huggingface_hub read it at import)."""
+    if str(os.environ.get("HF_HUB_OFFLINE", "")).strip().lower() in ("1", "on", "yes", "true"):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def files_to_download(names) -> list:
+    """Of a Hub repository's file names, those transformers reads for a ViT: ``config.json``,
+    ``preprocessor_config.json`` if present, and the weights: ``model.safetensors``, else the
+    safetensors index and its shards, else ``pytorch_model.bin`` (or its index and shards) when
+    there are no safetensors. Files in sub-folders are not needed."""
+    root = {n for n in names if "/" not in n}
+    want = [n for n in ("config.json", "preprocessor_config.json") if n in root]
+    if "model.safetensors" in root:
+        want.append("model.safetensors")
+    elif "model.safetensors.index.json" in root:
+        want += ["model.safetensors.index.json"] + sorted(n for n in root if n.endswith(".safetensors"))
+    elif "pytorch_model.bin" in root:
+        want.append("pytorch_model.bin")
+    elif "pytorch_model.bin.index.json" in root:
+        want += ["pytorch_model.bin.index.json"] + sorted(n for n in root if n.startswith("pytorch_model") and n.endswith(".bin"))
+    return want
+
+
+def cached_snapshot(model: str, revision: Optional[str] = None) -> Optional[Path]:
+    """The folder of ``model`` (a Hub id) in the local Hugging Face cache when it holds all that
+    transformers needs to load it (``config.json`` and complete weights: ``model.safetensors`` or
+    ``pytorch_model.bin``, or every shard an index names), else None. No network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        config = try_to_load_from_cache(model, "config.json", revision=revision)
+    except Exception:  # an id huggingface_hub refuses: not cached
+        return None
+    if not isinstance(config, str):
+        return None
+    snap = Path(config).parent
+    if any((snap / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+        return snap
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (snap / index).is_file():
+            try:
+                shards = set(json.loads((snap / index).read_text(encoding="utf-8"))["weight_map"].values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return None
+            if shards and all((snap / s).is_file() for s in shards):
+                return snap
+    return None
+
+
+class _DownloadProgress:
+    """The bytes a ``snapshot_download`` writes, as ``(message, done_MB, total_MB)`` through a
+    reporter, which is checked (cancel) at every chunk of every file.
+
+    ``bar_class()`` is the ``tqdm_class`` given to huggingface_hub: bars it creates draw nothing,
+    and their ``update`` calls come here. Of several byte bars (huggingface_hub 2.x has one for the
+    network and one for what is written), the largest count is the progress; other bars (files
+    done) only check for cancel. Done stays below the total until :meth:`finish`.
+    """
+
+    def __init__(self, reporter: Reporter, message: str, total_bytes: int):
+        self.reporter = reporter
+        self.message = message
+        self.total_bytes = max(0, int(total_bytes))
+        self.total = max(1, -(-self.total_bytes // MB))
+        self.counts: dict = {}
+        self.reported = -1
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.reported = 0
+        self.reporter(self.message, 0, self.total)
+
+    def finish(self) -> None:
+        self.reported = self.total
+        self.reporter(self.message, self.total, self.total)
+
+    def update(self, bar, n) -> None:
+        self.reporter.check()  # raises Cancelled inside huggingface_hub's download loop
+        if getattr(bar, "_himatch_unit", None) != "B" or not n:
+            return
+        with self.lock:
+            self.counts[id(bar)] = self.counts.get(id(bar), 0) + n
+            done = min(int(max(self.counts.values()) // MB), self.total - 1)
+            if done > self.reported:
+                self.reported = done
+                self.reporter(self.message, done, self.total)
+
+    def bar_class(self):
+        from tqdm.auto import tqdm
+
+        progress = self
+
+        class ReporterBar(tqdm):
+            def __init__(self, *args, **kwargs):
+                kwargs.pop("name", None)
+                self._himatch_unit = kwargs.get("unit", "it")
+                kwargs["disable"] = True  # nothing on the terminal: the progress goes through the reporter
+                super().__init__(*args, **kwargs)
+
+            def update(self, n=1):
+                progress.update(self, n)
+
+        return ReporterBar
+
+
+def download_model(model: str, reporter=None, revision: Optional[str] = None) -> bool:
+    """Bring the files of the Hub model ``model`` that transformers needs
+    (:func:`files_to_download`) into the local Hugging Face cache, with progress and cancel.
+
+    Returns False at once (no request) when the cache already holds them
+    (:func:`cached_snapshot`), True after a download. Otherwise one model-info request gives the
+    file list and sizes, then ``huggingface_hub.snapshot_download`` fetches only those files,
+    reporting ``(download_message(model), done_MB, total_MB)`` through ``reporter`` (a
+    :class:`~HiMatchADLib.core.progress.Reporter` or a ``(message, done, total)`` callback; total =
+    the sizes of the files not yet cached, in MB of 10^6 bytes, at least 1) from 0 to the total.
+
+    ``reporter.check()`` runs at every chunk: a cancel raises :class:`Cancelled` out of the
+    download. huggingface_hub writes each file to a temporary ``.incomplete`` file, removed when
+    its download fails, and moves it into place only when complete, so a cancelled download
+    leaves files that are either whole or absent: the next call downloads what is missing (the
+    file that was cut short from its start). A failure is a
+    :class:`~HiMatchADLib.core.errors.ModelAccessError` (gated, unauthorised, not_found, offline,
+    other), as for a failed load.
+    """
+    model = str(model)
+    if not isinstance(reporter, Reporter):
+        reporter = Reporter(reporter)
+    if cached_snapshot(model, revision) is not None:
+        return False
+    try:
+        from huggingface_hub import HfApi, snapshot_download, try_to_load_from_cache
+
+        info = HfApi().model_info(model, revision=revision, files_metadata=True)
+        sizes = {s.rfilename: int(s.size or 0) for s in (info.siblings or [])}
+        files = files_to_download(sizes)
+        if "config.json" not in files or not set(files) - {"config.json", "preprocessor_config.json"}:
+            raise HiMatchADError(
+                f"{model}: this Hugging Face Hub repository has no model in transformers format (config.json with "
+                f"model.safetensors or pytorch_model.bin); pass a DINOv3 or DINOv2 model ({_catalogue_ids()})"
+            )
+        missing = [f for f in files if not isinstance(try_to_load_from_cache(model, f, revision=info.sha), str)]
+        progress = _DownloadProgress(reporter, download_message(model), sum(sizes[f] for f in missing))
+        progress.start()
+        snapshot_download(model, revision=revision, allow_patterns=files, tqdm_class=progress.bar_class())
+        progress.finish()
+    except HiMatchADError:  # Cancelled included
+        raise
+    except Exception as exc:
+        raise classify_load_error(model, exc) from exc
+    return True
+
+
+def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: str = "fp32", reporter=None):
     """Load (once per process) a DINOv3/DINOv2 ViT by Hub id or local folder; returns (model, info).
 
     ``precision`` (see :func:`resolve_precision`; ``auto`` is resolved here): ``fp32`` (default) or
     ``bf16`` cast the weights, on any device; ``int8`` quantises the linear layers (CPU only).
+
+    A Hub id whose files are not all in the local Hugging Face cache is downloaded first
+    (:func:`download_model`: progress ``("Downloading model <id>", done_MB, total_MB)`` through
+    ``reporter``, a :class:`~HiMatchADLib.core.progress.Reporter` or a callback, and cancellable
+    through it); transformers then loads it from the cache only (``local_files_only``), so a
+    cached model needs no network. Local folders and offline mode (``HF_HUB_OFFLINE=1``) download
+    nothing.
     """
     from transformers import AutoConfig, AutoModel
 
@@ -330,7 +509,9 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
                     f"{path} is not a Hugging Face model folder (expected config.json and model.safetensors); "
                     "pass a folder saved with save_pretrained or a Hub id"
                 )
-        kwargs = {"local_files_only": True} if local or os.environ.get("HF_HUB_OFFLINE") == "1" else {}
+        if not local and not hub_offline():
+            download_model(model, reporter)  # ModelAccessError or Cancelled; nothing when cached
+        kwargs = {"local_files_only": True}
         source = str(path) if local else model
         try:
             config = AutoConfig.from_pretrained(source, **kwargs)

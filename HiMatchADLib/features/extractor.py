@@ -54,16 +54,19 @@ class FeatureExtractor:
         batch_size: int = 8,
         stage_norm: bool = True,
         precision: str = "fp32",
+        reporter=None,
     ):
         """``stage_norm``: pass the intermediate stages through the model's final layer norm (as
         DINOv3's ``get_intermediate_layers(norm=True)``); False keeps their raw hidden states.
         ``precision``: ``"fp32"`` (default), ``"bf16"``, ``"int8"`` (CPU) or ``"auto"`` (resolved
         here, see :func:`resolve_precision`) for the backbone; float16 is refused. The returned
-        features are float32 whatever the precision."""
+        features are float32 whatever the precision. ``reporter`` (a
+        :class:`~HiMatchADLib.core.progress.Reporter` or a ``(message, done, total)`` callback)
+        gets the model download's progress and can cancel it (see :func:`load_backbone`)."""
         self.model_id = str(model)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        self.net, self.info = load_backbone(self.model_id, self.device, self.precision)
+        self.net, self.info = load_backbone(self.model_id, self.device, self.precision, reporter=reporter)
         L = self.info["num_layers"]
         self.stages = list(stages) if stages else default_stages(L)
         bad = [s for s in self.stages if not 1 <= int(s) <= L]

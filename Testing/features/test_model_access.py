@@ -84,7 +84,13 @@ GATED_MSG = "Access to model {m} is restricted. You must have access to it and b
 
 def handler(request):
     mode, auth = MODE["mode"], request.headers.get("authorization", "")
-    model = str(request.url.path).split("/resolve/")[0].strip("/")
+    path = str(request.url.path)
+    model = path.split("/resolve/")[0].strip("/")
+    if mode == "gated" and path.startswith("/api/models/"):  # a gated model's metadata is public
+        files = [{"rfilename": "config.json", "size": 500}, {"rfilename": "model.safetensors", "size": 88_000_000}]
+        if "/tree/" in path:
+            return httpx2.Response(200, json=[{"type": "file", "path": f["rfilename"], "size": f["size"], "oid": "0" * 40} for f in files], request=request)
+        return httpx2.Response(200, json={"id": model, "sha": "a" * 40, "gated": "manual", "siblings": files}, request=request)
     if mode == "gated":  # the Hub: 401 without a token, 403 with a token not approved
         return httpx2.Response(403 if auth else 401, headers={"X-Error-Code": "GatedRepo", "X-Error-Message": GATED_MSG.format(m=model)}, request=request)
     if mode == "not_found":
@@ -138,13 +144,13 @@ def real_errors():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_gated_model_keeps_transformers_lines_and_offers_the_ungated_alternative(real_errors):
-    e = real_errors["gated"]
-    assert e["kind"] == "gated" and e["cause"] == "OSError" and e["model"] == VITS
+def test_gated_model_keeps_the_hubs_lines_and_offers_the_ungated_alternative(real_errors):
+    e = real_errors["gated"]  # raised by the download (huggingface_hub), before transformers
+    assert e["kind"] == "gated" and e["cause"] == "GatedRepoError" and e["model"] == VITS
     assert e["url"] == f"https://huggingface.co/{VITS}"
-    # transformers' first two lines, the model page included (the earlier message dropped the second)
-    assert "You are trying to access a gated repo." in e["detail"]
-    assert f"Make sure to have access to it at https://huggingface.co/{VITS}" in e["detail"]
+    # huggingface_hub's first lines, the model's address and the Hub's own words included
+    assert "Cannot access gated repo for url" in e["detail"] and f"https://huggingface.co/{VITS}/resolve/" in e["detail"]
+    assert f"Access to model {VITS} is restricted" in e["detail"]
     assert e["alternative"] == "facebook/dinov2-small" and e["alternative_licence"] == "Apache-2.0"
     assert e["token_present"] is False and "no Hugging Face token is set" in e["message"]
     assert f"request access on https://huggingface.co/{VITS}" in e["message"]
@@ -163,7 +169,7 @@ def test_gated_model_with_a_token_not_approved(real_errors):
 def test_unknown_id_is_not_found(real_errors):
     e = real_errors["not_found"]
     assert e["kind"] == "not_found" and e["alternative"] is None
-    assert "not a valid model identifier" in e["detail"] and "check the model id" in e["message"]
+    assert "Repository Not Found" in e["detail"] and "check the model id" in e["message"]
     assert "check the id given to --model" in e["cli"]
 
 
