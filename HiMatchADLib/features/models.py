@@ -4,7 +4,7 @@ Hugging Face token.
 - :data:`KNOWN_MODELS`: the catalogue (Hub id, short name, licence, whether the Hub gates it);
   :func:`model_info`, :func:`ungated_alternative`;
 - :func:`classify_load_error`: the exception chain of ``AutoConfig`` / ``AutoModel.from_pretrained``
-  as one :class:`~HiMatchADLib.core.errors.ModelAccessError` (gated, unauthorised, not found,
+  or of the model download (``HfApi.model_info``, ``snapshot_download``) as one :class:`~HiMatchADLib.core.errors.ModelAccessError` (gated, unauthorised, not found,
   offline, other) that says what to do;
 - :func:`save_hub_token`, :func:`hub_token_status`, :func:`remove_hub_token`: the token, stored as
   ``huggingface_hub`` stores it, so a worker process started later finds it.
