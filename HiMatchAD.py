@@ -564,7 +564,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 message, done, total = payload
                 self.ui.progressBar.setRange(0, max(int(total), 1))
                 self.ui.progressBar.setValue(min(int(done), max(int(total), 1)))
-                text = f"{message} {done}/{total}" if total else str(message)
+                text = HiMatchADLogic.progressText(message, done, total)
                 self.ui.progressBar.format = text
                 self.ui.statusLabel.text = text
             elif kind == "done" and job.kind == "batch":
@@ -907,6 +907,16 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         if status.get("source") == "environment":
             return _("A token is set in the HF_TOKEN environment variable (it takes precedence over a stored one).")
         return _("A token is stored ({path}).").format(path=status.get("path", ""))
+
+    @staticmethod
+    def progressText(message: str, done: int, total: int) -> str:
+        """The progress bar's text: ``message done/total``, in MB for a model download."""
+        from HiMatchADLib.features.backbone import download_message
+
+        if not total:
+            return str(message)
+        unit = " MB" if str(message).startswith(download_message("").strip()) else ""
+        return f"{message} {done}/{total}{unit}"
 
     @staticmethod
     def devicesText(devices: list) -> str:

@@ -482,3 +482,12 @@ def test_the_worker_watches_slicer_and_lists_its_devices(HiMatchAD, logic):
             resolve_device(member.value)
         except HiMatchADError as exc:
             assert "not available" in str(exc) or "no " in str(exc).lower(), str(exc)
+
+
+def test_the_progress_bar_says_mb_for_a_model_download(HiMatchAD):
+    from HiMatchADLib.features.backbone import download_message
+
+    text = HiMatchAD.HiMatchADLogic.progressText
+    assert text(download_message("facebook/dinov2-small"), 12, 88) == "Downloading model facebook/dinov2-small 12/88 MB"
+    assert text("Building normal bank", 3, 40) == "Building normal bank 3/40"
+    assert text("Starting", 0, 0) == "Starting"
