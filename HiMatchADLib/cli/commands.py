@@ -191,7 +191,8 @@ def cmd_demo(args) -> int:
                 "NOTE: pretrained DINOv3 weights are not available on this machine, so this demo uses a DINOv3 "
                 "ViT-S/16 with RANDOM weights (untrained stand-in features). It checks that the installation and "
                 "the pipeline work; its detections say nothing about the method's quality. For real use pass "
-                "--model with a DINOv3 Hub id (after accepting its licence) or a local folder."
+                "--model with a DINOv3 Hub id (after your access request is approved on the Hub), "
+                "facebook/dinov2-small (Apache-2.0, no login needed) or a local model folder."
             )
     args.model = model
     det = detector_from_args(args, _progress(args))
