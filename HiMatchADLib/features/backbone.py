@@ -544,9 +544,32 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
             "num_layers": int(config.num_hidden_layers),
             "num_prefix_tokens": 1 + int(getattr(config, "num_register_tokens", 0) or 0),
             "fingerprint": _model_fingerprint(model, path if local else None, config),
+            "weights_digest": weights_digest(path if local else cached_snapshot(model)),
         }
         _MODEL_CACHE[key] = (net, info)
         return net, info
+
+
+def weights_digest(folder) -> Optional[str]:
+    """SHA-256 of a model folder's weights: every ``*.safetensors`` (else ``*.bin``) file, by name
+    and content, in name order (``sha256:<hex>``). It names the weights themselves, wherever they
+    lie and whatever their timestamps, so a result or a bank can say which weights made it and
+    another installation can check it has the same ones. None when ``folder`` is None or has no
+    weight files. Streams the files (about 0.1 s per 100 MB)."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(8 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return "sha256:" + h.hexdigest()
 
 
 def _model_fingerprint(model: str, path: Optional[Path], config) -> str:
