@@ -69,6 +69,9 @@ class DetectionResult:
     - ``slice_axis``: numpy axis (0, 1 or 2) of these arrays along which the volume was sliced;
       ``slice_scores[i]`` and ``supports[i]`` belong to index ``i`` along that axis
       (``slice_scores`` is NaN for a slice without foreground).
+    - ``provenance``: what made the result (versions, device, precision, model and weights digest,
+      bank digest, settings, input digest; :mod:`HiMatchADLib.detector.provenance`), ``{}`` for a
+      result that does not record it (one read back from an older scores JSON).
     - ``source_files``: for a DICOM input, its files in slice order (what a DICOM SEG references);
       ``source_series``: what the scores JSON records about that series (``"series"``).
     """
@@ -121,6 +124,7 @@ class DetectionResult:
     source_files: tuple = ()
     source_series: dict = field(default_factory=dict)
     input_digest: dict = field(default_factory=dict)  # core.digest.files_digest of the input file(s)
+    provenance: dict = field(default_factory=dict)  # what made it (detector.provenance); {} when not recorded
 
     def __post_init__(self) -> None:
         if self.labelmap is None:
@@ -184,4 +188,5 @@ class DetectionResult:
             "warnings": list(self.warnings),
             **({"series": dict(self.source_series)} if self.source_series else {}),
             **({"input_digest": dict(self.input_digest)} if self.input_digest else {}),
+            **({"provenance": self.provenance} if self.provenance else {}),
         }

@@ -48,6 +48,7 @@ from ..outputs.files import save_result
 from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
 from .checks import check_query_against_bank
 from .parameters import DETECTOR_PARAMETERS, check_detector_parameters
+from .provenance import provenance
 from .subjects import subject_groups
 
 
@@ -621,6 +622,7 @@ class HiMatchDetector:
         if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
             result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
         result.input_digest = self._input_digest(img)
+        result.provenance = provenance(self, result)  # versions, device, weights, bank: what made it
         timings["postprocess"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t_start
         result.timings = timings

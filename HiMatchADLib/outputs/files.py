@@ -176,11 +176,27 @@ def save_result(
         write(result, sources, paths[key])
     result.timings["write"] = time.perf_counter() - t
     data = result.to_dict()
+    if isinstance(data.get("provenance"), dict) and any(get_writer(k).needs == "dicom" for k in writers):
+        data["provenance"] = {**data["provenance"], "libraries": {**(data["provenance"].get("libraries") or {}), **_dicom_versions()}}
+        result.provenance = data["provenance"]
     data["outputs"] = {k: v.name for k, v in paths.items()}
     data["output_digests"] = {k: files_digest([v]) for k, v in paths.items() if k != "scores"}
     data["complete"] = True
     write_text_atomic(paths["scores"], json.dumps(data, indent=1))
     return paths
+
+
+def _dicom_versions() -> dict:
+    """The versions of the libraries that write the DICOM outputs, for the JSON's provenance."""
+    from importlib import metadata
+
+    out = {}
+    for name in ("highdicom", "pydicom"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
@@ -247,4 +263,6 @@ def load_result(scores_path: Union[str, os.PathLike]) -> DetectionResult:
         threshold_info=data.get("threshold_info", {}),
         labelmap=(lab.array > 0).astype(np.uint8),
         source_series=data.get("series") if isinstance(data.get("series"), dict) else {},
+        input_digest=data.get("input_digest") if isinstance(data.get("input_digest"), dict) else {},
+        provenance=data.get("provenance") if isinstance(data.get("provenance"), dict) else {},  # {} for results written before it
     )
