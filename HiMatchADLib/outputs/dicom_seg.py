@@ -7,8 +7,10 @@ viewer, OHIF or 3D Slicer shows them over the images.
 
 - :func:`write_dicom_seg`: ``result.labelmap`` as a BINARY Segmentation (SOP class
   1.2.840.10008.5.1.4.1.1.66.4) with one segment "Anomaly" (algorithm type from
-  :func:`segment_algorithm_type`, algorithm "HiMatch-AD" with the package version, the method and
-  the threshold with where it came from; category and type SCT 49755003 "Morphologically Altered
+  :func:`segment_algorithm_type`, algorithm "HiMatch-AD" with the version that computed the result
+  (AlgorithmVersion), and AlgorithmParameters: the method and its revision, the model, the first
+  16 hex digits of its weights digest (``weights=sha256:...``), the precision, and the threshold
+  with where it came from; category and type SCT 49755003 "Morphologically Altered
   Structure", the terminology the Slicer module gives its segment, see :data:`SEGMENT_TYPE`).
   Every source instance gets one frame, empty or not (``omit_empty_frames=False``): the frame count
   is always the number of slices, an empty labelmap gives a valid object of empty frames, and
@@ -17,6 +19,12 @@ viewer, OHIF or 3D Slicer shows them over the images.
   1.2.840.10008.5.1.4.1.1.30) with 32-bit float pixels and a Real World Value Mapping (identity,
   unit UCUM "1" "no units", LUT label "anomaly score") and a window from
   :meth:`DetectionResult.display_range`.
+
+Both carry the result's provenance where DICOM has a place for it: SeriesDescription
+``HiMatch-AD <version> <method> anomalies`` / ``... anomaly score``, ContentCreatorName
+``HiMatch-AD^`` (the algorithm, no person), SoftwareVersions (the package writing the object), and
+for the parametric map, which has no algorithm identification, the weights digest's first 16 hex
+digits and the model (as much as fits) in ContentDescription (:func:`heatmap_content_description`). The whole provenance is in the scores JSON.
 
 Geometry. ``result`` arrays are ``(nz, ny, nx)`` = (slice, row, column), as
 ``SimpleITK.GetArrayFromImage`` returns a series read by :func:`HiMatchADLib.io.readers.read_image`:
@@ -143,10 +151,18 @@ UNIT = ("UCUM", "1", "no units")
 LUT_LABEL = "anomaly score"
 
 
-SEG_SERIES_DESCRIPTION = "HiMatch-AD anomalies"
+#: What each object's SeriesDescription says after ``HiMatch-AD <version> <method>``
+#: (:func:`series_description`).
+SEG_WHAT = "anomalies"
 
 
-HEATMAP_SERIES_DESCRIPTION = "HiMatch-AD anomaly score"
+HEATMAP_WHAT = "anomaly score"
+
+
+#: ContentCreatorName (PN) of both objects: no person made them, the algorithm did (the name's
+#: family-name component); the model and weights are in AlgorithmParameters (SEG) and
+#: ContentDescription (parametric map), the whole provenance in the scores JSON.
+CONTENT_CREATOR = "HiMatch-AD^"  # a single-component name: the trailing caret says so
 
 
 #: Series numbers of the written objects (a viewer lists them after the usual acquisition series).
@@ -378,12 +394,53 @@ def _equipment(result: DetectionResult) -> dict:
     }
 
 
+def _model_name(result: DetectionResult) -> str:
+    """The model as a DICOM text may show it: a Hub id, or a local folder's name."""
+    text = str(result.model or "")
+    return Path(text).name if os.path.isabs(text) else text
+
+
+def heatmap_content_description(result: DetectionResult) -> str:
+    """ContentDescription of the parametric map (LO, at most 64 characters): ``HiMatch-AD <method>;
+    sha256:<16 hex of the weights digest>; <model>``, the model cut where it does not fit (the
+    digest names the weights; the scores JSON has the whole provenance). Without a digest:
+    ``HiMatch-AD <method> anomaly score; <model>``."""
+    digest = weights_digest_prefix(result)
+    parts = [f"{ALGORITHM_NAME} {result.method}" + ("" if digest else " anomaly score")] + [x for x in (digest, _model_name(result)) if x]
+    return "; ".join(parts)[:64]
+
+
 def _parameter(value) -> str:
     """A value for AlgorithmParameters, which highdicom writes as ``key=value,key=value``."""
     text = str(value)
     if os.path.isabs(text):  # a local model folder: its name, not the user's folders
         text = Path(text).name
     return text.replace(",", ";").replace("=", ":")
+
+
+#: Hex digits of the weights digest that AlgorithmParameters and ContentDescription carry (enough to
+#: tell two sets of weights apart; the scores JSON's provenance has the whole digest).
+DIGEST_PREFIX = 16
+
+
+def weights_digest_prefix(result: DetectionResult) -> str:
+    """``"sha256:<first 16 hex digits>"`` of the weights the result was computed with ("" when its
+    provenance records none)."""
+    digest = ((result.provenance or {}).get("model") or {}).get("weights_digest")
+    if not isinstance(digest, str) or not digest:
+        return ""
+    algo, _, hexdigits = digest.partition(":")
+    return f"{algo}:{hexdigits[:DIGEST_PREFIX]}" if hexdigits else digest[:DIGEST_PREFIX]
+
+
+def series_description(result: DetectionResult, what: str) -> str:
+    """SeriesDescription (LO, at most 64 characters): ``HiMatch-AD <version> <method> <what>``."""
+    return f"{ALGORITHM_NAME} {_version(result)} {result.method} {what}"[:64]
+
+
+def _version(result: DetectionResult) -> str:
+    """The tool version that made the result (its provenance's, else this package's)."""
+    return str((result.provenance or {}).get("version") or __version__)
 
 
 def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], path: PathLike) -> Path:
@@ -401,12 +458,16 @@ def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], p
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME,
         family=hd.sr.CodedConcept("123110", "DCM", "Artificial Intelligence"),
-        version=__version__,
+        version=_version(result),
+        source=MANUFACTURER,
         parameters={
             key: _parameter(value)
             for key, value in (
                 ("method", result.method),
+                ("method_revision", (result.provenance or {}).get("method_revision", "")),
                 ("model", result.model),
+                ("weights", weights_digest_prefix(result)),
+                ("precision", (result.provenance or {}).get("precision", "")),
                 ("threshold", f"{float(result.threshold):.6g}"),
                 ("threshold_source", threshold_source(result)),
                 ("min_component_size", int(result.min_component_size)),
@@ -431,9 +492,10 @@ def write_dicom_seg(result: DetectionResult, source_files: Sequence[PathLike], p
             series_instance_uid=hd.UID(),
             series_number=SEG_SERIES_NUMBER,
             sop_instance_uid=hd.UID(),
-            series_description=f"{SEG_SERIES_DESCRIPTION} ({result.method})",
+            series_description=series_description(result, SEG_WHAT),
             content_label="ANOMALIES",
-            content_description=f"{ALGORITHM_NAME} {result.method}: voxels above the threshold {float(result.threshold):.6g}",
+            content_description=f"{ALGORITHM_NAME} {result.method}: voxels above the threshold {float(result.threshold):.6g}"[:64],
+            content_creator_name=CONTENT_CREATOR,
             omit_empty_frames=False,
             **_equipment(result),
         )
@@ -476,9 +538,10 @@ def write_dicom_heatmap(result: DetectionResult, source_files: Sequence[PathLike
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             **window,
-            series_description=f"{HEATMAP_SERIES_DESCRIPTION} ({result.method})",
+            series_description=series_description(result, HEATMAP_WHAT),
             content_label="ANOMALY_SCORE",
-            content_description=f"{ALGORITHM_NAME} {result.method} anomaly score",
+            content_description=heatmap_content_description(result),
+            content_creator_name=CONTENT_CREATOR,
             **_equipment(result),
         )
     except (ValueError, TypeError, AttributeError) as exc:

@@ -697,6 +697,14 @@ def test_batch_writes_real_dicom_seg_and_parametric_map_on_the_input_voxels(det,
             psrc = pm.PerFrameFunctionalGroupsSequence[f].DerivationImageSequence[0].SourceImageSequence[0]
             np.testing.assert_allclose(pm_frames[f], result.heatmap[by_uid[psrc.ReferencedSOPInstanceUID]], rtol=1e-6, atol=1e-6)
         assert 0 < (result.labelmap > 0).sum() < result.labelmap.size  # the frames carry a pattern to check
+        # provenance: the JSON names the DICOM writers' versions, the objects the weights that made them
+        libraries = result.provenance["libraries"]
+        assert libraries["highdicom"] == hd.__version__ and libraries["pydicom"] == pydicom.__version__
+        digest = result.provenance["model"]["weights_digest"]
+        assert digest.startswith("sha256:") and result.provenance["input_digest"] == result.input_digest
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert f"weights={digest[:23]}" in algorithm.AlgorithmParameters
+        assert digest[:23] in pm.ContentDescription and pm.SeriesDescription.startswith("HiMatch-AD ")
 
 
 # ------------------------------------------------------------------------------- pixel semantics

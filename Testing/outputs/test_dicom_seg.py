@@ -213,7 +213,7 @@ def test_seg_describes_the_segment_and_references_the_series(series, tmp_path):
     referenced = {str(r.ReferencedSOPInstanceUID) for r in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
     assert ds.SeriesInstanceUID != source.SeriesInstanceUID and ds.SOPInstanceUID not in referenced
-    assert ds.Modality == "SEG" and ds.SeriesDescription.startswith("HiMatch-AD anomalies")
+    assert ds.Modality == "SEG" and ds.SeriesDescription == f"HiMatch-AD {__version__} himatch anomalies"
     assert ds.Manufacturer == "HiMatch-AD" and ds.SoftwareVersions == __version__
     # Every write is a new object.
     again = pydicom.dcmread(write_dicom_seg(result, files, tmp_path / "seg2.dcm"))
@@ -247,7 +247,7 @@ def test_heatmap_parametric_map_holds_the_scores_at_the_same_voxels(series, tmp_
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert ds.StudyInstanceUID == source.StudyInstanceUID
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-    assert ds.SeriesDescription.startswith("HiMatch-AD anomaly score")
+    assert ds.SeriesDescription == f"HiMatch-AD {__version__} dpmm anomaly score"
 
     pm = hd.pm.ParametricMap.from_dataset(ds)  # highdicom takes it for a parametric map
     assert pm.SOPInstanceUID == ds.SOPInstanceUID and pm.ContentLabel == "ANOMALY_SCORE"
@@ -440,3 +440,45 @@ def test_seg_algorithm_type_says_whether_a_person_changed_the_result(series, tmp
     assert not np.array_equal(edited.labelmap, edited.labelmap_at(edited.threshold))
     assert segment_of(write_dicom_seg(edited, files, tmp_path / "e.dcm"))[0] == "SEMIAUTOMATIC"
     assert dicom_seg.segment_algorithm_type(edited) == "SEMIAUTOMATIC"
+
+
+PROVENANCE = {
+    "version": "9.8.7", "method_revision": 2, "precision": "bf16",
+    "model": {"id": "facebook/dinov3-vits16-pretrain-lvd1689m", "weights_digest": "sha256:" + "0123456789abcdef" * 4},
+}
+
+
+def test_both_objects_record_the_results_provenance(series, tmp_path):
+    """Version, method, model and weights digest are where DICOM has a place for them."""
+    files, image = series
+    result = make_result(image, method="knn")
+    result.model = "facebook/dinov3-vits16-pretrain-lvd1689m"
+    result.provenance = PROVENANCE
+    seg = pydicom.dcmread(write_dicom_seg(result, files, tmp_path / "seg.dcm"))
+    assert seg.SeriesDescription == "HiMatch-AD 9.8.7 knn anomalies"
+    assert str(seg.ContentCreatorName) == "HiMatch-AD^" and seg.ContentLabel == "ANOMALIES"
+    assert seg.SoftwareVersions == __version__  # the package that wrote the object
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmVersion == "9.8.7" and algorithm.AlgorithmSource == "HiMatch-AD"
+    parameters = dict(p.split("=") for p in algorithm.AlgorithmParameters.split(","))
+    assert parameters["weights"] == "sha256:0123456789abcdef"
+    assert parameters["model"] == "facebook/dinov3-vits16-pretrain-lvd1689m"
+    assert parameters["method_revision"] == "2" and parameters["precision"] == "bf16" and parameters["threshold"] == "1.5"
+
+    pm = pydicom.dcmread(write_dicom_heatmap(result, files, tmp_path / "pm.dcm"))
+    assert pm.SeriesDescription == "HiMatch-AD 9.8.7 knn anomaly score"
+    assert str(pm.ContentCreatorName) == "HiMatch-AD^" and pm.ContentLabel == "ANOMALY_SCORE"
+    assert pm.ContentDescription.startswith("HiMatch-AD knn; sha256:0123456789abcdef; facebook/dinov3")
+    assert len(pm.ContentDescription) <= 64
+    result.model = "/home/someone/models/dinov3-vits16"  # a local folder: its name
+    pm = pydicom.dcmread(write_dicom_heatmap(result, files, tmp_path / "pm2.dcm"))
+    assert pm.ContentDescription == "HiMatch-AD knn; sha256:0123456789abcdef; dinov3-vits16"
+
+
+def test_a_result_without_provenance_still_writes(series, tmp_path):
+    files, image = series
+    result = make_result(image)
+    seg = pydicom.dcmread(write_dicom_seg(result, files, tmp_path / "seg.dcm"))
+    parameters = dict(p.split("=") for p in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters.split(","))
+    assert "weights" not in parameters and "precision" not in parameters
+    assert seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == __version__
