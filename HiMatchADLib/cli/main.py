@@ -1,4 +1,4 @@
-"""The ``himatchad`` command line: bank, detect, batch, demo (and evaluate, synth).
+"""The ``himatchad`` command line: bank, detect, batch, demo, reproduce (and evaluate, synth).
 
 Errors a user can cause print one message (no traceback) and exit with status 2; an interrupted run
 exits with 130. ``--debug`` shows the traceback of any error.
@@ -22,6 +22,7 @@ from ..evaluation.synth import add_subparser as add_synth_subparser
 from .checks import preflight, write_folders
 from .commands import cmd_bank, cmd_batch, cmd_demo, cmd_detect, cmd_worker
 from .options import add_dicom_options, add_model_options, positive_int_arg
+from .reproduce import add_subparser as add_reproduce_subparser
 
 EXIT_USER_ERROR = 2
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wk.set_defaults(func=cmd_worker)
 
+    add_reproduce_subparser(sub)
     add_evaluate_subparser(sub)
     add_synth_subparser(sub)
     return p

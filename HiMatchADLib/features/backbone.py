@@ -116,6 +116,12 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
 
 
+def is_local_model(model: str) -> bool:
+    """True when ``model`` names a local folder (an existing path, or one written as a path), False
+    for a Hub id (as :func:`load_backbone` tells them apart)."""
+    return Path(str(model)).expanduser().exists() or _looks_like_path(str(model))
+
+
 def _first_lines(exc: BaseException, n: int = 3) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][:n]
     return " ".join(ln[:300] for ln in lines) or type(exc).__name__
