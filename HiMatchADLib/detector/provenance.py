@@ -39,6 +39,7 @@ from typing import Optional
 
 from ..core.digest import json_hash
 from ..core.version import __version__
+from ..features.models import model_info
 
 PROVENANCE_FORMAT = 1
 
@@ -114,9 +115,6 @@ def bank_provenance(bank) -> dict:
 
 def provenance(detector, result) -> dict:
     """The provenance object of ``result``, made by the fitted ``detector`` (see the module docstring)."""
-    from ..features.models import model_info
-    from .detector import METHOD_REVISION
-
     ex = detector.extractor
     info = ex.info if ex is not None else {}
     device = ex.device if ex is not None else detector.device
@@ -126,7 +124,7 @@ def provenance(detector, result) -> dict:
         "tool": "himatchad",
         "version": __version__,
         "method": detector.method,
-        "method_revision": METHOD_REVISION,
+        "method_revision": result.settings.get("method_revision"),  # the detector's METHOD_REVISION
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
         "platform": platform.platform(),
