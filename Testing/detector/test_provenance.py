@@ -76,17 +76,31 @@ def test_provenance_is_read_back_and_old_results_stay_readable(written, tmp_path
         paths["scores"].write_text(json.dumps(data), encoding="utf-8")
 
 
-def test_provenance_does_not_decide_whether_a_batch_case_is_done(written):
-    """The resume logic compares settings, input and outputs; a result written before provenance
-    existed (or with other library versions) is not recomputed for it."""
-    from HiMatchADLib.batch.resume import result_settings, settings_changes
+def test_provenance_does_not_decide_whether_a_batch_case_is_done(fitted, lesion_case, tmp_path):
+    """A batch resumed over results written before provenance existed, or on an installation with
+    other library versions, does not recompute them for it."""
+    from HiMatchADLib.batch import run_batch
+    from HiMatchADLib.batch.summary import STATUS_DONE, STATUS_OK
+    from HiMatchADLib.io.writers import write_image
 
-    det, _, data, _ = written
-    old = {k: v for k, v in data.items() if k != "provenance"}
-    assert settings_changes(result_settings(det), old) == settings_changes(result_settings(det), data) == []
-    changed = json.loads(json.dumps(data))
-    changed["provenance"]["libraries"]["torch"] = "0.0.1"
-    assert settings_changes(result_settings(det), changed) == []
+    img, _ = lesion_case
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_image(img.array, img.geometry, inputs / "a.nii.gz")
+    write_image(img.array[::-1].copy(), img.geometry, inputs / "b.nii.gz")
+    det, out = fitted("knn"), tmp_path / "out"
+    assert [r["status"] for r in run_batch(det, inputs, out, log=lambda m: None)] == [STATUS_OK, STATUS_OK]
+    a, b = out / "a_scores.json", out / "b_scores.json"
+    old = json.loads(a.read_text(encoding="utf-8"))
+    assert old["provenance"]["input_digest"] == old["input_digest"]
+    del old["provenance"]  # written before provenance was recorded
+    a.write_text(json.dumps(old), encoding="utf-8")
+    other = json.loads(b.read_text(encoding="utf-8"))
+    other["provenance"]["libraries"]["torch"] = "0.0.1"  # another installation
+    other["provenance"]["created_utc"] = "2000-01-01T00:00:00+00:00"
+    b.write_text(json.dumps(other), encoding="utf-8")
+    rows = run_batch(det, inputs, out, log=lambda m: None)
+    assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_DONE], [r["message"] for r in rows]
 
 
 def test_library_versions_lists_what_is_installed():
