@@ -23,19 +23,31 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return _INFERNO[lo] * (1 - f) + _INFERNO[hi] * f
 
 
-def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float, floor: float = 0.0) -> np.ndarray:
-    """2D grey image + heatmap (inferno from ``floor`` up, transparent where low) + labelmap outline -> uint8 RGB."""
+def composite(grey: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Grey image in [0, 1] + heatmap (inferno over ``[low, high]``, transparent near ``low``) +
+    labelmap outline (cyan) -> float RGB in [0, 1]. Outline pixels are the labelmap's own border
+    pixels (inside it), so the outline lies exactly on the segment."""
     from scipy import ndimage
 
+    rgb = np.repeat(np.clip(np.asarray(grey, dtype=np.float32), 0, 1)[..., None], 3, axis=2)
+    h = np.clip((np.asarray(heatmap, dtype=np.float32) - low) / max(high - low, 1e-12), 0, 1)
+    alpha = (0.65 * np.clip(h * 2.0 - 0.2, 0, 1))[..., None]  # faint below ~10 % of the range
+    rgb = rgb * (1 - alpha) + colormap(h) * alpha
+    lab = np.asarray(labelmap).astype(bool)
+    edge = lab & ~ndimage.binary_erosion(lab)
+    rgb[edge] = OUTLINE_RGB
+    return rgb
+
+
+#: Colour of the segment outline.
+OUTLINE_RGB = (0.0, 1.0, 1.0)
+
+
+def overlay_rgb(image: np.ndarray, heatmap: np.ndarray, labelmap: np.ndarray, threshold: float, floor: float = 0.0) -> np.ndarray:
+    """2D grey image + heatmap (inferno from ``floor`` up, transparent where low) + labelmap outline -> uint8 RGB."""
     img = np.nan_to_num(np.asarray(image, dtype=np.float32))
     lo, hi = np.percentile(img, [0.5, 99.5])
     grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
     top = max(float(heatmap.max()), float(threshold) if np.isfinite(threshold) else 0.0, floor + 1e-6)
-    h = np.clip((heatmap - floor) / (top - floor), 0, 1)
-    alpha = (0.65 * np.clip(h * 2.0 - 0.2, 0, 1))[..., None]  # faint below ~10 % of the range
-    rgb = rgb * (1 - alpha) + colormap(h) * alpha
-    lab = labelmap.astype(bool)
-    edge = lab & ~ndimage.binary_erosion(lab)
-    rgb[edge] = (0.0, 1.0, 1.0)
+    rgb = composite(grey, heatmap, labelmap, floor, top)
     return (rgb * 255 + 0.5).astype(np.uint8)
