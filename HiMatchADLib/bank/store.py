@@ -133,6 +133,9 @@ class NormalBank:
     slice_pos: np.ndarray
     slice_grid: np.ndarray
     centroids: dict = field(default_factory=dict)
+    # What a bank file brings besides the bank (e.g. ``"dpmm"``: the fitted mixture), used instead of
+    # the extras cached in ``root``.
+    extras: dict = field(default_factory=dict)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -210,7 +213,7 @@ class NormalBank:
         m = self.manifest
         return {
             "cache": str(self.root),
-            "normals": m["folder"],
+            "normals": m.get("folder"),
             "files": len(m["files"]),
             "skipped": len(m.get("skipped", [])),
             "slices": self.n_slices,
@@ -233,9 +236,14 @@ class NormalBank:
         def ld(name):
             return np.load(root / name, mmap_mode="r", allow_pickle=False)
 
+        return cls.assemble(root, manifest, ld, np.load(root / "slices.npz", allow_pickle=False))
+
+    @classmethod
+    def assemble(cls, root: Path, manifest: dict, ld, meta) -> "NormalBank":
+        """The bank of ``manifest`` from its arrays: ``ld(name)`` opens the ``.npy`` array ``name``,
+        ``meta`` maps the names of ``slices.npz``; ``ValueError`` when their shapes disagree."""
         stages = manifest["settings"]["stages"]
         shared = bool(manifest["settings"].get("shared_codebook"))
-        meta = np.load(root / "slices.npz", allow_pickle=False)
         bank = cls(
             root=root,
             manifest=manifest,

@@ -71,7 +71,7 @@ def prepare_batch(
     say = log or batch_warning
     out_root = absolute_path(out_dir)
     normals = getattr(detector, "normals_dir", None)
-    if hasattr(detector, "normals_dir") and normals is None:
+    if hasattr(detector, "normals_dir") and normals is None and getattr(detector, "bank_file", None) is None:
         raise HiMatchADError("the detector has no normal bank yet: call fit(normals_dir) first")
     check_outputs(outputs, load=True)  # says how to install an output's writer before any case
     cases = find_cases(

@@ -79,7 +79,17 @@ def _progress(args):
     return tqdm_callback(disable=getattr(args, "quiet", False))
 
 
+#: Command-line option destinations that are named otherwise as detector keywords.
+_OPTION_KEYWORDS = {"fpr": "target_fpr", "min_size": "min_component_size"}
+
+
 def _fit(det, normals, args) -> None:
+    if getattr(args, "bank", None):  # a bank file instead of the normal scans; the options given must agree with it
+        given = getattr(args, "given_options", None)
+        det.load_bank(args.bank, asked=None if given is None else {_OPTION_KEYWORDS.get(o, o) for o in given})
+        info = det.fit_info
+        _say(args, f"normal bank: {info['slices']} slices of {info['subjects']} subjects from the bank file {info['bank_file']}")
+        return
     det.fit(normals, rebuild=getattr(args, "rebuild", False))
     info = det.fit_info
     _say(args, f"normal bank: {info['slices']} slices from {info['files']} files ({info['skipped']} skipped), cache {info['cache']}")
@@ -114,6 +124,31 @@ def cmd_bank(args) -> int:
     return 0
 
 
+def cmd_bank_export(args) -> int:
+    """``bank export``: fit on the folder as ``detect`` would (bank, calibration, DPMM), then write one file."""
+    out = Path(args.out).expanduser()
+    if out.is_dir():
+        raise HiMatchADError(f"--out {out} is a folder; give the path of the bank file to write")
+    if not out.parent.is_dir():
+        raise HiMatchADError(f"--out {out}: the folder {out.parent} does not exist")
+    det = detector_from_args(args, _progress(args))
+    check_cache_for_run(det, args.normals, getattr(args, "rebuild", False))
+    _fit(det, args.normals, args)
+    t = time.perf_counter()
+    path = det.export_bank(out, keep_names=args.keep_names)
+    info = {
+        "bank_file": str(path),
+        "bytes": path.stat().st_size,
+        "method": det.method,
+        "slices": det.fit_info["slices"],
+        "subjects": len(det.subjects),
+        "names": "kept" if args.keep_names else "anonymised",
+        "seconds": round(time.perf_counter() - t, 3),
+    }
+    print(json.dumps(info, indent=1))
+    return 0
+
+
 def cmd_detect(args) -> int:
     inp = Path(args.input).expanduser()
     if not inp.exists():
@@ -121,7 +156,8 @@ def cmd_detect(args) -> int:
     out = check_out_dir(args.out_dir)
     query = _detect_input(inp, args)
     det = detector_from_args(args, _progress(args))
-    check_cache_for_run(det, args.normals, getattr(args, "rebuild", False))
+    if not args.bank:
+        check_cache_for_run(det, args.normals, getattr(args, "rebuild", False))
     check_input_direction(query)
     img = det.check_query(query)  # a bad input fails now, not after minutes of bank building
     check_output_paths(out, img.name, img.is_2d, outputs=args.outputs or ())
@@ -136,15 +172,18 @@ def cmd_detect(args) -> int:
 
 def cmd_batch(args) -> int:
     out = check_out_dir(args.out_dir)
-    normals = os.path.abspath(Path(args.normals).expanduser())
+    normals = os.path.abspath(Path(args.normals).expanduser()) if args.normals else None
+    exclude = [normals] if normals else []
     inputs = Path(args.input_dir).expanduser()
-    find_cases(inputs, out, exclude=[normals], series_filter=args.series_filter)  # refuse a bad input folder before the bank is built
+    find_cases(inputs, out, exclude=exclude, series_filter=args.series_filter)  # refuse a bad input folder before the bank is built
 
     def progress(message: str, done: int, total: int) -> None:
         if done < total:
             _say(args, message)
 
     options = None
+    if args.engine == "ray" and args.bank:
+        raise HiMatchADError("--engine ray needs --normals (its workers build their banks from the folder); use --engine local with --bank")
     if args.engine == "ray":
         get_engine("ray").check()  # say how to install Ray before the bank is built
         if not (args.gpus_per_worker >= 0 and args.cpus_per_worker > 0):
@@ -156,10 +195,11 @@ def cmd_batch(args) -> int:
     elif args.address is not None or args.workers is not None or args.gpus_per_worker or args.cpus_per_worker != 1.0:
         raise HiMatchADError("--address, --workers, --gpus-per-worker and --cpus-per-worker need --engine ray")
     det = detector_from_args(args, _progress(args))
-    check_cache_for_run(det, normals, getattr(args, "rebuild", False))
+    if not args.bank:
+        check_cache_for_run(det, normals, getattr(args, "rebuild", False))
     _fit(det, normals, args)
     rows = run_batch(
-        det, inputs, out, overwrite=args.overwrite, exclude=[normals], progress=progress,
+        det, inputs, out, overwrite=args.overwrite, exclude=exclude, progress=progress,
         log=lambda m: print(f"warning: {m}", file=sys.stderr), engine=args.engine, engine_options=options,
         series_filter=args.series_filter, outputs=args.outputs,
     )

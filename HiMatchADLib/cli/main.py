@@ -20,7 +20,7 @@ from ..core.version import __version__
 from ..evaluation.command import add_subparser as add_evaluate_subparser
 from ..evaluation.synth import add_subparser as add_synth_subparser
 from .checks import preflight, write_folders
-from .commands import cmd_bank, cmd_batch, cmd_demo, cmd_detect, cmd_worker
+from .commands import cmd_bank, cmd_bank_export, cmd_batch, cmd_demo, cmd_detect, cmd_worker
 from .options import add_dicom_options, add_model_options, positive_int_arg
 from .reproduce import add_subparser as add_reproduce_subparser
 
@@ -78,9 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(b, with_method=False)
     b.set_defaults(func=cmd_bank)
 
+    # "himatchad bank export NORMALS --out FILE" (main() routes the two words here)
+    be = sub.add_parser(
+        "bank export", help="write the normal bank of a folder, calibrated for one method, to one file to share (detect --bank FILE)"
+    )
+    be.add_argument("normals", metavar="NORMALS_DIR")
+    be.add_argument("--out", required=True, metavar="FILE", help="the bank file to write (e.g. brain-flair.himatchad-bank)")
+    be.add_argument(
+        "--keep-names", action="store_true",
+        help="keep the normal files' names and subjects in the file (default: replaced by normal-0001, subject-0001, ...)",
+    )
+    add_model_options(be)
+    be.set_defaults(func=cmd_bank_export)
+
     d = sub.add_parser("detect", help="detect anomalies in one volume or image")
     d.add_argument("input", metavar="INPUT", help="NIfTI/NRRD/MHA file, DICOM folder or file, or PNG/JPEG/TIFF slice")
-    d.add_argument("--normals", required=True, metavar="NORMALS_DIR")
+    _add_normals_source(d)
     d.add_argument("--out-dir", required=True, metavar="OUT")
     add_model_options(d)
     add_dicom_options(d)
@@ -88,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bt = sub.add_parser("batch", help="detect on every input of a folder (resumable, CSV summary)")
     bt.add_argument("input_dir", metavar="INPUT_DIR")
-    bt.add_argument("--normals", required=True, metavar="NORMALS_DIR")
+    _add_normals_source(bt)
     bt.add_argument("--out-dir", required=True, metavar="OUT")
     bt.add_argument("--overwrite", action="store_true", help="recompute every case, even those finished earlier with the same settings")
     eg = bt.add_argument_group("engine")
@@ -128,9 +141,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_normals_source(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--normals", metavar="NORMALS_DIR", help="folder of normal scans (the bank is built and cached)")
+    src.add_argument("--bank", metavar="BANK_FILE", help="a bank file made by 'himatchad bank export' (no normal scans needed)")
+
+
+def _route_bank_export(argv: list) -> list:
+    """``bank export X ...`` -> the ``bank export`` command (``bank export`` alone is the bank of a folder named export)."""
+    i = next((n for n, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is not None and argv[i] == "bank" and len(argv) > i + 2 and argv[i + 1] == "export":
+        return [*argv[:i], "bank export", *argv[i + 2 :]]
+    return argv
+
+
+def _given_options(argv: list) -> set:
+    """The destinations of the options given on ``argv`` (parsed again with every default suppressed)."""
+
+    def suppress(parser) -> None:
+        parser._defaults.clear()
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sp in a.choices.values():
+                    suppress(sp)
+            else:
+                a.default = argparse.SUPPRESS
+
+    p = build_parser()
+    suppress(p)
+    return set(vars(p.parse_args(argv)))
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = build_parser()
+    argv = _route_bank_export(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
+    args.given_options = _given_options(argv)  # what a bank file must not override (detect --bank)
     if not args.debug:
         warnings.simplefilter("ignore", FutureWarning)
         logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -49,6 +49,7 @@ from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
 from .checks import check_query_against_bank
 from .parameters import DETECTOR_PARAMETERS, check_detector_parameters
 from .provenance import provenance
+from . import sharing
 from .subjects import subject_groups
 
 
@@ -190,7 +191,8 @@ class HiMatchDetector:
         cancel_event=None,
     ):
         given = locals()
-        values = check_detector_parameters({name: given[name] for name in DETECTOR_PARAMETERS})
+        self._given = {name: given[name] for name in DETECTOR_PARAMETERS}  # as passed (load_bank takes the bank's for defaults)
+        values = check_detector_parameters(dict(self._given))
         for name, value in values.items():  # every keyword, checked and converted, is an attribute
             setattr(self, name, value)
         self.precision = resolve_precision(self.precision, self.device)  # once: "auto" -> what this hardware runs best
@@ -206,6 +208,8 @@ class HiMatchDetector:
         self.fit_warnings: list = []
         self._checked: Optional[PreparedQuery] = None  # the query last read by check_query
         self._fitted_pattern: Optional[str] = None
+        self.bank_file: Optional[Path] = None  # the bank file load_bank() read the bank from
+        self.bank_file_digest: Optional[str] = None  # its manifest's SHA-256 ("sha256:<hex>"; it records every member's)
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
@@ -345,6 +349,7 @@ class HiMatchDetector:
             self.scorer = None
             self.calibration = None
         self.normals_dir = folder
+        self.bank_file = self.bank_file_digest = None
         for s in self.bank.skipped:
             warnings.warn(f"normal image skipped: {s['path']}: {s['reason']}")
         if self.scorer is None:
@@ -372,6 +377,31 @@ class HiMatchDetector:
         self.fit_info.update(self.scorer.describe())
         return self
 
+
+    def load_bank(self, path: Union[str, os.PathLike], asked: Optional[Sequence[str]] = None) -> "HiMatchDetector":
+        """Make the detector ready to predict from a bank file (``himatchad bank export``), without
+        the normal scans; instead of :meth:`fit`. Returns the detector.
+
+        The file is verified first (every member's SHA-256, its format version: a file of a newer
+        format is refused). It fixes the bank's settings (model weights, precision, method,
+        resolution, stages, clustering, preset, pixel spacing...) and the calibration key of its
+        method (``k``, ``target_fpr``, ``sigma``...): a setting not asked is taken from the file, one
+        asked with another value is refused, naming it. ``asked``: the keywords the caller set
+        (the command line's given options, a worker request's settings); None (default): those whose
+        value differs from the constructor's default. The detector then keeps the file's settings
+        (a later :meth:`fit` uses them). The loaded model must have the
+        weights the bank was made with (their ``weights_digest``); otherwise it is refused, naming
+        the model and digest the bank needs. Errors: :class:`HiMatchADError`.
+        """
+        sharing.load_bank(self, path, asked)
+        return self
+
+    def export_bank(self, path: Union[str, os.PathLike], keep_names: bool = False) -> Path:
+        """Write the fitted bank, the calibration of this detector's method (and the ``dpmm``
+        mixture) to the one file ``path`` that :meth:`load_bank` reads; no voxel data. The normal
+        files' names are replaced by opaque identifiers (``normal-0001``, subjects ``subject-0001``)
+        unless ``keep_names``. Written under a temporary name, verified, then renamed; returns the path."""
+        return sharing.export_bank(self, path, keep_names=keep_names)
 
     def _prepare_method(self) -> None:
         bank = self.bank

@@ -26,6 +26,8 @@ class DpmmScorer(Scorer):
 
     def __init__(self, means: np.ndarray, weights: np.ndarray, soft_counts: np.ndarray, hard_counts: np.ndarray, min_weight: float = 1e-6):
         hard_counts = np.asarray(hard_counts)
+        # The fit as given (what a bank file stores; the same scorer is made from it again).
+        self.fitted = {"means": np.asarray(means), "weights": np.asarray(weights), "soft_counts": np.asarray(soft_counts), "hard_counts": hard_counts}
         keep = (np.asarray(weights) > min_weight) & (np.asarray(soft_counts) >= 1.0) & (hard_counts >= 1)
         if not keep.any():  # degenerate fit: the most used component(s)
             keep = hard_counts == hard_counts.max()
@@ -106,6 +108,8 @@ def _make(detector, held_out_groups: list) -> DpmmScorer:
     """The mixture of the detector's bank without the held-out subjects: loaded from the bank's
     cache when fitted before with the same settings, else fitted and cached (atomically)."""
     bank = detector.bank
+    if "dpmm" in bank.extras:  # the mixture a bank file brought (fitted where the bank was made)
+        return DpmmScorer(*(bank.extras["dpmm"][f] for f in _FIELDS))
     key = {k: v for k, v in detector.method_key().items() if k.startswith("dpmm") or k == "seed"}
     key["held_out"] = [detector.subjects[int(g)] for g in held_out_groups]
     key["dpmm_format"] = DPMM_FORMAT

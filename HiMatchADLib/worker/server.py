@@ -12,6 +12,7 @@ Requests::
     {"id": "2", "cmd": "batch", "input_dir": FOLDER, "normals": FOLDER, "out_dir": FOLDER,
      "settings": {...}, "overwrite": false, "engine": "local", "engine_options": {},
      "series_filter": ["modality=MR,description~flair"], "dicom_seg": false, "dicom_heatmap": false}
+    (instead of "normals": "bank": FILE, a bank file made by ``himatchad bank export``; exactly one of the two)
     {"id": "3", "cmd": "ping"}               (answer: pid, version, detectors, devices, hub_token)
     {"cmd": "shutdown"}                      (end of stdin does the same)
 
@@ -117,9 +118,10 @@ class Worker:
             raise HiMatchADError(f"unknown setting(s) {', '.join(unknown)}; valid settings: {', '.join(sorted(allowed))}")
         return dict(settings)
 
-    def detector(self, settings: dict):
-        """``(detector, existed)``: the kept detector for these settings, or a new one."""
-        key = json.dumps(settings, sort_keys=True, default=str)
+    def detector(self, settings: dict, bank=None):
+        """``(detector, existed)``: the kept detector for these settings (and bank file: a detector
+        that loaded one holds the settings the file fixes), or a new one."""
+        key = json.dumps(settings if bank is None else [settings, str(bank)], sort_keys=True, default=str)
         det = self.detectors.get(key)
         if det is not None:
             self.detectors.move_to_end(key)
@@ -200,7 +202,9 @@ class Worker:
                 parse_series_filters(req.get("series_filter") or ())
             check_output_folder(req.get("out_dir"), input=req.get("input"), input_dir=req.get("input_dir"), normals=req.get("normals"), name="out_dir")
             _check_cache_folder(settings.get("cache_dir"))
-            det, existed = self.detector(settings)
+            if (req.get("bank") is None) == (req.get("normals") is None):
+                raise HiMatchADError("a detect or batch request needs exactly one of 'normals' (a folder of normal scans) and 'bank' (a bank file)")
+            det, existed = self.detector(settings, req.get("bank"))
             if cmd == "detect":
                 self._detect(rid, req, det, existed, outputs)
             else:
@@ -225,6 +229,21 @@ class Worker:
         return True
 
     def _fit(self, rid, req, det) -> tuple:
+        if req.get("bank") is not None:  # a bank file: loaded again when it changed
+            path = Path(self._path(req, "bank")).expanduser()
+            try:
+                st = path.stat()
+                stamp = (str(path), st.st_size, st.st_mtime_ns)
+            except OSError:
+                stamp = None
+            loaded = stamp is not None and getattr(det, "bank", None) is not None and getattr(det, "_worker_bank_stamp", None) == stamp
+            det.set_progress(self._progress(rid))
+            t = time.perf_counter()
+            if not loaded:
+                det._worker_bank_stamp = None
+                det.load_bank(path, asked=set(req.get("settings") or {}))  # the request's settings must agree with the file
+                det._worker_bank_stamp = stamp
+            return None, loaded, time.perf_counter() - t
         normals = Path(self._path(req, "normals")).expanduser()
         loaded = getattr(det, "bank", None) is not None and getattr(det, "normals_dir", None) == normals
         det.set_progress(self._progress(rid))
@@ -267,7 +286,7 @@ class Worker:
         t0 = time.perf_counter()
         normals, loaded, _ = self._fit(rid, req, det)
         rows = run_batch(
-            det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals],
+            det, input_dir, out_dir, overwrite=bool(req.get("overwrite", False)), exclude=[normals] if normals else [],
             progress=self._progress(rid), log=lambda m: log.warning("%s", m),
             engine=str(req.get("engine") or "local"), engine_options=req.get("engine_options") or None,
             series_filter=req.get("series_filter") or (), outputs=outputs,
