@@ -4,8 +4,8 @@
 the batch runner (both engines), the worker and the Slicer module all record the same thing:
 
 - ``format``: 1 (this layout); ``tool`` ``"himatchad"``, ``version`` (the package version),
-  ``method``, ``method_revision`` (:data:`~HiMatchADLib.detector.detector.METHOD_REVISION`),
-  ``created_utc`` (ISO 8601);
+  ``method``, ``method_revision`` (:data:`~HiMatchADLib.detector.detector.METHOD_REVISION`); no
+  time stamp, so that the same inputs give the same JSON (the file's own time says when);
 - ``libraries``: ``python``, ``numpy``, ``torch``, ``transformers``, ``SimpleITK`` versions (None
   when not installed); ``highdicom`` and ``pydicom`` are added when DICOM outputs are written
   (:func:`HiMatchADLib.outputs.files.save_result`); ``platform``;
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import platform
-from datetime import datetime, timezone
 from typing import Optional
 
 from ..core.digest import json_hash
@@ -125,7 +124,6 @@ def provenance(detector, result) -> dict:
         "version": __version__,
         "method": detector.method,
         "method_revision": result.settings.get("method_revision"),  # the detector's METHOD_REVISION
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "libraries": library_versions(),
         "platform": platform.platform(),
         "device": device,

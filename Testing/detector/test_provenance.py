@@ -97,7 +97,7 @@ def test_provenance_does_not_decide_whether_a_batch_case_is_done(fitted, lesion_
     a.write_text(json.dumps(old), encoding="utf-8")
     other = json.loads(b.read_text(encoding="utf-8"))
     other["provenance"]["libraries"]["torch"] = "0.0.1"  # another installation
-    other["provenance"]["created_utc"] = "2000-01-01T00:00:00+00:00"
+    other["provenance"]["platform"] = "another machine"
     b.write_text(json.dumps(other), encoding="utf-8")
     rows = run_batch(det, inputs, out, log=lambda m: None)
     assert [r["status"] for r in rows] == [STATUS_DONE, STATUS_DONE], [r["message"] for r in rows]
