@@ -551,9 +551,15 @@ def load_backbone(model: str = DEFAULT_MODEL, device: str = "cpu", precision: st
             "num_prefix_tokens": 1 + int(getattr(config, "num_register_tokens", 0) or 0),
             "fingerprint": _model_fingerprint(model, path if local else None, config),
             "weights_digest": weights_digest(path if local else cached_snapshot(model)),
+            # a model made by build_random_model says so in its config (other random models cannot be told)
+            "random_weights": bool(getattr(config, RANDOM_WEIGHTS_KEY, False)),
         }
         _MODEL_CACHE[key] = (net, info)
         return net, info
+
+
+#: Key of config.json marking a model made by :func:`build_random_model` (untrained weights).
+RANDOM_WEIGHTS_KEY = "himatchad_random_weights"
 
 
 def weights_digest(folder) -> Optional[str]:
@@ -609,6 +615,7 @@ def build_random_model(folder: str | os.PathLike, size: str = "tiny", seed: int 
         raise ValueError(f"size must be one of {list(presets)}")
     torch.manual_seed(seed)
     cfg = DINOv3ViTConfig(**presets[size])
+    setattr(cfg, RANDOM_WEIGHTS_KEY, True)  # saved in config.json: results can say "random stand-in"
     net = DINOv3ViTModel(cfg).eval()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -27,3 +27,18 @@ def test_a_loaded_model_reports_its_weights_digest(tmp_path):
     folder = build_random_model(tmp_path / "m", "selftest", seed=3)
     _, info = load_backbone(str(folder), "cpu", "fp32")
     assert info["weights_digest"] == weights_digest(folder)
+
+
+def test_a_random_model_made_here_says_so_and_a_trained_one_does_not(tmp_path):
+    import json
+
+    folder = build_random_model(tmp_path / "r", "selftest", seed=4)
+    assert json.loads((folder / "config.json").read_text())["himatchad_random_weights"] is True
+    assert load_backbone(str(folder), "cpu", "fp32")[1]["random_weights"] is True
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["himatchad_random_weights"]  # as a published model's config
+    other = tmp_path / "t"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(cfg))
+    (other / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    assert load_backbone(str(other), "cpu", "fp32")[1]["random_weights"] is False
