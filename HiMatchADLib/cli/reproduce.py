@@ -27,13 +27,14 @@ def add_subparser(sub) -> argparse.ArgumentParser:
     r.add_argument("scores", metavar="SCORES_JSON", help="a <name>_scores.json written by detect, batch or the Slicer module")
     r.add_argument("--model", default=None, help="model to check instead of the one the JSON names (Hub id or local folder)")
     r.add_argument("--normals", default=None, metavar="NORMALS_DIR", help="normal folder instead of the one the JSON names")
+    r.add_argument("--bank", default=None, metavar="BANK_FILE", help="bank file instead of the one the JSON names (a result made with --bank)")
     r.add_argument("--input", default=None, metavar="INPUT", help="input instead of the one the JSON names")
     r.add_argument("--device", default=None, type=device_arg, metavar="{auto,cpu,cuda,cuda:N,mps}", help="device instead of the recorded one")
     r.add_argument("--precision", default=None, metavar="{auto,fp32,bf16,int8}", help="precision instead of the recorded one")
     r.add_argument("--cache-dir", default=None, help="where banks are cached, for --rerun (default $HIMATCHAD_CACHE or ~/.cache/himatchad)")
     r.add_argument(
         "--rerun", action="store_true",
-        help="also run the detection again (needs the normal folder and the input) and compare the heatmap and slice scores",
+        help="also run the detection again (needs the normal folder or bank file, and the input) and compare the heatmap and slice scores",
     )
     r.add_argument("--json", action="store_true", help="print the items as one JSON object instead of lines")
     r.set_defaults(func=cmd_reproduce)
@@ -45,7 +46,7 @@ def cmd_reproduce(args) -> int:
     if args.rerun and not getattr(args, "quiet", False):
         progress = tqdm_callback()
     checks = check_reproduction(
-        args.scores, model=args.model, normals=args.normals, input=args.input, device=args.device,
+        args.scores, model=args.model, normals=args.normals, bank_file=args.bank, input=args.input, device=args.device,
         precision=args.precision, cache_dir=args.cache_dir, rerun=args.rerun, progress=progress,
     )
     verdict = reproducible(checks)

@@ -19,8 +19,9 @@ the batch runner (both engines), the worker and the Slicer module all record the
   of the normal files' paths, sizes and modification times), ``normals_digest`` (``"sha256:<hex>"``
   of the voxel digests of the normal images it holds: the same images copied elsewhere have the
   same one), ``folder``, ``files``, ``slices``, ``skipped`` (relative paths of the normal files it
-  skipped), ``bank_file_digest`` (the digest of the bank file the bank was read from, None when it
-  was built from the normal folder);
+  skipped), ``bank_file_digest`` (the digest of the bank file the bank was read from,
+  :attr:`HiMatchDetector.bank_file_digest`, None when it was built from the normal folder) and
+  ``bank_file`` (that file's path, else None);
 - ``feedback``: reserved, always a list (empty for now): entries of user feedback that changed
   the result;
 - ``settings``: the result's settings as recorded by the run (a copy of the JSON's ``"settings"``);
@@ -98,7 +99,7 @@ def _device_name(device: str) -> Optional[str]:
 def bank_provenance(bank) -> dict:
     """The ``"bank"`` entry for a loaded :class:`~HiMatchADLib.bank.store.NormalBank` (None: no bank)."""
     if bank is None:
-        return {"digest": None, "normals_digest": None, "folder": None, "files": 0, "slices": 0, "skipped": [], "bank_file_digest": None}
+        return {"digest": None, "normals_digest": None, "folder": None, "files": 0, "slices": 0, "skipped": [], "bank_file_digest": None, "bank_file": None}
     m = bank.manifest
     file_digest = getattr(bank, "bank_file_digest", None) or m.get("bank_file_digest")  # filled where a bank file records it
     return {
@@ -135,7 +136,11 @@ def provenance(detector, result) -> dict:
             "licence": catalogued.licence if catalogued is not None else None,
             "fingerprint": info.get("fingerprint"),
         },
-        "bank": {**bank_provenance(detector.bank), **({"bank_file_digest": detector.bank_file_digest} if getattr(detector, "bank_file_digest", None) else {})},
+        "bank": {
+            **bank_provenance(detector.bank),
+            **({"bank_file_digest": detector.bank_file_digest} if getattr(detector, "bank_file_digest", None) else {}),
+            "bank_file": str(detector.bank_file) if getattr(detector, "bank_file", None) else None,
+        },
         "feedback": [],
         "settings": dict(result.settings),
         "input_digest": dict(result.input_digest) if result.input_digest else None,

@@ -12,7 +12,8 @@ by item, and :func:`reproducible` says what that means:
   from its files without loading it), ``device`` (its type: cpu, cuda, mps), ``precision``,
   ``settings`` (those a detector made from the JSON's ``"settings"`` here would record, against
   those the result recorded), ``bank`` (the normal folder named in the JSON, or ``normals``: its
-  content fingerprint, else the digest of its images' voxels), ``input`` (the input named in the
+  content fingerprint, else the digest of its images' voxels; for a bank read from a bank file,
+  that file, or ``bank_file``: its digest), ``input`` (the input named in the
   JSON, or ``input``, read again): they decide;
 - with ``rerun``: ``heatmap`` and ``slice scores``, the detection run again here and compared with
   the recorded maps (largest absolute difference).
@@ -33,6 +34,7 @@ import numpy as np
 from ..core.digest import array_digest, files_digest, json_hash
 from ..core.errors import HiMatchADError
 from ..core.version import __version__
+from ..bank.bankfile import BankFile
 from ..bank.build import scan_normals
 from ..features.backbone import cached_snapshot, is_local_model, resolve_device, resolve_precision, weights_digest
 from ..io.dicom import find_series
@@ -197,15 +199,39 @@ def _settings_check(top: dict, recorded: dict, detector) -> Check:
     return Check("settings", DIFFERS, why=", ".join(changes))
 
 
-def _bank_check(prov: dict, recorded: dict, normals: Optional[str]) -> tuple:
-    """``(check, normal folder or None)``."""
+def _bank_file_check(bank: dict, bank_file: Optional[str]) -> tuple:
+    """``(check, bank file or None)`` of a result whose bank was read from a bank file."""
+    where = bank_file or bank.get("bank_file")
+    if not where:
+        return Check("bank", CANNOT, why="its bank was read from a bank file the result does not name; give it with --bank"), None
+    path = Path(where).expanduser()
+    if not path.is_file():
+        return Check("bank", CANNOT, why=f"the bank file {path} is not here; give it with --bank"), None
+    try:
+        now = BankFile.open(path).digest
+    except HiMatchADError as exc:
+        return Check("bank", CANNOT, why=str(exc)), None
+    return Check("bank", SAME if now == bank["bank_file_digest"] else DIFFERS, bank["bank_file_digest"], now, f"the bank file {path}"), path
+
+
+def _bank_check(prov: dict, recorded: dict, normals: Optional[str], bank_file: Optional[str] = None) -> tuple:
+    """``(check, normal folder or None, bank file or None)``: the bank file when the result's bank
+    was read from one (or ``bank_file`` is given) and no ``normals`` are given, else the folder."""
     bank = prov.get("bank") if isinstance(prov.get("bank"), dict) else {}
+    if bank_file or (bank.get("bank_file_digest") and not normals):
+        if not bank.get("bank_file_digest"):
+            return Check("bank", CANNOT, why="the result's bank was not read from a bank file; give its normal folder with --normals"), None, None
+        check, path = _bank_file_check(bank, bank_file)
+        return check, None, path
+    check, folder = _folder_check(bank, recorded, normals)
+    return check, folder, None
+
+
+def _folder_check(bank: dict, recorded: dict, normals: Optional[str]) -> tuple:
+    """``(check, normal folder or None)``."""
     folder = normals or bank.get("folder") or recorded.get("normals")
     if not folder:
-        why = "the result names no normal folder"
-        if bank.get("bank_file_digest"):
-            why = f"its bank was read from a bank file ({bank['bank_file_digest']})"
-        return Check("bank", CANNOT, why=why + "; give the normal folder with --normals"), None
+        return Check("bank", CANNOT, why="the result names no normal folder; give it with --normals"), None
     root = Path(folder).expanduser()
     if not root.is_dir():
         return Check("bank", CANNOT, why=f"the normal folder {root} is not here; give it with --normals"), None
@@ -268,9 +294,12 @@ def _input_check(data: dict, prov: dict, input_path: Optional[str]) -> tuple:
     return Check("input", SAME if before == now else DIFFERS, before.get("blake2b"), now.get("blake2b")), source
 
 
-def _rerun_checks(scores_path: Path, detector, normals: Path, source) -> list:
+def _rerun_checks(scores_path: Path, detector, normals: Optional[Path], bank_file: Optional[Path], source) -> list:
     old = load_result(scores_path)
-    detector.fit(normals)
+    if bank_file is not None:
+        detector.load_bank(bank_file)
+    else:
+        detector.fit(normals)
     new = detector.predict(source)
     checks = []
     if new.heatmap.shape != old.heatmap.shape:
@@ -293,6 +322,7 @@ def check_reproduction(
     *,
     model: Optional[str] = None,
     normals: Optional[Union[str, os.PathLike]] = None,
+    bank_file: Optional[Union[str, os.PathLike]] = None,
     input: Optional[Union[str, os.PathLike]] = None,
     device: Optional[str] = None,
     precision: Optional[str] = None,
@@ -301,8 +331,8 @@ def check_reproduction(
     progress=None,
 ) -> list:
     """The :class:`Check` items of the result ``scores_path`` on this installation (see the module
-    docstring). ``model``, ``normals``, ``input``, ``device``, ``precision``: instead of those the
-    JSON names. ``rerun``: also run the detection again and compare the maps (needs the normal
+    docstring). ``model``, ``normals``, ``bank_file``, ``input``, ``device``, ``precision``: instead
+    of those the JSON names. ``rerun``: also run the detection again and compare the maps (needs the normal
     folder and the input). Raises :class:`HiMatchADError` for a JSON that cannot be read."""
     path = Path(scores_path).expanduser()
     data = read_scores_json(path)
@@ -354,15 +384,16 @@ def check_reproduction(
     except HiMatchADError as exc:
         checks.append(Check("settings", CANNOT, why=f"this version does not accept them: {exc}"))
 
-    bank, folder = _bank_check(prov, recorded, str(normals) if normals is not None else None)
+    bank, folder, bank_path = _bank_check(prov, recorded, str(normals) if normals is not None else None, str(bank_file) if bank_file is not None else None)
     checks.append(bank)
     inp, source = _input_check(data, prov, str(input) if input is not None else None)
     checks.append(inp)
 
     if rerun:
-        missing = [what for what, ok in (("the normal folder", folder is not None), ("the input", source is not None), ("the settings", detector is not None)) if not ok]
+        have_bank = folder is not None or bank_path is not None
+        missing = [what for what, ok in (("the normal bank", have_bank), ("the input", source is not None), ("the settings", detector is not None)) if not ok]
         if missing:
             checks.append(Check("rerun", CANNOT, why=f"{' and '.join(missing)} cannot be used here (see above)"))
         else:
-            checks += _rerun_checks(path, detector, folder, source)
+            checks += _rerun_checks(path, detector, folder, bank_path, source)
     return checks

@@ -107,3 +107,34 @@ def test_library_versions_lists_what_is_installed():
     v = library_versions()
     assert set(v) == {"python", "numpy", "torch", "transformers", "SimpleITK"}
     assert set(library_versions(dicom=True)) == set(v) | {"highdicom", "pydicom"}
+
+
+def test_a_result_from_a_bank_file_records_the_files_digest(fitted, tiny_model, cache_dir, lesion_case, tmp_path, capsys):
+    from HiMatchADLib import HiMatchDetector
+    from HiMatchADLib.cli.main import main
+
+    img, _ = lesion_case
+    bank = fitted("knn").export_bank(tmp_path / "normals.himatchad-bank")
+    det = HiMatchDetector(model=tiny_model, method="knn", resolution=128, cache_dir=cache_dir).load_bank(bank)
+    from HiMatchADLib.io.writers import write_image
+
+    write_image(img.array, img.geometry, tmp_path / "case.nii.gz")
+    res = det.predict(tmp_path / "case.nii.gz")
+    assert res.provenance["bank"]["bank_file_digest"] == det.bank_file_digest and det.bank_file_digest.startswith("sha256:")
+    assert res.provenance["bank"]["bank_file"] == str(bank) and res.provenance["bank"]["folder"] is None
+    paths = det.save(res, tmp_path / "out")
+
+    def reproduce(*extra):
+        code = main(["--quiet", "reproduce", str(paths["scores"]), *map(str, extra)])
+        return code, {ln.split(":", 1)[0]: ln.split(":", 1)[1].strip() for ln in capsys.readouterr().out.splitlines()}
+
+    code, lines = reproduce("--rerun", "--cache-dir", cache_dir)
+    assert lines["bank"] == f"same (the bank file {bank})" and lines["weights digest"] == "same"
+    assert lines["heatmap"] == "same (max abs difference 0)"
+    assert code == 0 and lines["input"] == "same"
+    moved = bank.rename(tmp_path / "moved.himatchad-bank")
+    code, lines = reproduce()
+    assert code == 1 and lines["bank"] == f"cannot check: the bank file {bank} is not here; give it with --bank"
+    other = fitted("knn").export_bank(tmp_path / "other.himatchad-bank", keep_names=True)  # the same bank, another file
+    code, lines = reproduce("--bank", other)
+    assert code == 1 and lines["bank"].startswith(f"differs: {det.bank_file_digest} -> sha256:")
