@@ -14,7 +14,9 @@ the batch runner (both engines), the worker and the Slicer module all record the
 - ``model``: ``id`` (Hub id or local folder), ``weights_digest`` (``"sha256:<hex>"`` of the weight
   files, :func:`~HiMatchADLib.features.backbone.weights_digest`; None for a Hub model that is not
   in a local snapshot of the Hugging Face cache), ``licence`` (the catalogue's, None for a model
-  it does not list), ``fingerprint`` (the model fingerprint the bank cache is keyed by);
+  it does not list), ``fingerprint`` (the model fingerprint the bank cache is keyed by),
+  ``random_weights`` (True for a random stand-in made by
+  :func:`~HiMatchADLib.features.backbone.build_random_model`: its results say nothing of the method);
 - ``bank``: ``digest`` (the cached bank's content fingerprint: its manifest's ``content``, a hash
   of the normal files' paths, sizes and modification times), ``normals_digest`` (``"sha256:<hex>"``
   of the voxel digests of the normal images it holds: the same images copied elsewhere have the
@@ -135,6 +137,7 @@ def provenance(detector, result) -> dict:
             "weights_digest": info.get("weights_digest"),
             "licence": catalogued.licence if catalogued is not None else None,
             "fingerprint": info.get("fingerprint"),
+            "random_weights": bool(info.get("random_weights", False)),  # a random stand-in (build_random_model)
         },
         "bank": {
             **bank_provenance(detector.bank),

@@ -37,6 +37,7 @@ def test_every_scores_json_records_its_provenance(written, tiny_model):
     assert p["model"]["id"] == tiny_model
     assert p["model"]["weights_digest"] == weights_digest(tiny_model) and p["model"]["weights_digest"].startswith("sha256:")
     assert p["model"]["licence"] is None  # a local folder is not in the catalogue
+    assert p["model"]["random_weights"] is True  # the tests' model is a random stand-in
     bank = p["bank"]
     assert bank["digest"] == det.bank.manifest["content"]
     assert bank["normals_digest"] == normals_digest(det.bank.manifest["voxel_digests"]) and bank["normals_digest"].startswith("sha256:")
