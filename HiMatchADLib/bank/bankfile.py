@@ -135,8 +135,8 @@ class BankFile:
         if comment != _COMMENT_PREFIX + hashlib.sha256(head).hexdigest().encode():
             raise HiMatchADError(f"{damaged}: its manifest {MANIFEST_NAME} was changed after export (checksum mismatch)")
         recorded = manifest.get("members")
-        if not isinstance(recorded, dict):
-            raise HiMatchADError(f"{damaged}: its manifest lists no members")
+        if not isinstance(recorded, dict) or not all(isinstance(r, dict) for r in recorded.values()):
+            raise HiMatchADError(f"{damaged}: its manifest has no valid list of members")
         extra = sorted(set(infos) - set(recorded) - {MANIFEST_NAME})
         missing = sorted(set(recorded) - set(infos))
         if missing or extra:

@@ -136,21 +136,32 @@ def test_a_truncated_file_is_refused(exported, tiny_model, tmp_path, keep):
         _load(tiny_model, bad, tmp_path)
 
 
-def test_a_newer_format_is_refused(exported, tiny_model, tmp_path):
-    src = exported("himatch")
+def _with_manifest(src, dest, change):
+    """A copy of the bank file whose manifest ``change`` edits, its checksum recomputed (as a newer
+    HiMatch-AD, or a careful forger, would write it)."""
     with zipfile.ZipFile(src) as zf:
         members = {i.filename: zf.read(i.filename) for i in zf.infolist()}
     m = json.loads(members[MANIFEST_NAME])
-    m["format"] = BANK_FILE_FORMAT + 1
+    change(m)
     head = json.dumps(m).encode()
-    bad = tmp_path / "new.himatchad-bank"
-    with zipfile.ZipFile(bad, "w", compression=zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as zf:
         zf.comment = b"himatchad-bank sha256:" + hashlib.sha256(head).hexdigest().encode()
         zf.writestr(MANIFEST_NAME, head)
         for name, data in members.items():
             if name != MANIFEST_NAME:
                 zf.writestr(name, data)
+    return dest
+
+
+def test_a_newer_format_is_refused(exported, tiny_model, tmp_path):
+    bad = _with_manifest(exported("himatch"), tmp_path / "new.himatchad-bank", lambda m: m.update(format=BANK_FILE_FORMAT + 1))
     with pytest.raises(HiMatchADError, match=rf"made by a newer HiMatch-AD \(format {BANK_FILE_FORMAT + 1}; .*upgrade"):
+        _load(tiny_model, bad, tmp_path)
+
+
+def test_a_manifest_with_bad_member_records_is_refused(exported, tiny_model, tmp_path):
+    bad = _with_manifest(exported("himatch"), tmp_path / "odd.himatchad-bank", lambda m: m["members"].update({"calibration.json": 7}))
+    with pytest.raises(HiMatchADError, match="no valid list of members"):
         _load(tiny_model, bad, tmp_path)
 
 
