@@ -62,3 +62,13 @@ def test_bank_alone_on_a_folder_named_export_is_still_the_bank_command():
     assert _route_bank_export(["--quiet", "bank", "export", "N", "--out", "f"]) == ["--quiet", "bank export", "N", "--out", "f"]
     assert _route_bank_export(["bank", "export"]) == ["bank", "export"]
     assert _route_bank_export(["detect", "bank", "export"]) == ["detect", "bank", "export"]
+
+
+def test_batch_with_a_bank_file_refuses_the_ray_engine(fitted, lesion_case, tmp_path, capsys):
+    bank = fitted("himatch").export_bank(tmp_path / "b.himatchad-bank")
+    img, _ = lesion_case
+    write_image(img.array, img.geometry, tmp_path / "in" / "case.nii.gz")
+    capsys.readouterr()
+    assert main(["--quiet", "batch", str(tmp_path / "in"), "--bank", str(bank), "--out-dir", str(tmp_path / "o"), "--engine", "ray"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--engine ray needs --normals" in err[0]

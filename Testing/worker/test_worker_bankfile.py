@@ -31,3 +31,22 @@ def test_detect_with_a_bank_file_and_reuse(fitted, lesion_case, tmp_path):
     assert "resolution 128 (asked: 448)" in errors[5]["message"]
     assert "exactly one of 'normals'" in errors[3]["message"]
     assert "bank file not found" in errors[4]["message"] and not errors[4].get("internal")
+
+
+def test_batch_with_a_bank_file(fitted, lesion_case, tmp_path):
+    from HiMatchADLib.io.writers import write_image
+
+    img, _ = lesion_case
+    write_image(img.array, img.geometry, tmp_path / "in" / "case.nii.gz")
+    ref = fitted("knn")
+    bank = ref.export_bank(tmp_path / "knn.himatchad-bank")
+    events = []
+    Worker(events.append).handle(
+        {"id": 1, "cmd": "batch", "input_dir": str(tmp_path / "in"), "bank": str(bank), "out_dir": str(tmp_path / "out"), "settings": {"model": ref.model}}
+    )
+    done = [e for e in events if e.get("event") in ("done", "error")]
+    assert done[-1]["event"] == "done" and done[-1]["counts"]["ok"] == 1, done
+    got = ref.predict(img)
+    from HiMatchADLib.io.readers import read_image
+
+    assert np.array_equal(read_image(tmp_path / "out" / "case_heatmap.nii.gz").array, got.heatmap)
