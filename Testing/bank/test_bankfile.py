@@ -204,3 +204,16 @@ def test_an_export_that_fails_verification_leaves_nothing(fitted, tmp_path, monk
     with pytest.raises(HiMatchADError, match="verification failed"):
         fitted("himatch").export_bank(tmp_path / "x.himatchad-bank")
     assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_an_approximate_knn_index_is_rebuilt_from_the_file_and_cached_beside_it(tiny_model, normals_dir, cache_dir, lesion_case, tmp_path):
+    img, _ = lesion_case
+    det = HiMatchDetector(model=tiny_model, method="knn", knn_index="ivf", k=4, resolution=RESOLUTION, cache_dir=cache_dir).fit(normals_dir)
+    ref = det.predict(img)
+    path = det.export_bank(tmp_path / "ivf.himatchad-bank")
+    got = _load(tiny_model, path, tmp_path)
+    assert got.knn_index == "ivf" and got.fit_info["knn_index"]["kind"] == "ivf"
+    res = got.predict(img)
+    # the index is built from the same tokens with the same seed, single-threaded: the same index here
+    assert np.array_equal(res.heatmap, ref.heatmap) and res.threshold == ref.threshold
+    assert list((tmp_path / "cache" / "bankfiles").glob("*/knn_ivf_*.faiss"))
