@@ -133,7 +133,7 @@ def test_a_result_from_a_bank_file_records_the_files_digest(fitted, tiny_model, 
     assert lines["bank"] == f"same (the bank file {bank})" and lines["weights digest"] == "same"
     assert lines["heatmap"] == "same (max abs difference 0)"
     assert code == 0 and lines["input"] == "same"
-    moved = bank.rename(tmp_path / "moved.himatchad-bank")
+    bank.rename(tmp_path / "moved.himatchad-bank")
     code, lines = reproduce()
     assert code == 1 and lines["bank"] == f"cannot check: the bank file {bank} is not here; give it with --bank"
     other = fitted("knn").export_bank(tmp_path / "other.himatchad-bank", keep_names=True)  # the same bank, another file
