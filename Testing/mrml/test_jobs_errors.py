@@ -13,6 +13,7 @@ from conftest import RESOLUTION  # noqa: E402
 from HiMatchADLib.core.errors import HiMatchADError, ModelAccessError  # noqa: E402
 from HiMatchADLib.mrml.jobs import DetectionRunner  # noqa: E402
 from HiMatchADLib.worker.client import WorkerClient  # noqa: E402
+from test_mrml_jobs import finish  # noqa: E402
 
 TIMEOUT = 300
 HUB_ID = "facebook/dinov3-vits16-pretrain-lvd1689m"
@@ -32,18 +33,6 @@ def add_volume(scene, array):
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "case")
     slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array))
     return node
-
-
-def finish(runner):
-    import time
-
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        for kind, job, payload in runner.poll():
-            if kind != "progress":
-                return kind, job, payload
-        time.sleep(0.02)
-    raise AssertionError("the job did not end")
 
 
 def test_a_model_that_cannot_be_loaded_gives_the_structured_error_on_the_job(offline_runner, normals_dir, lesion_case, tmp_path):

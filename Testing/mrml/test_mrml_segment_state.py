@@ -19,10 +19,8 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML without Qt) is not installed")
 vtk = pytest.importorskip("vtk")
 
-import types  # noqa: E402
-
 from test_mrml import SHAPE, add_volume, make_result, oblique_ijk_to_ras, slicer_scene, synthetic_array  # noqa: E402
-from test_mrml_export import merged_reference_labelmap, tag, transformed_volume  # noqa: E402
+from test_mrml_export import merged_reference_labelmap, slicer_modules, tag, transformed_volume  # noqa: E402,F401  (slicer_modules: fixture)
 from vtk.util import numpy_support  # noqa: E402
 
 from HiMatchADLib import mrml  # noqa: E402
@@ -36,21 +34,6 @@ ALGORITHM_TYPE = "DICOM.SegmentAlgorithmType"
 def scene():
     with slicer_scene() as s:
         yield s
-
-
-@pytest.fixture
-def slicer_modules(scene, monkeypatch):
-    """``slicer.modules`` and ``slicer.mrmlScene`` as the application has them, for slicer.util."""
-    volumes = slicer.vtkSlicerVolumesLogic()
-    volumes.SetMRMLScene(scene)
-    modules = types.SimpleNamespace(
-        volumes=types.SimpleNamespace(logic=lambda: volumes),
-        segmentations=types.SimpleNamespace(logic=lambda: slicer.vtkSlicerSegmentationsModuleLogic()),
-    )
-    monkeypatch.setattr(slicer, "modules", modules, raising=False)
-    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    yield modules
-    volumes.SetMRMLScene(None)
 
 
 def algorithm_type(nodes, name="Anomaly"):
@@ -82,7 +65,7 @@ def labelmap_of(nodes):
 
 
 # --------------------------------------------------------------------------- DICOM algorithm type
-def test_edits_make_the_segment_semiautomatic(scene, slicer_modules):
+def test_edits_make_the_segment_semiautomatic(scene, slicer_modules):  # noqa: F811 (the imported fixture)
     node, _, _ = transformed_volume(scene)
     nodes = mrml.result_to_nodes(make_result(mrml.image_from_volume_node(node)), node)
     assert algorithm_type(nodes) == "AUTOMATIC" == mrml.segment_algorithm_type(nodes.segmentation)
@@ -154,7 +137,7 @@ def test_the_detections_threshold_is_the_calibrated_one(scene):
 
 
 # --------------------------------------------------------------------------- the labelmap node
-def test_labelmap_node_follows_the_segment(scene, slicer_modules):
+def test_labelmap_node_follows_the_segment(scene, slicer_modules):  # noqa: F811 (the imported fixture)
     node, transform, _ = transformed_volume(scene)
     nodes = mrml.result_to_nodes(make_result(mrml.image_from_volume_node(node)), node)
     assert np.array_equal(labelmap_of(nodes), nodes.result.labelmap)
@@ -168,7 +151,7 @@ def test_labelmap_node_follows_the_segment(scene, slicer_modules):
     assert not labelmap_of(nodes).any()
 
 
-def test_labelmap_follows_a_segmentation_of_a_loaded_scene(scene, slicer_modules):
+def test_labelmap_follows_a_segmentation_of_a_loaded_scene(scene, slicer_modules):  # noqa: F811 (the imported fixture)
     """Observers are not saved with a scene: watch_result_segmentations brings a loaded scene's
     labelmap nodes and tags up to date and keeps them so."""
     node, _, _ = transformed_volume(scene)
