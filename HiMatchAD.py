@@ -915,7 +915,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
         if not total:
             return str(message)
-        unit = " MB" if str(message).startswith(download_message("").strip()) else ""
+        unit = " MB" if str(message).startswith(download_message("")) else ""
         return f"{message} {done}/{total}{unit}"
 
     @staticmethod
@@ -1177,11 +1177,10 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
     def anomalousSizeText(nodes) -> str:
         """Voxel count and physical size of the anomalous region: mL for volumes, cm² for a 2D image."""
         result = nodes.result
-        spacing = result.geometry.spacing
         voxels = nodes.anomalous_voxels
         if result.geometry.is_2d:
-            return _("{voxels} pixels ({area:.2f} cm²)").format(voxels=voxels, area=voxels * spacing[0] * spacing[1] / 100.0)
-        return _("{voxels} voxels ({ml:.2f} mL)").format(voxels=voxels, ml=voxels * spacing[0] * spacing[1] * spacing[2] / 1000.0)
+            return _("{voxels} pixels ({area:.2f} cm²)").format(voxels=voxels, area=voxels * result.voxel_measure / 100.0)
+        return _("{voxels} voxels ({ml:.2f} mL)").format(voxels=voxels, ml=voxels * result.voxel_measure / 1000.0)
 
     def jumpToSlice(self, nodes, index: int) -> bool:
         """Centre the slice views on slice ``index`` (along the detector's slicing axis)."""

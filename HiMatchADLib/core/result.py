@@ -145,6 +145,12 @@ class DetectionResult:
         return int(self.labelmap.sum())
 
     @property
+    def voxel_measure(self) -> float:
+        """Physical size of one voxel: mm³ for a volume, mm² (the pixel area) for a 2D image."""
+        spacing = self.geometry.spacing
+        return float(np.prod(spacing[:2] if self.geometry.is_2d else spacing))
+
+    @property
     def most_anomalous_slice(self) -> int:
         """Index along ``slice_axis`` of the slice with the highest score (-1 when none)."""
         s = np.asarray(self.slice_scores, dtype=float)
@@ -175,7 +181,7 @@ class DetectionResult:
             "threshold_info": self.threshold_info,
             "min_component_size": int(self.min_component_size),
             "anomalous_voxels": self.anomalous_voxels,
-            "anomalous_volume_mm3": round(self.anomalous_voxels * float(np.prod(self.geometry.spacing if not self.geometry.is_2d else self.geometry.spacing[:2])), 3),
+            "anomalous_volume_mm3": round(self.anomalous_voxels * self.voxel_measure, 3),
             "slice_axis": int(self.slice_axis),
             "most_anomalous_slice": self.most_anomalous_slice,
             "slice_scores": [_f(s) for s in np.asarray(self.slice_scores, dtype=float)],

@@ -15,7 +15,6 @@ loaded model has the weights the bank was made with, and makes the detector read
 from __future__ import annotations
 
 import datetime
-import hashlib
 import inspect
 import io
 import json
@@ -29,6 +28,7 @@ import numpy as np
 
 from ..bank.bankfile import BANK_FILE_FORMAT, KIND, BankFile, write_bank_file
 from ..bank.store import NormalBank, array_files, default_cache_root, verify_checksums
+from ..core.digest import json_hash
 from ..core.errors import HiMatchADError
 from ..core.version import __version__
 from ..features.backbone import resolve_precision
@@ -262,7 +262,7 @@ def load_bank(det, path, asked=None) -> None:
             f"loaded model {det.model} has other weights ({have or 'without a digest'}); load the bank's model (--model)"
         )
     bank_manifest = man["bank"]
-    key = hashlib.sha256(json.dumps(man, sort_keys=True).encode()).hexdigest()[:20]
+    key = json_hash(man)[:20]
     extras = (Path(det.cache_dir).expanduser() if det.cache_dir else default_cache_root()) / "bankfiles" / key
     try:
         extras.mkdir(parents=True, exist_ok=True)  # where an ivf/hnsw kNN index built from it is kept

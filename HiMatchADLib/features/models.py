@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -57,8 +57,7 @@ class ModelInfo:
             object.__setattr__(self, "url", f"{HUB_URL}/{self.id}")
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "label": self.label, "licence": self.licence, "gated": self.gated, "url": self.url,
-                "patch_size": self.patch_size, "size": self.size, "note": self.note}
+        return asdict(self)
 
 
 KNOWN_MODELS = (

@@ -106,11 +106,10 @@ def overview_panels(result: DetectionResult, grey: np.ndarray, n: int = 6) -> li
 
 
 def anomalous_volume_text(result: DetectionResult) -> str:
-    sp = result.geometry.spacing
     voxels = int(result.anomalous_voxels)
     if result.geometry.is_2d:
-        return f"{voxels} px ({voxels * sp[0] * sp[1] / 100.0:.2f} cm²)"
-    return f"{voxels} voxels ({voxels * sp[0] * sp[1] * sp[2] / 1000.0:.2f} mL)"
+        return f"{voxels} px ({voxels * result.voxel_measure / 100.0:.2f} cm²)"
+    return f"{voxels} voxels ({voxels * result.voxel_measure / 1000.0:.2f} mL)"
 
 
 def render_overview(result: DetectionResult, grey: np.ndarray, n: int = 6, model_label: Optional[str] = None,
