@@ -54,8 +54,9 @@ from ..io.series_filters import parse_series_filters
 from ..outputs.registry import check_outputs
 from .cases import PathLike, absolute_path, find_cases
 from .engines import get_engine
+from .report import REPORT_NAME, write_report
 from .resume import result_settings
-from .summary import batch_warning
+from .summary import batch_warning, error_message
 
 
 def prepare_batch(
@@ -100,6 +101,7 @@ def run_batch(
     series_filter=(),
     outputs: Iterable[str] = (),
     prefetch: bool = True,
+    report: bool = True,
 ) -> list:
     """Detect anomalies in every case of ``input_dir``; outputs mirrored under ``out_dir``.
 
@@ -130,6 +132,11 @@ def run_batch(
     next is computed (at most one case ahead, one computed and one being written). False runs the
     three stages one after the other; outputs and rows are the same either way. ``seconds`` of a
     case is the sum of its own stages.
+
+    ``report`` (default True): when the cases are done, write ``report.html`` in ``out_dir``, the
+    cohort page of the batch (:func:`HiMatchADLib.batch.report.write_report`; ``himatchad report
+    OUT_DIR`` makes it again). A page that cannot be written is a warning through ``log``
+    ("report.html not written: ..."); the batch's outputs and rows are complete either way.
     """
     filters = parse_series_filters(series_filter)  # bad syntax fails before anything else
     outputs = check_outputs(outputs)
@@ -137,7 +144,13 @@ def run_batch(
     options = dict(engine_options or {})
     if engine == "local":
         options["prefetch"] = prefetch
-    return run(
+    rows = run(
         detector, input_dir, out_dir, overwrite=overwrite, exclude=exclude, progress=progress, log=log,
         series_filter=filters, outputs=outputs, **options,
     )
+    if report:
+        try:
+            write_report(absolute_path(out_dir), rows)
+        except Exception as exc:  # the batch is finished: a page that cannot be written is only a warning
+            (log or batch_warning)(f"{REPORT_NAME} not written: {error_message(exc)}")
+    return rows

@@ -23,6 +23,7 @@ from .checks import preflight, write_folders
 from .commands import cmd_bank, cmd_bank_export, cmd_batch, cmd_demo, cmd_detect, cmd_worker
 from .options import add_dicom_options, add_model_options, positive_int_arg
 from .reproduce import add_subparser as add_reproduce_subparser
+from .report import add_subparser as add_report_subparser
 
 EXIT_USER_ERROR = 2
 
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.set_defaults(func=cmd_worker)
 
     add_reproduce_subparser(sub)
+    add_report_subparser(sub)
     add_evaluate_subparser(sub)
     add_synth_subparser(sub)
     return p
