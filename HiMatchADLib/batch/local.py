@@ -13,8 +13,8 @@ from typing import Optional
 from ..core.errors import Cancelled, HiMatchADError
 from ..outputs.files import check_output_paths
 from .cases import Case
-from .resume import case_outputs, check_earlier
-from .run_case import CASE_ERRORS, case_error_message, failed_row, run_case, write_case
+from .resume import case_outputs
+from .run_case import CASE_ERRORS, case_error_message, earlier_row, failed_row, run_case, write_case
 from .runner import prepare_batch
 from .summary import (
     STATUS_OK,
@@ -43,7 +43,7 @@ def _read_stage(detector, case: Case, out_root: Path, current: dict, overwrite: 
     reading, checks, preprocessing. Runs in the reading thread: it touches no model and no shared
     state, and the errors of reading belong to the case."""
     start = time.perf_counter()
-    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
+    earlier, note = earlier_row(case, out_root, current, overwrite=overwrite, outputs=outputs)
     out = _Read(earlier=earlier, note=note)
     if earlier is None:
         try:

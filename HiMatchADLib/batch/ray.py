@@ -46,8 +46,8 @@ from ..core.version import __version__
 from ..detector.detector import HiMatchDetector
 from ..outputs.registry import check_outputs
 from .cases import Case, PathLike
-from .resume import check_earlier, result_settings, settings_changes
-from .run_case import run_case
+from .resume import result_settings, settings_changes
+from .run_case import earlier_row, run_case
 from .runner import prepare_batch
 from .summary import (
     STATUS_FAILED,
@@ -353,7 +353,7 @@ def run_batch_ray(
     todo: deque = deque()
     for i, case in enumerate(cases):
         start = time.perf_counter()
-        row, _ = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
+        row, _ = earlier_row(case, out_root, current, overwrite=overwrite, outputs=outputs)
         if row is None:
             todo.append((i, 0))
         else:

@@ -101,7 +101,13 @@ def _series_change(case: Case, data: dict) -> str:
     return ""
 
 
-#: The DICOM outputs a batch can ask for, and how a message names them.
+#: Optional outputs that a "done earlier" case lacking them gets from its saved outputs, without
+#: computing its maps again (:func:`HiMatchADLib.batch.run_case.earlier_row`).
+REMADE_FROM_OUTPUTS = frozenset({"overview"})
+#: The key of a "done earlier" row of :func:`check_earlier` naming those outputs (never in ``summary.csv``).
+REMAKE_KEY = "_remake"
+
+
 def case_outputs(case: Case, outputs: tuple) -> tuple:
     """``(keywords for detector.save, note)``: the optional outputs asked for that ``case`` can
     have, and, for those it cannot (a DICOM output of a non-DICOM case), the note that they were
@@ -133,7 +139,9 @@ def check_earlier(
     the same content (digest); otherwise ``(None, note)``, where ``note`` says
     why an earlier result is recomputed ("" when there is none, or with ``overwrite``). A series
     that cannot be analysed gives its "skipped" row at once. Reads only; :func:`run_case` starts
-    with this check.
+    with this check. A done-earlier case that lacks only outputs that can be made from its saved
+    ones (:data:`REMADE_FROM_OUTPUTS`: the overview picture) is done earlier too, and its row names
+    them under :data:`REMAKE_KEY`: :func:`~HiMatchADLib.batch.run_case.earlier_row` makes them.
     """
     out_root = absolute_path(out_root)
     if case.skip_reason:
@@ -152,10 +160,17 @@ def check_earlier(
             if change:
                 return None, f"recomputed: {change}"
             wanted, note = case_outputs(case, outputs)
-            missing = [get_writer(k).title for k in wanted.get("outputs", ()) if k not in (data.get("outputs") or {})]
+            is_2d = bool((data.get("geometry") or {}).get("is_2d"))
+            missing = [k for k in wanted.get("outputs", ()) if k not in (data.get("outputs") or {})
+                       and not (is_2d and get_writer(k).needs == "volume")]
+            remake = [k for k in missing if k in REMADE_FROM_OUTPUTS]
+            missing = [get_writer(k).title for k in missing if k not in remake]
             if missing:
                 return None, f"recomputed: the earlier result has no {' or '.join(missing)}"
-            return summary_row(case, out_root, STATUS_DONE, data, join_notes(note, *map(str, data.get("warnings") or []))), ""
+            row = summary_row(case, out_root, STATUS_DONE, data, join_notes(note, *map(str, data.get("warnings") or [])))
+            if remake:
+                row[REMAKE_KEY] = tuple(remake)
+            return row, ""
         return None, ""
     if paths["scores"].exists() or paths["heatmap"].exists():
         data = read_scores(paths["scores"])

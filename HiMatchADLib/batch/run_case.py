@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..core.errors import Cancelled, HiMatchADError
+from ..detector.overview import add_overview
 from ..outputs.files import check_output_paths, output_paths
 from .cases import Case, PathLike, absolute_path
-from .resume import case_outputs, check_earlier, read_scores
+from .resume import REMAKE_KEY, case_outputs, check_earlier, read_scores
 from .summary import (
     STATUS_FAILED,
     STATUS_OK,
@@ -45,6 +46,27 @@ def failed_row(case: Case, out_root: Path, message: str, say) -> dict:
     return summary_row(case, out_root, STATUS_FAILED, None, message)
 
 
+def earlier_row(case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, outputs: tuple = ()) -> tuple:
+    """:func:`~HiMatchADLib.batch.resume.check_earlier`, then, for a case done earlier that lacks
+    its overview picture, the picture made from its saved outputs (the maps are not computed
+    again) and the row read again. When the picture cannot be made the case stays done earlier and
+    its row says why."""
+    row, note = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
+    if row is None or not row.get(REMAKE_KEY):
+        return row, note
+    row.pop(REMAKE_KEY)
+    scores = output_paths(case.out_dir, case.name, False)["scores"]
+    try:
+        add_overview(scores, case.input)
+    except CASE_ERRORS as exc:
+        row["message"] = join_notes(row["message"], f"no overview picture: {case_error_message(exc)}")
+        return row, note
+    data = read_scores(scores)
+    if data is None:  # pragma: no cover - written atomically just now
+        raise HiMatchADError(f"the scores of {case.case} cannot be read back from {scores}")
+    return summary_row(case, absolute_path(out_root), row["status"], data, join_notes(row["message"], "overview picture made from the saved outputs")), note
+
+
 def run_case(
     detector, case: Case, out_root: PathLike, current: dict, *, overwrite: bool = False, log=None,
     outputs: tuple = (),
@@ -59,7 +81,7 @@ def run_case(
     """
     say = log or batch_warning
     out_root = absolute_path(out_root)
-    earlier, note = check_earlier(case, out_root, current, overwrite=overwrite, outputs=outputs)
+    earlier, note = earlier_row(case, out_root, current, overwrite=overwrite, outputs=outputs)
     if earlier is not None:
         return earlier
     if note:

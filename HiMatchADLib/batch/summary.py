@@ -15,7 +15,7 @@ from .cases import Case, PathLike, absolute_path
 
 SUMMARY_COLUMNS = (
     "case", "input", "status", "volume_score", "threshold", "anomalous_voxels",
-    "anomalous_volume_mm3", "most_anomalous_slice", "heatmap", "labelmap", "scores", "seconds", "message",
+    "anomalous_volume_mm3", "most_anomalous_slice", "heatmap", "labelmap", "scores", "overview", "seconds", "message",
 )
 
 STATUS_OK, STATUS_DONE, STATUS_FAILED, STATUS_SKIPPED = "ok", "done earlier", "failed", "skipped"
@@ -39,6 +39,10 @@ def summary_row(case: Case, out_root: Path, status: str, data: Optional[dict] = 
         paths = output_paths(case.out_dir, case.name, False)
         for key in ("heatmap", "labelmap", "scores"):
             row[key] = _relative(paths[key], out_root)
+        written = data.get("outputs") if isinstance(data.get("outputs"), dict) else {}
+        picture = written.get("overview") or written.get("overlay")  # a volume's overview, a 2D input's overlay
+        if isinstance(picture, str):
+            row["overview"] = _relative(case.out_dir / picture, out_root)
     return row
 
 

@@ -238,7 +238,7 @@ def cmd_demo(args) -> int:
     det = detector_from_args(args, _progress(args))
     _fit(det, paths["normals"], args)
     res = det.predict(paths["query"])
-    written = det.save(res, out)
+    written = det.save(res, out, outputs=("overview",))
     mask = read_image(paths["mask"]).array > 0
     lab = res.labelmap > 0
     fg = res.foreground > 0
@@ -255,6 +255,7 @@ def cmd_demo(args) -> int:
         "model patches, so they are coarser than the lesion)"
     )
     print(f"lesion found: {'yes' if mask[peak] else 'no'} (heatmap peak {'inside' if mask[peak] else 'outside'} the lesion)")
+    print(f"look at the result: {written['overview']} (the most anomalous slices with the heatmap and the lesion outline)")
     if stand_in:
         print(
             "The synthetic lesion is large and bright on purpose: untrained features still separate it from the phantom's "

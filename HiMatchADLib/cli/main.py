@@ -21,7 +21,7 @@ from ..evaluation.command import add_subparser as add_evaluate_subparser
 from ..evaluation.synth import add_subparser as add_synth_subparser
 from .checks import preflight, write_folders
 from .commands import cmd_bank, cmd_bank_export, cmd_batch, cmd_demo, cmd_detect, cmd_worker
-from .options import add_dicom_options, add_model_options, positive_int_arg
+from .options import add_dicom_options, add_model_options, add_picture_options, positive_int_arg
 from .reproduce import add_subparser as add_reproduce_subparser
 from .report import add_subparser as add_report_subparser
 
@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_normals_source(d)
     d.add_argument("--out-dir", required=True, metavar="OUT")
     add_model_options(d)
+    add_picture_options(d)
     add_dicom_options(d)
     d.set_defaults(func=cmd_detect)
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray actor; a fraction shares a GPU (default 0)")
     eg.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     add_model_options(bt)
+    add_picture_options(bt)
     add_dicom_options(bt)
     bt.set_defaults(func=cmd_batch)
 

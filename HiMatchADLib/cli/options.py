@@ -84,6 +84,14 @@ def add_model_options(p: argparse.ArgumentParser, with_method: bool = True) -> N
         )
 
 
+def add_picture_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-overview", dest="overview", action="store_false",
+        help="do not write <name>_overview.png (the most anomalous slices with the heatmap, the slice-score curve and "
+        "the result's numbers; written by default for volumes, a 2D input has its overlay PNG)",
+    )
+
+
 def add_dicom_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOM")
     g.add_argument(

@@ -45,8 +45,10 @@ from ..methods.maps import (
     top_percent_mean,
 )
 from ..outputs.files import save_result
+from ..outputs.registry import check_outputs
 from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
 from .checks import check_query_against_bank
+from .overview import display_volume
 from .parameters import DETECTOR_PARAMETERS, check_detector_parameters
 from .provenance import provenance
 from . import sharing
@@ -647,8 +649,7 @@ class HiMatchDetector:
                 "normal_pixel_median": (self.calibration.get("normal_pixel_quantiles") or {}).get("0.5"),
             },
         )
-        if img.is_2d:  # the input slice, for the overlay PNG (a volume's input array is not kept)
-            result.image_array = img.array
+        result.image_array = img.array  # the input, for the overlay PNG (2D) or the overview picture (no copy)
         if img.dicom_series is not None:  # a DICOM input: what its DICOM SEG references
             result.source_files, result.source_series = tuple(img.dicom_files), img.dicom_series.to_dict()
         result.input_digest = self._input_digest(img)
@@ -662,5 +663,13 @@ class HiMatchDetector:
     def save(self, result: DetectionResult, out_dir: Union[str, os.PathLike], *, outputs: Sequence[str] = ()) -> dict:
         """Write heatmap, labelmap and scores JSON (and an overlay PNG for 2D inputs) to ``out_dir``,
         and the optional ``outputs`` named (:func:`~HiMatchADLib.outputs.registry.list_writers`; for a
-        DICOM input ``"dicom_seg"``: a DICOM SEG, ``"dicom_heatmap"``: a parametric map)."""
-        return save_result(result, out_dir, outputs=outputs)
+        DICOM input ``"dicom_seg"``: a DICOM SEG, ``"dicom_heatmap"``: a parametric map; for a
+        volume ``"overview"``: the overview picture, from the input kept by :meth:`predict` or read
+        again from ``result.source_path``)."""
+        outputs = check_outputs(outputs)
+        if "overview" in outputs and not result.geometry.is_2d:
+            result.display_image = display_volume(result)
+        try:
+            return save_result(result, out_dir, outputs=outputs)
+        finally:
+            result.display_image = None  # a float copy of the volume: not kept

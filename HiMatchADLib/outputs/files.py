@@ -1,5 +1,6 @@
 """Writing a detection result: heatmap, labelmap, scores JSON and (for 2D inputs) an overlay PNG;
-on request, for a DICOM input, a DICOM SEG of the labelmap and a DICOM parametric map of the heatmap.
+on request the overview picture of a volume (``<name>_overview.png``) and, for a DICOM input, a
+DICOM SEG of the labelmap and a DICOM parametric map of the heatmap.
 
 Every file is written under a temporary name and renamed into place; the scores JSON comes last and
 carries ``"complete": true``, so a folder with a readable JSON holds a finished result. The JSON's
@@ -49,7 +50,8 @@ def output_paths(
     if foreground:
         paths["foreground"] = out / f"{name}_foreground.nii.gz"
     for key in check_outputs(outputs):
-        paths[key] = out / f"{name}{get_writer(key).suffix}"
+        if not (is_2d and get_writer(key).needs == "volume"):  # a 2D input's picture is its overlay
+            paths[key] = out / f"{name}{get_writer(key).suffix}"
     return paths
 
 
@@ -123,11 +125,14 @@ def save_result(
     ``outputs``: names of optional outputs (:func:`~HiMatchADLib.outputs.registry.list_writers`),
     e.g. ``{"dicom_seg", "dicom_heatmap"}``: ``<name>_seg.dcm`` (DICOM SEG of the labelmap) /
     ``<name>_heatmap_pm.dcm`` (parametric map of the heatmap) referencing the source series
-    (``result.source_files``; a result of a non-DICOM input is refused). Optional outputs of an
+    (``result.source_files``; a result of a non-DICOM input is refused), ``"overview"``: the
+    overview picture of a volume (``result.display_image`` needed, see
+    :meth:`HiMatchADLib.detector.HiMatchDetector.save`; left out for a 2D input, whose picture is
+    its overlay PNG). Optional outputs of an
     earlier result of the same name that are not written again are removed (they would not match
     the new maps).
     """
-    outputs = check_outputs(outputs)
+    outputs = tuple(k for k in check_outputs(outputs) if not (result.geometry.is_2d and get_writer(k).needs == "volume"))
     check_output_paths(out_dir, result.name, result.geometry.is_2d, foreground, outputs)
     writers = {}
     for key in outputs:

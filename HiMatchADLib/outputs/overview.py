@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..core.atomic import atomic_path
+from ..core.errors import HiMatchADError
 from ..core.geometry import Geometry
 from ..core.result import DetectionResult
 from .overlay import colormap, composite
@@ -119,6 +120,7 @@ def render_overview(result: DetectionResult, grey: np.ndarray, n: int = 6, model
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
 
     panels = overview_panels(result, grey, n)
@@ -160,6 +162,7 @@ def render_overview(result: DetectionResult, grey: np.ndarray, n: int = 6, model
         curve.legend(fontsize=7, loc="best", facecolor="0.2", labelcolor="white", edgecolor="0.4")
     shown = [p["index"] for p in panels]
     curve.plot(shown, s[shown], "o", color="orange", markersize=5)
+    curve.xaxis.set_major_locator(MaxNLocator(integer=True))  # slices are whole numbers
     curve.set_xlabel(f"slice (axis {result.slice_axis})", color="white", fontsize=8)
     curve.set_ylabel("slice score", color="white", fontsize=8)
     curve.tick_params(colors="white", labelsize=8)
@@ -187,4 +190,21 @@ def write_overview(result: DetectionResult, grey: np.ndarray, path, n: int = 6, 
     return path
 
 
-__all__: Sequence[str] = ("top_slices", "slice_plane", "radiological_view", "overview_panels", "render_overview", "write_overview")
+def write_overview_output(result: DetectionResult, source_files, path) -> Path:
+    """The ``"overview"`` output of :func:`~HiMatchADLib.outputs.files.save_result` (registry
+    signature): the picture of a volume's result from its windowed input image,
+    ``result.display_image``, which :meth:`HiMatchADLib.detector.HiMatchDetector.save` supplies.
+    The stand-in warning comes from the result's provenance (``model.random_weights``)."""
+    grey = getattr(result, "display_image", None)
+    if grey is None:
+        raise HiMatchADError(
+            f"the overview picture of '{result.name}' needs its input image: write it with HiMatchDetector.save "
+            "or HiMatchADLib.detector.overview.write_case_overview")
+    model = (result.provenance or {}).get("model") if isinstance(result.provenance, dict) else None
+    stand_in = bool(isinstance(model, dict) and model.get("random_weights"))
+    return write_overview(result, grey, path, model_label=result.model, stand_in=stand_in)
+
+
+__all__: Sequence[str] = (
+    "top_slices", "slice_plane", "radiological_view", "overview_panels", "render_overview", "write_overview", "write_overview_output",
+)

@@ -4,7 +4,8 @@ Every result is written as a heatmap, a labelmap and a scores JSON (and an overl
 inputs) by :func:`~HiMatchADLib.outputs.files.save_result`. Writers registered here add outputs on
 request: each has a name (the key in ``outputs`` and in the scores JSON's ``"outputs"``), a file
 suffix (``<name><suffix>``), a title for messages, the kind of input it needs (``"dicom"``: the
-source DICOM series it references), a check of its requirements (e.g. highdicom installed) run
+source DICOM series it references; ``"volume"``: a 3D input, the output is left out for a 2D
+one), a check of its requirements (e.g. highdicom installed) run
 before any work, and the function that writes it, imported on first use so that an optional
 dependency loads only when its output is asked for.
 
@@ -32,7 +33,7 @@ class OutputWriter:
     suffix: str
     module: str  # module of the write function, relative to this package
     function: str
-    needs: str = "dicom"  # the input it needs: "dicom" (the source series it references)
+    needs: str = "dicom"  # the input it needs: "dicom" (the source series it references) or "volume" (a 3D input)
     requires: Optional[Callable[[], None]] = None
     install_hint: str = ""
 
@@ -77,5 +78,9 @@ def check_outputs(outputs: Optional[Iterable[str]], load: bool = False) -> tuple
     return names
 
 
+register_writer(OutputWriter(
+    "overview", "overview picture", "_overview.png", ".overview", "write_overview_output", needs="volume",
+    install_hint="the overview picture needs matplotlib: pip install matplotlib",
+))
 register_writer(OutputWriter("dicom_seg", "DICOM SEG", "_seg.dcm", ".dicom_seg", "write_dicom_seg", install_hint=DICOM_INSTALL_HINT))
 register_writer(OutputWriter("dicom_heatmap", "DICOM parametric map", "_heatmap_pm.dcm", ".dicom_seg", "write_dicom_heatmap", install_hint=DICOM_INSTALL_HINT))

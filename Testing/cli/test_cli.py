@@ -44,12 +44,17 @@ def case_file(tmp_path_factory, lesion_case):
     return d / "case.nii.gz"
 
 
-def test_detect_writes_the_three_outputs(run, case_file, tmp_path):
+def test_detect_writes_the_three_outputs_and_the_overview(run, case_file, tmp_path):
     code, out, _ = run("detect", str(case_file), "--out-dir", str(tmp_path / "o"))
     assert code == 0 and "case:" in out
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    assert names == ["case_heatmap.nii.gz", "case_labelmap.nii.gz", "case_scores.json"]
+    assert names == ["case_heatmap.nii.gz", "case_labelmap.nii.gz", "case_overview.png", "case_scores.json"]
     data = json.loads((tmp_path / "o" / "case_scores.json").read_text())
+    assert data["outputs"]["overview"] == "case_overview.png" and data["output_digests"]["overview"]["bytes"] > 0
+    code, _, _ = run("detect", str(case_file), "--out-dir", str(tmp_path / "o"), "--no-overview")
+    assert code == 0
+    assert not (tmp_path / "o" / "case_overview.png").exists()  # not left beside maps it does not show
+    assert "overview" not in json.loads((tmp_path / "o" / "case_scores.json").read_text())["outputs"]
     assert data["complete"] and data["method"] == "knn"
     assert len(data["slice_scores"]) == PHANTOM_SHAPE[0]
     assert {"read", "features", "matching", "total", "write"} <= set(data["timings_s"])
@@ -184,7 +189,7 @@ def test_batch_command_and_run_batch_write_the_same_summary(run, tmp_path, fitte
     (inp / "sub" / "broken.nrrd").write_bytes(b"broken")
     code, _, _ = run("batch", str(inp), "--out-dir", str(tmp_path / "cli"), "--k", "4")
     assert code == 1
-    run_batch(fitted("knn"), inp, tmp_path / "lib", log=lambda m: None)
+    run_batch(fitted("knn"), inp, tmp_path / "lib", log=lambda m: None, outputs=("overview",))
 
     def table(folder):
         text = (folder / "summary.csv").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from HiMatchADLib.cli.main import main
 from HiMatchADLib.io.readers import read_image
@@ -31,5 +32,7 @@ def test_demo_runs_the_whole_path_and_reports_against_the_mask(tiny_model, cache
     assert auroc > 0.9, text  # even untrained features separate the demo lesion
     assert dice > 0.1, text
     assert "lesion found: yes" in text
+    shown = re.search(r"look at the result: (\S+_overview\.png)", text).group(1)
+    assert Path(shown) == out / "query_overview.png" and Path(shown).read_bytes()[:4] == b"\x89PNG"
     # an explicit --model is the user's own: no claim about stand-in features
     assert "untrained features still separate" not in text
