@@ -54,6 +54,7 @@ from HiMatchADLib.features.models import DEFAULT_MODEL, KNOWN_MODELS  # noqa: E4
 from HiMatchADLib.methods import list_methods  # noqa: E402
 
 NORMALS_FOLDER_SETTING = "HiMatchAD/NormalsFolder"
+BANK_FILE_SETTING = "HiMatchAD/BankFile"
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS_FILE = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
 PLOT_VIEW_SINGLETON_TAG = "HiMatchAD"
@@ -147,6 +148,16 @@ class _MethodChoice(enum.Enum):
 Method = _MethodChoice("Method", {name.upper(): name for name in list_methods()})
 
 
+class NormalsSource(enum.Enum):
+    """What the input is compared with: a folder of normal scans, or a bank file made from one."""
+
+    FOLDER = "folder"
+    BANK = "bank"
+
+    def label(self):
+        return {"folder": _("Folder of normal scans"), "bank": _("Normal bank file")}[self.value]
+
+
 class Device(enum.Enum):
     AUTO = "auto"
     CPU = "cpu"
@@ -162,7 +173,9 @@ class HiMatchADParameterNode:
     """State of the module, saved with the scene.
 
     inputVolume - volume to examine.
+    normalsSource - what the volume is compared with: the folder of normal scans or a bank file.
     normalsFolder - folder of normal scans (the reference "bank").
+    bankFile - a normal bank file (``himatchad bank export``): it fixes the model and method settings.
     modality, model, method, k, device - detector settings (see HiMatchADLib.HiMatchDetector).
     resolution, targetFpr, batchSize - advanced detector settings.
     heatmapOpacity - foreground opacity of the heatmap in slice views.
@@ -171,7 +184,9 @@ class HiMatchADParameterNode:
     """
 
     inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # as HiMatchADLib.mrml.INPUT_NODE_CLASSES
+    normalsSource: NormalsSource = NormalsSource.FOLDER
     normalsFolder: str = ""
+    bankFile: str = ""
     modality: Modality = Modality.AUTO
     model: str = DEFAULT_MODEL
     method: Method = Method.HIMATCH
@@ -206,6 +221,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._pollTimer = None
         self._thresholdTimer = None
+        self._reproduceTimer = None
         self._sliceNode = None
         self.plotWidget = None
 
@@ -226,6 +242,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.onSceneImported)
 
         self.ui.normalsPathLineEdit.connect("currentPathChanged(QString)", self.onNormalsFolderChanged)
+        self.ui.bankPathLineEdit.connect("currentPathChanged(QString)", self.onBankFileChanged)
+        self.ui.reproduceButton.connect("clicked(bool)", self.onCheckReproducibility)
         self.ui.modelBrowseButton.connect("clicked(bool)", self.onBrowseModel)
         for label, modelId in HiMatchADLogic.modelChoices():
             self.ui.modelComboBox.addItem(label, modelId)
@@ -263,6 +281,10 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._thresholdTimer.setSingleShot(True)
         self._thresholdTimer.setInterval(150)
         self._thresholdTimer.connect("timeout()", self.applyThreshold)
+        # The reproducibility check runs in a child process; its end is polled from here.
+        self._reproduceTimer = qt.QTimer()
+        self._reproduceTimer.setInterval(200)
+        self._reproduceTimer.connect("timeout()", self.onPollReproduceCheck)
 
         # Runs started anywhere (this panel, the Python console) are shown here.
         HiMatchADLogic.jobListeners.append(self.onJobStarted)
@@ -274,7 +296,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Called when the application closes and the module widget is destroyed (or reloaded):
         the worker (and any run in it) is stopped, so a reload never leaves a model loaded twice."""
-        for timer in (self._pollTimer, self._thresholdTimer):
+        for timer in (self._pollTimer, self._thresholdTimer, self._reproduceTimer):
             if timer is not None:
                 timer.stop()
         if self.onJobStarted in HiMatchADLogic.jobListeners:
@@ -334,6 +356,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.normalsFolder:
             # The folder of normal scans is remembered across sessions.
             self._parameterNode.normalsFolder = str(qt.QSettings().value(NORMALS_FOLDER_SETTING, "") or "")
+        if not self._parameterNode.bankFile:
+            self._parameterNode.bankFile = str(qt.QSettings().value(BANK_FILE_SETTING, "") or "")
 
     def _hideOutputsFromInputSelector(self, added=None) -> None:
         """Heatmaps and other outputs of this module are scalar volumes too: keep them out of the input list
@@ -370,8 +394,13 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = self.ui.normalsPathLineEdit.blockSignals(True)
             self.ui.normalsPathLineEdit.currentPath = pn.normalsFolder
             self.ui.normalsPathLineEdit.blockSignals(wasBlocked)
+        if pn is not None and self.ui.bankPathLineEdit.currentPath != pn.bankFile:
+            wasBlocked = self.ui.bankPathLineEdit.blockSignals(True)
+            self.ui.bankPathLineEdit.currentPath = pn.bankFile
+            self.ui.bankPathLineEdit.blockSignals(wasBlocked)
         if pn is not None:
             self._showModel(pn.model)
+        self._updateReferenceWidgets()
         self._checkCanApply()
         self._updateResultWidgets()
 
@@ -458,6 +487,26 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif page is not None and clicked == page:
             qt.QDesktopServices.openUrl(qt.QUrl(error.url))
 
+    def onBankFileChanged(self, path) -> None:
+        if self._parameterNode is not None and self._parameterNode.bankFile != path:
+            self._parameterNode.bankFile = path
+
+    #: Widgets of settings a bank file fixes: disabled while one is used.
+    BANK_FIXED_WIDGETS = ("modalityComboBox", "methodComboBox", "kSpinBox", "resolutionSpinBox", "targetFprSpinBox")
+
+    def _updateReferenceWidgets(self) -> None:
+        """The folder or the bank-file row, what the bank file holds, and the settings it fixes."""
+        pn = self._parameterNode
+        useBank = pn is not None and pn.normalsSource == NormalsSource.BANK
+        for name in ("normalsPathLineEdit", "exampleDataButton"):
+            getattr(self.ui, name).setVisible(not useBank)
+        for name in ("bankPathLineEdit", "bankInfoLabel"):
+            getattr(self.ui, name).setVisible(useBank)
+        for name in self.BANK_FIXED_WIDGETS:
+            widget = getattr(self.ui, name)
+            widget.enabled = not useBank
+        self.ui.bankInfoLabel.text = self.logic.bankPanelText(pn.bankFile) if useBank and pn.bankFile else ""
+
     def onNormalsFolderChanged(self, path) -> None:
         if self._parameterNode is not None and self._parameterNode.normalsFolder != path:
             self._parameterNode.normalsFolder = path
@@ -493,6 +542,10 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return _("No parameter node")
         if not pn.inputVolume or pn.inputVolume.GetImageData() is None:
             return _("Select an input volume")
+        if pn.normalsSource == NormalsSource.BANK:
+            if not pn.bankFile:
+                return _("Select a normal bank file")
+            return HiMatchADLogic.bankFileProblem(pn.bankFile)
         if not pn.normalsFolder:
             return _("Select the folder of normal scans")
         if not os.path.isdir(pn.normalsFolder):
@@ -510,9 +563,13 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDependencies():
             return
         with slicer.util.tryWithErrorDisplay(_("Failed to start the anomaly detection."), waitCursor=True):
-            self.ui.normalsPathLineEdit.addCurrentPathToHistory()
-            qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
-            self.logic.startProcessing(pn.inputVolume, pn.normalsFolder, **self.logic.settingsFromParameterNode(pn))
+            if pn.normalsSource == NormalsSource.BANK:
+                self.ui.bankPathLineEdit.addCurrentPathToHistory()
+                qt.QSettings().setValue(BANK_FILE_SETTING, pn.bankFile)
+            else:
+                self.ui.normalsPathLineEdit.addCurrentPathToHistory()
+                qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
+            self.logic.startProcessing(pn.inputVolume, **self.logic.referenceFromParameterNode(pn), **self.logic.settingsFromParameterNode(pn))
 
     def _ensureDependencies(self) -> bool:
         """Install what is missing (asking first; progress in the status line); False if not ready."""
@@ -615,6 +672,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     pn.scoreChart = nodes.chart
                     pn.threshold = float(result.threshold)
             self._configureThresholdSlider(result)
+            self.ui.reproduceLabel.text = ""  # the verdict was of the previous result
             self._hideOutputsFromInputSelector()
             self._showPlot(nodes.chart)
             self.ui.statusLabel.text = _("Done in {seconds:.1f} s ({reuse}).").format(
@@ -681,12 +739,36 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpButton.enabled = hasResult
         self.ui.showPlotButton.enabled = pn is not None and pn.scoreChart is not None
         self.ui.editSegmentationButton.enabled = pn is not None and pn.segmentation is not None
+        checking = self.logic.reproduceCheck is not None and self.logic.reproduceCheck.running
+        self.ui.reproduceButton.enabled = hasResult and bool(nodes.result.provenance) and not checking
         if hasResult:
             self.ui.volumeScoreLabel.text = self.logic.scoreText(nodes)
             self.ui.anomalousVolumeLabel.text = self.logic.anomalousSizeText(nodes)
+            self.ui.provenanceLabel.text = self.logic.provenanceText(nodes.result)
         else:
             self.ui.volumeScoreLabel.text = ""
             self.ui.anomalousVolumeLabel.text = ""
+            self.ui.provenanceLabel.text = ""
+            self.ui.reproduceLabel.text = ""
+
+    def onCheckReproducibility(self) -> None:
+        nodes = self._currentNodes()
+        if nodes is None:
+            return
+        with slicer.util.tryWithErrorDisplay(_("The reproducibility check could not be started.")):
+            self.logic.startReproduceCheck(nodes)
+            self.ui.reproduceLabel.text = _("Checking in a separate process...")
+            self.ui.reproduceButton.enabled = False
+            self._reproduceTimer.start()
+
+    def onPollReproduceCheck(self) -> None:
+        check = self.logic.reproduceCheck
+        report = check.poll() if check is not None else {"error": _("cancelled")}
+        if report is None:
+            return
+        self._reproduceTimer.stop()
+        self.ui.reproduceLabel.text = self.logic.reproduceText(report)
+        self._updateResultWidgets()  # the button again; the verdict is cleared if the result is no longer shown
 
     def onThresholdChanged(self, value) -> None:
         if self._currentNodes() is None:
@@ -843,6 +925,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         self.dependenciesReady = False
         self.lastNodes = None
         self.lastRunInfo = {}
+        self.reproduceCheck = None
 
     def getParameterNode(self):
         return HiMatchADParameterNode(super().getParameterNode())
@@ -1021,6 +1104,8 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self) -> None:
         """Stop any run and end the worker (module reload, application exit)."""
+        if self.reproduceCheck is not None:
+            self.reproduceCheck.cancel()
         if self._runner is not None:
             self._runner.shutdown()
 
@@ -1034,9 +1119,37 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         return job
 
     # ------------------------------------------------------------------ settings
+    #: Detector settings the module's parameter node holds that a bank file leaves free.
+    BANK_PANEL_SETTINGS = ("device", "batch_size")
+
+    @staticmethod
+    def referenceFromParameterNode(pn) -> dict:
+        """What the volume is compared with: ``{"normalsFolder": FOLDER}`` or ``{"bank": FILE}``."""
+        if pn.normalsSource == NormalsSource.BANK:
+            return {"bank": pn.bankFile}
+        return {"normalsFolder": pn.normalsFolder}
+
     @staticmethod
     def settingsFromParameterNode(pn) -> dict:
-        """Detector keyword settings from the module's parameter node."""
+        """Detector keyword settings from the module's parameter node.
+
+        With a bank file only the settings it leaves free are given (device, batch size), and the
+        model only when the user chose one that is neither the panel's default nor the bank's own
+        (e.g. the same weights in a local folder: the worker checks they are the bank's)."""
+        if pn.normalsSource == NormalsSource.BANK:
+            from HiMatchADLib.mrml.jobs import bank_request_settings
+
+            model = pn.model.strip()
+            if model in ("", DEFAULT_MODEL):
+                model = None
+            else:
+                try:
+                    if model == HiMatchADLogic.bankFileInfo(pn.bankFile).get("model"):
+                        model = None  # the bank's own model: nothing to ask
+                except Exception:
+                    pass  # not a bank file: refused when the run starts
+            free = {"device": pn.device.value, "batch_size": int(pn.batchSize)}
+            return bank_request_settings(free, model=model)
         return {
             "model": pn.model.strip() or DEFAULT_MODEL,
             "method": pn.method.value,
@@ -1048,19 +1161,87 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             "batch_size": int(pn.batchSize),
         }
 
+    # ------------------------------------------------------------------ bank files
+    _bankInfoCache = {}
+
+    @staticmethod
+    def bankFileInfo(path) -> dict:
+        """What the bank file ``path`` holds (``HiMatchADLib.mrml.jobs.bank_file_info``: model,
+        method, slices, subjects, anonymised...), read from its manifest (a small member of the
+        file; no torch). Raises ``HiMatchADLib.HiMatchADError`` for a file that is not a bank file."""
+        from HiMatchADLib.core.errors import HiMatchADError
+        from HiMatchADLib.mrml.jobs import bank_file_info
+
+        path = os.path.expanduser(os.fspath(path or ""))
+        if not path:
+            raise HiMatchADError("no bank file chosen")
+        try:
+            st = os.stat(path)
+            key = (path, st.st_size, st.st_mtime_ns)
+        except OSError:
+            key = None
+        cache = HiMatchADLogic._bankInfoCache
+        if key is not None and key in cache:
+            return dict(cache[key])
+        info = bank_file_info(path)
+        if key is not None:
+            cache.clear()  # one file at a time
+            cache[key] = info
+        return dict(info)
+
+    @staticmethod
+    def bankFileProblem(path) -> Optional[str]:
+        """Why ``path`` cannot be used as a bank file (one message), or None."""
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        try:
+            HiMatchADLogic.bankFileInfo(path)
+        except HiMatchADError as exc:
+            return str(exc)
+        return None
+
+    @staticmethod
+    def bankPanelText(path) -> str:
+        """The line under the bank file: what it holds, or why it cannot be used (one message)."""
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        try:
+            return HiMatchADLogic.bankInfoText(HiMatchADLogic.bankFileInfo(path))
+        except HiMatchADError as exc:
+            return str(exc)
+
+    @staticmethod
+    def bankInfoText(info: dict) -> str:
+        """What the panel says of a bank file: model, method, normal slices, names."""
+        model = info.get("model") or _("unknown")
+        digest = info.get("weights_digest")
+        lines = [
+            _("Model: {model}").format(model=model) + (f" ({digest[:19]}…)" if digest else ""),
+            _("Method: {method}; {slices} normal slices of {subjects} subjects").format(
+                method=info.get("method") or "?", slices=info.get("slices", "?"), subjects=info.get("subjects", "?")),
+            _("Names anonymised") if info.get("anonymised") else _("Names of the normal scans kept"),
+        ]
+        if info.get("tool_version"):
+            lines.append(_("Made by HiMatch-AD {version}").format(version=info["tool_version"]) + (f", {info['created']}" if info.get("created") else ""))
+        lines.append(_("The file fixes the model and method settings; device and batch size are yours."))
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ one volume
-    def startProcessing(self, volumeNode, normalsFolder, **settings):
+    def startProcessing(self, volumeNode, normalsFolder=None, bank=None, **settings):
         """Send ``volumeNode`` to the worker and return its job at once (follow it with :meth:`pollJob`).
 
-        The voxels are written to a temporary file here, on the main thread; the scene is not touched
-        until :meth:`importResult`. The job keeps the node object itself: if the scene is closed or the
-        volume removed or changed meanwhile, the result is dropped instead of imported.
+        The volume is compared with the folder ``normalsFolder`` or with the bank file ``bank``
+        (exactly one). The voxels are written to a temporary file here, on the main thread; the
+        scene is not touched until :meth:`importResult`. The job keeps the node object itself: if
+        the scene is closed or the volume removed or changed meanwhile, the result is dropped
+        instead of imported.
         """
         if volumeNode is None:
             raise ValueError("No input volume")
-        if not normalsFolder or not os.path.isdir(os.fspath(normalsFolder)):
+        if bank is None and (not normalsFolder or not os.path.isdir(os.fspath(normalsFolder))):
             raise ValueError(f"The folder of normal scans does not exist: {normalsFolder}")
-        return self._jobStarted(self.runner.start_detection(volumeNode, os.fspath(normalsFolder), settings))
+        normals = os.fspath(normalsFolder) if normalsFolder else None
+        return self._jobStarted(self.runner.start_detection(volumeNode, normals, settings, bank=os.fspath(bank) if bank else None))
 
     def pollJob(self) -> list:
         """``(kind, job, payload)`` events since the last call; never blocks (see ``DetectionRunner.poll``)."""
@@ -1077,24 +1258,42 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             self._runner.discard()
         return running
 
+    @staticmethod
+    def _settings(bank, method, k, model, modality, device, detectorOptions) -> dict:
+        """The request's settings: with a folder, the defaults fill what is not given; with a bank
+        file, only what is given goes (everything else is the file's; a given setting must agree
+        with it)."""
+        given = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
+        if bank is not None:
+            return {name: value for name, value in given.items() if value is not None}
+        defaults = {"model": DEFAULT_MODEL, "method": "himatch", "k": 8, "modality": "auto", "device": "auto"}
+        return {**given, **{name: defaults[name] for name in defaults if given[name] is None}}
+
     def process(
         self,
         volumeNode,
-        normalsFolder,
-        method: str = "himatch",
-        k: int = 8,
-        model: str = DEFAULT_MODEL,
-        modality: str = "auto",
-        device: str = "auto",
+        normalsFolder=None,
+        method: Optional[str] = None,
+        k: Optional[int] = None,
+        model: Optional[str] = None,
+        modality: Optional[str] = None,
+        device: Optional[str] = None,
         progress=None,
         cancelEvent=None,
         show: bool = True,
         heatmapOpacity: float = 0.5,
         timeout: Optional[float] = None,
         ifEdited: str = "raise",
+        bank=None,
         **detectorOptions,
     ):
         """Detect anomalies in ``volumeNode`` against the normal scans in ``normalsFolder`` and wait.
+
+        ``bank``: a bank file (``himatchad bank export``) instead of ``normalsFolder`` (exactly one).
+        It fixes the model and method settings: give only those you choose (device, batch_size,
+        threshold...); one that disagrees with the file is refused. With a folder, ``method``,
+        ``k``, ``model``, ``modality`` and ``device`` default to ``"himatch"``, 8, the default model,
+        ``"auto"`` and ``"auto"``.
 
         The computation runs in the worker process; this call blocks (keeping the application drawn)
         until it ends. Extra keyword arguments go to ``HiMatchDetector`` (e.g. ``resolution=448``,
@@ -1108,7 +1307,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         run was edited by hand, ``ifEdited`` decides (``"raise"``, ``"keep"`` or ``"overwrite"``).
         """
         self.ensureDependencies()
-        settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
+        settings = self._settings(bank, method, k, model, modality, device, detectorOptions)
         messages = []
 
         def report(message, done, total):
@@ -1116,13 +1315,14 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
                 messages.append(message)
             (progress or self._logProgress)(message, done, total)
 
-        job = self.startProcessing(volumeNode, normalsFolder, **settings)
+        job = self.startProcessing(volumeNode, normalsFolder, bank=bank, **settings)
         result = self.runner.wait(progress=report, cancel_event=cancelEvent, timeout=timeout, idle=slicer.app.processEvents)
         self.lastRunInfo = {
             "detectorReused": bool(job.reused),
             "totalSeconds": job.seconds,
             "messages": messages,
-            "normalsFolder": os.fspath(normalsFolder),
+            "normalsFolder": os.fspath(normalsFolder) if normalsFolder else None,
+            "bank": os.fspath(bank) if bank else None,
             "workerPid": self.runner.client.pid,
         }
         return self.importResult(result, volumeNode, show=show, heatmapOpacity=heatmapOpacity, ifEdited=ifEdited)
@@ -1150,6 +1350,9 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
     def forgetResult(self) -> None:
         self.lastNodes = None
+        if self.reproduceCheck is not None:
+            self.reproduceCheck.cancel()
+            self.reproduceCheck = None
 
     def setThreshold(self, threshold: float, nodes=None, ifEdited: str = "raise") -> int:
         """Re-threshold the last (or given) result: the segment and labelmap change, the maps do not.
@@ -1182,6 +1385,84 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             return _("{voxels} pixels ({area:.2f} cm²)").format(voxels=voxels, area=voxels * result.voxel_measure / 100.0)
         return _("{voxels} voxels ({ml:.2f} mL)").format(voxels=voxels, ml=voxels * result.voxel_measure / 1000.0)
 
+    @staticmethod
+    def provenanceText(result) -> str:
+        """What made ``result`` (its scores JSON's ``"provenance"``): tool version and method, model
+        and whether its weights are a random stand-in, device and precision, normal bank."""
+        prov = getattr(result, "provenance", None) or {}
+        if not prov:
+            return _("Not recorded (a result made before HiMatch-AD recorded provenance).")
+        model = prov.get("model") if isinstance(prov.get("model"), dict) else {}
+        bank = prov.get("bank") if isinstance(prov.get("bank"), dict) else {}
+        lines = [_("HiMatch-AD {version}, method {method} (revision {revision})").format(
+            version=prov.get("version", "?"), method=prov.get("method", "?"), revision=prov.get("method_revision", "?"))]
+        digest = model.get("weights_digest")
+        line = _("Model: {model}").format(model=model.get("id") or "?")
+        line += " " + (_("(weights {digest}…)").format(digest=digest[:19]) if digest else _("(no weights digest)"))
+        if model.get("random_weights"):
+            line += "; " + _("random stand-in weights: this result says nothing about the method")
+        lines.append(line)
+        device = str(prov.get("device") or "?") + (f" ({prov['device_name']})" if prov.get("device_name") else "")
+        lines.append(_("Device: {device}, precision {precision}").format(device=device, precision=prov.get("precision", "?")))
+        if bank.get("bank_file_digest"):
+            lines.append(_("Normal bank: the bank file {file} ({digest}…)").format(
+                file=bank.get("bank_file") or _("(not named)"), digest=str(bank["bank_file_digest"])[:19]))
+        elif bank.get("folder") or bank.get("digest"):
+            lines.append(_("Normal bank: {folder}, {files} scans, {slices} slices (digest {digest}…)").format(
+                folder=bank.get("folder") or "?", files=bank.get("files", "?"), slices=bank.get("slices", "?"), digest=str(bank.get("digest"))[:12]))
+        return "\n".join(lines)
+
+    @staticmethod
+    def reproduceText(report: dict) -> str:
+        """The verdict of ``himatchad reproduce --json`` (a :class:`HiMatchADLib.mrml.jobs.ReproduceCheck`
+        report): one head line, then what differs or could not be checked."""
+        if "error" in report:
+            return _("The reproducibility check failed: {message}").format(message=report["error"])
+        verdict = report.get("reproducible")
+        head = {
+            "yes": _("Reproducible here: yes (everything that decides the numbers is the same)"),
+            "no": _("Reproducible here: no (something that decides the numbers differs)"),
+            "not confirmed": _("Reproducible here: not confirmed (nothing differs, but some items could not be checked)"),
+        }.get(verdict, _("Reproducible here: {verdict}").format(verdict=verdict))
+
+        def show(value):
+            import json
+
+            return _("(none)") if value is None else value if isinstance(value, str) else json.dumps(value, default=str)
+
+        lines = [head]
+        items = [i for i in report.get("items", []) if isinstance(i, dict)]
+        for item in sorted(items, key=lambda i: not i.get("decides", True)):  # what decides first
+            status, why = item.get("status"), item.get("why") or ""
+            if status == "cannot check" and item.get("decides", True):
+                lines.append(_("{item}: cannot check: {why}").format(item=item.get("item"), why=why))
+            elif status == "differs":
+                if item.get("before") is None and item.get("now") is None:
+                    text = f"{item.get('item')}: " + _("differs: {why}").format(why=why)
+                else:
+                    text = f"{item.get('item')}: " + _("differs: {before} -> {now}").format(before=show(item.get("before")), now=show(item.get("now")))
+                    text += f" ({why})" if why else ""
+                lines.append(text + ("" if item.get("decides", True) else " " + _("(informational)")))
+        return "\n".join(lines)
+
+    def startReproduceCheck(self, nodes=None):
+        """Ask, in a child process (``himatchad reproduce --json``, Slicer's Python), whether this
+        installation gives the same result as the last (or given) one; returns at once a
+        ``HiMatchADLib.mrml.jobs.ReproduceCheck`` (``poll()``: None while it runs, then its report,
+        shown by :meth:`reproduceText`). The input volume is written again for its content to be
+        compared."""
+        nodes = nodes or self.lastNodes
+        if nodes is None:
+            raise ValueError("No detection result to check; run the detection first")
+        if self.reproduceCheck is not None and self.reproduceCheck.running:
+            raise RuntimeError("A reproducibility check is running")
+        self.reproduceCheck = self.runner.check_reproduction(nodes.result, nodes.input_volume)
+        return self.reproduceCheck
+
+    def checkReproducibility(self, nodes=None, timeout: Optional[float] = 600) -> dict:
+        """:meth:`startReproduceCheck` and wait for its report (Python console)."""
+        return self.startReproduceCheck(nodes).wait(timeout=timeout)
+
     def jumpToSlice(self, nodes, index: int) -> bool:
         """Centre the slice views on slice ``index`` (along the detector's slicing axis)."""
         from HiMatchADLib import mrml
@@ -1211,11 +1492,11 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         inputFolder,
         normalsFolder,
         outputFolder,
-        method: str = "himatch",
-        k: int = 8,
-        model: str = DEFAULT_MODEL,
-        modality: str = "auto",
-        device: str = "auto",
+        method: Optional[str] = None,
+        k: Optional[int] = None,
+        model: Optional[str] = None,
+        modality: Optional[str] = None,
+        device: Optional[str] = None,
         overwrite: bool = False,
         background: bool = False,
         progress=None,
@@ -1225,9 +1506,12 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         seriesFilter=None,
         dicomSeg: bool = False,
         dicomHeatmap: bool = False,
+        bank=None,
         **detectorOptions,
     ):
         """Detect anomalies in every image of ``inputFolder`` (sub-folders and DICOM series included).
+
+        ``bank``: a bank file instead of ``normalsFolder`` (pass None for it), as in :meth:`process`.
 
         This is the library's batch runner (the same as ``himatchad batch``), run in the worker: for
         each case ``<name>_heatmap.nii.gz``, ``<name>_labelmap.nii.gz`` and ``<name>_scores.json`` go
@@ -1249,10 +1533,10 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         panel, follow it with :meth:`pollJob`. :meth:`cancel` stops it.
         """
         self.ensureDependencies(optional=("dicom",) if (dicomSeg or dicomHeatmap) else ())
-        settings = {"model": model, "method": method, "k": k, "modality": modality, "device": device, **detectorOptions}
+        settings = self._settings(bank, method, k, model, modality, device, detectorOptions)
         job = self.runner.start_batch(
-            os.fspath(inputFolder), os.fspath(normalsFolder), os.fspath(outputFolder), settings, overwrite=overwrite,
-            engine=engine, engine_options=engineOptions,
+            os.fspath(inputFolder), os.fspath(normalsFolder) if normalsFolder else None, os.fspath(outputFolder), settings,
+            overwrite=overwrite, engine=engine, engine_options=engineOptions, bank=os.fspath(bank) if bank else None,
             batch_options={
                 "series_filter": [seriesFilter] if isinstance(seriesFilter, str) else list(seriesFilter or []),
                 "outputs": [name for name, wanted in (("dicom_seg", dicomSeg), ("dicom_heatmap", dicomHeatmap)) if wanted],

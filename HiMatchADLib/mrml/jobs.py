@@ -10,22 +10,37 @@ has the grid the detection was computed on; the module then imports it with
 :func:`HiMatchADLib.mrml.result_to_nodes`. :meth:`DetectionRunner.cancel` kills the worker at once
 (the scene is not touched); the next run starts a new one.
 
+Instead of a folder of normal scans, a run may use a bank file (``himatchad bank export``):
+``bank=FILE`` and ``normals=None`` (exactly one of the two). A bank file fixes the model and method
+settings, so its request should carry only the free ones (:data:`BANK_FREE_SETTINGS`, see
+:func:`bank_request_settings`); the worker refuses one that disagrees with the file.
+:func:`bank_file_info` reads what a bank file holds from its manifest (no torch, no checksums).
+
+:class:`ReproduceCheck` runs ``himatchad reproduce --json`` for a result in a child process started
+as the worker is (same interpreter and environment) and is polled like it: nothing is computed in
+Slicer's process.
+
 Like :mod:`HiMatchADLib.mrml`, this module needs Slicer's MRML (the application or ``slicer-core``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import shutil
+import subprocess
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ..bank.bankfile import BankFile
 from ..core.errors import Cancelled, HiMatchADError
 from ..core.geometry import Geometry
 from ..io.writers import write_image
@@ -36,6 +51,14 @@ from .nodes import input_problem, node_in_scene
 
 RUNNING, DONE, FAILED, CANCELLED, DISCARDED = "running", "done", "failed", "cancelled", "discarded"
 
+#: The suffix ``himatchad bank export`` files are given (any name is accepted).
+BANK_FILE_SUFFIX = ".himatchad-bank"
+
+#: Detector settings a bank file leaves free (docs/sharing.md): everything else is fixed by the
+#: file, and the worker treats every setting a request carries as asked by the user. ``model`` may
+#: be sent too, when the user chose one (the same weights elsewhere): see :func:`bank_request_settings`.
+BANK_FREE_SETTINGS = ("device", "batch_size", "threshold", "min_component_size", "cache_dir")
+
 
 @dataclass
 class DetectionJob:
@@ -45,7 +68,7 @@ class DetectionJob:
     request_id: str
     workdir: Optional[Path]
     settings: dict
-    normals: str
+    normals: Optional[str]  # the folder of normal scans, or None with a bank file
     volume_node: Any = None  # the node object itself (never its ID: IDs are reused after a scene close)
     scene: Any = None
     geometry: Optional[Geometry] = None  # the grid sent to the worker
@@ -56,6 +79,7 @@ class DetectionJob:
     message: str = ""
     event: dict = field(default_factory=dict)  # the worker's last "done" or "error" event, whole
     error: Optional[HiMatchADError] = None  # a failed job's exception (ModelAccessError with its fields)
+    bank: Optional[str] = None  # the bank file used instead of a folder of normal scans
 
     @property
     def finished(self) -> bool:
@@ -68,6 +92,70 @@ def safe_name(name: str) -> str:
     return cleaned[:80] or "volume"
 
 
+def bank_request_settings(settings: dict, model: Optional[str] = None) -> dict:
+    """The settings of a request with a bank file: those of ``settings`` the file leaves free
+    (:data:`BANK_FREE_SETTINGS`), and ``model`` when given (the worker then checks that its weights
+    are the bank's); every other setting is the file's."""
+    out = {k: settings[k] for k in BANK_FREE_SETTINGS if k in settings and settings[k] is not None}
+    if model:
+        out["model"] = str(model)
+    return out
+
+
+def check_reference(normals: Optional[str], bank: Optional[str]) -> dict:
+    """The request's reference: ``{"normals": FOLDER}`` or ``{"bank": FILE}``; exactly one of the two
+    must be given, and it must exist (a bank file must be one: its manifest is read). Raises
+    :class:`HiMatchADError` with one message otherwise, before anything is sent."""
+    normals = None if normals in (None, "") else str(normals)
+    bank = None if bank in (None, "") else str(bank)
+    if (normals is None) == (bank is None):
+        raise HiMatchADError(
+            "give either a folder of normal scans or a bank file (made by 'himatchad bank export'), not both"
+            if normals is not None else "give a folder of normal scans or a bank file (made by 'himatchad bank export')"
+        )
+    if bank is not None:
+        bank = str(Path(bank).expanduser())
+        bank_file_info(bank)  # refuses a file that is not a bank file
+        return {"bank": bank}
+    normals = str(Path(normals).expanduser())
+    if not Path(normals).is_dir():
+        raise HiMatchADError(f"the folder of normal scans does not exist: {normals}")
+    return {"normals": normals}
+
+
+def bank_file_info(path) -> dict:
+    """What the bank file ``path`` holds, from its manifest alone (a small member of the ZIP: no
+    checksum of its arrays, no torch): ``path``, ``model`` (id), ``weights_digest``, ``method``,
+    ``slices``, ``subjects``, ``volumes``, ``anonymised``, ``precision``, ``resolution``,
+    ``modality``, ``tool_version``, ``created``, ``digest``. Raises :class:`HiMatchADError` (one
+    message) for a file that is not a bank file."""
+    p = Path(path).expanduser()
+    if p.is_file() and not p.name.endswith(BANK_FILE_SUFFIX) and not zipfile.is_zipfile(p):
+        raise HiMatchADError(f"{p} is not a HiMatch-AD bank file (one is made by 'himatchad bank export', and named *{BANK_FILE_SUFFIX})")
+    bf = BankFile.open(p, verify=False)  # the worker verifies every member when it loads it
+    man = bf.manifest
+    model = man.get("model") if isinstance(man.get("model"), dict) else {}
+    counts = man.get("counts") if isinstance(man.get("counts"), dict) else {}
+    settings = man.get("settings") if isinstance(man.get("settings"), dict) else {}
+    return {
+        "path": str(bf.path),
+        "model": model.get("id"),
+        "weights_digest": model.get("weights_digest"),
+        "licence": model.get("licence"),
+        "method": man.get("method"),
+        "slices": counts.get("slices"),
+        "subjects": counts.get("subjects"),
+        "volumes": counts.get("volumes"),
+        "anonymised": man.get("names") != "kept",
+        "precision": model.get("precision", settings.get("precision")),
+        "resolution": settings.get("resolution"),
+        "modality": man.get("modality", settings.get("modality")),
+        "tool_version": man.get("tool_version"),
+        "created": man.get("created"),
+        "digest": bf.digest,
+    }
+
+
 def _input_array(image) -> np.ndarray:
     """The voxels in the node's own integer type where it has one (the preset choice may use it)."""
     dtype = np.dtype(image.pixel_type) if image.pixel_type in np.sctypeDict else np.dtype(np.float32)
@@ -75,6 +163,108 @@ def _input_array(image) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.clip(np.rint(image.array), info.min, info.max).astype(dtype)
     return image.array.astype(np.float32, copy=False)
+
+
+def write_input(volume_node, folder) -> tuple:
+    """Write the voxels of ``volume_node`` as the worker is sent them: ``(path, geometry)``, an
+    uncompressed NRRD ``folder/<node name>.nrrd`` (the same voxels give the same bytes) and the
+    node's exact grid. A 2D image is written without its placement (a single oblique slice has no
+    2D direction matrix); a result is put back on ``geometry`` when it comes back."""
+    image = image_from_volume_node(volume_node)
+    geometry = image.geometry
+    sent = Geometry(geometry.size, geometry.spacing, (0.0, 0.0, 0.0), np.eye(3), True) if geometry.is_2d else geometry
+    path = write_image(_input_array(image), sent, Path(folder) / f"{safe_name(volume_node.GetName())}.nrrd", compress=False)
+    return path, geometry
+
+
+class ReproduceCheck:
+    """``himatchad reproduce --json`` for one result, in a child process (see :meth:`DetectionRunner.check_reproduction`).
+
+    :meth:`poll` never blocks: None while it runs, then the report ``{"reproducible": "yes" | "no"
+    | "not confirmed", "items": [{"item", "status", "before", "now", "why", "decides"}, ...]}``, or
+    ``{"error": MESSAGE}`` when the check itself failed. :meth:`cancel` kills it.
+    """
+
+    def __init__(self, proc, workdir: Path):
+        self._proc = proc
+        self.workdir = workdir
+        self.report: Optional[dict] = None
+
+    @classmethod
+    def start(cls, python: str, env: dict, result, volume_node=None, workdir_root: Optional[str] = None) -> "ReproduceCheck":
+        data = result.to_dict()
+        if not isinstance(data.get("provenance"), dict) or not data["provenance"]:
+            raise HiMatchADError("this result records no provenance (it was made before provenance was recorded); nothing to check")
+        workdir = Path(tempfile.mkdtemp(prefix="himatchad-reproduce-", dir=workdir_root))
+        try:
+            scores = workdir / f"{safe_name(result.name)}_scores.json"
+            scores.write_text(json.dumps(data, default=str), encoding="utf-8")
+            cmd = [python, "-m", "HiMatchADLib", "reproduce", "--json", str(scores)]
+            if volume_node is not None and node_in_scene(volume_node):
+                path, _ = write_input(volume_node, workdir / "input")
+                cmd += ["--input", str(path)]
+            kwargs: dict = {}
+            if os.name == "nt":
+                kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            else:
+                kwargs["start_new_session"] = True
+            with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
+                proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, **kwargs)
+        except OSError as exc:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise HiMatchADError(f"cannot start the reproducibility check ({python}): {exc}") from exc
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return cls(proc, workdir)
+
+    @property
+    def running(self) -> bool:
+        return self.report is None and self._proc is not None and self._proc.poll() is None
+
+    def poll(self) -> Optional[dict]:
+        if self.report is not None or self.running:
+            return self.report
+        code = self._proc.returncode
+        try:
+            out = (self.workdir / "stdout").read_text(encoding="utf-8", errors="replace")
+            err = (self.workdir / "stderr").read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            out, err = "", str(exc)
+        report = None
+        if code in (0, 1):
+            with contextlib.suppress(ValueError):
+                report = json.loads(out)
+        if not isinstance(report, dict) or "reproducible" not in report:
+            lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+            message = lines[-1] if lines else f"exit status {code}"
+            report = {"error": message[len("error: "):] if message.startswith("error: ") else message}
+        self.report = report
+        self._cleanup()
+        return report
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> dict:
+        """Block until the check ends (scripts and tests); returns :meth:`poll`'s report."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise HiMatchADError(f"the reproducibility check took longer than {timeout} s and was stopped")
+            time.sleep(interval)
+        return self.report
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5)
+        if self.report is None:
+            self.report = {"error": "cancelled"}
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class DetectionRunner:
@@ -103,49 +293,57 @@ class DetectionRunner:
             raise HiMatchADError("a detection is already running; wait for it or cancel it")
 
     # ------------------------------------------------------------------ starting
-    def start_detection(self, volume_node, normals: str, settings: dict) -> DetectionJob:
-        """Write the volume to a temporary file and send it to the worker (main thread, returns at once)."""
+    def start_detection(self, volume_node, normals: Optional[str], settings: dict, bank: Optional[str] = None) -> DetectionJob:
+        """Write the volume to a temporary file and send it to the worker (main thread, returns at once).
+
+        The reference is ``normals`` (a folder of normal scans) or ``bank`` (a bank file, with
+        ``normals=None``): exactly one. ``settings`` go to the worker as they are (with a bank
+        file, see :func:`bank_request_settings`)."""
         self._check_idle()
-        normals = str(Path(normals).expanduser())
-        if not Path(normals).is_dir():
-            raise HiMatchADError(f"the folder of normal scans does not exist: {normals}")
+        reference = check_reference(normals, bank)
         problem = input_problem(volume_node)
         if problem:
             raise HiMatchADError(problem)
-        image = image_from_volume_node(volume_node)
         scene = volume_node.GetScene()
         if scene is None:
             raise HiMatchADError(f"'{volume_node.GetName()}' is not in a scene")
-        geometry = image.geometry
-        # A 2D image is sent without its placement (a single oblique slice has no 2D direction
-        # matrix); the result is put back on ``geometry`` when it comes back.
-        sent = Geometry(geometry.size, geometry.spacing, (0.0, 0.0, 0.0), np.eye(3), True) if geometry.is_2d else geometry
         workdir = Path(tempfile.mkdtemp(prefix="himatchad-job-", dir=self.workdir_root))
         try:
-            path = write_image(_input_array(image), sent, workdir / "input" / f"{safe_name(volume_node.GetName())}.nrrd", compress=False)
+            path, geometry = write_input(volume_node, workdir / "input")
             rid = self.client.send({
-                "cmd": "detect", "input": str(path), "normals": normals, "out_dir": str(workdir / "out"),
+                "cmd": "detect", "input": str(path), **reference, "out_dir": str(workdir / "out"),
                 "settings": dict(settings), "foreground": True,
             })
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        self.job = DetectionJob("detect", rid, workdir, dict(settings), normals, volume_node, scene, geometry)
+        self.job = DetectionJob("detect", rid, workdir, dict(settings), reference.get("normals"), volume_node, scene, geometry,
+                                bank=reference.get("bank"))
         return self.job
 
-    def start_batch(self, input_dir: str, normals: str, out_dir: str, settings: dict, overwrite: bool = False,
-                    engine: str = "local", engine_options: Optional[dict] = None, batch_options: Optional[dict] = None) -> DetectionJob:
+    def start_batch(self, input_dir: str, normals: Optional[str], out_dir: str, settings: dict, overwrite: bool = False,
+                    engine: str = "local", engine_options: Optional[dict] = None, batch_options: Optional[dict] = None,
+                    bank: Optional[str] = None) -> DetectionJob:
         """Run the library's batch runner on a folder in the worker (returns at once); ``engine="ray"``
         spreads the cases over a Ray cluster (``engine_options``: address, workers, gpus_per_worker...);
-        ``batch_options`` go into the request as they are (``series_filter``, ``dicom_seg``, ``dicom_heatmap``)."""
+        ``batch_options`` go into the request as they are (``series_filter``, ``dicom_seg``, ``dicom_heatmap``).
+        ``bank``: a bank file instead of the folder ``normals`` (then None), as :meth:`start_detection`."""
         self._check_idle()
+        reference = check_reference(normals, bank)
         rid = self.client.send({
             **dict(batch_options or {}),
-            "cmd": "batch", "input_dir": str(input_dir), "normals": str(normals), "out_dir": str(out_dir),
+            "cmd": "batch", "input_dir": str(input_dir), **reference, "out_dir": str(out_dir),
             "settings": dict(settings), "overwrite": bool(overwrite), "engine": engine, "engine_options": dict(engine_options or {}),
         })
-        self.job = DetectionJob("batch", rid, None, dict(settings), str(normals))
+        self.job = DetectionJob("batch", rid, None, dict(settings), reference.get("normals"), bank=reference.get("bank"))
         return self.job
+
+    def check_reproduction(self, result, volume_node=None) -> "ReproduceCheck":
+        """Start ``himatchad reproduce --json`` for ``result`` (a :class:`DetectionResult` with its
+        provenance) in a child process, with the worker's interpreter and environment; returns at
+        once (follow it with :meth:`ReproduceCheck.poll`). ``volume_node``: the node it was computed
+        on, written again as the input file the worker was sent (its content is compared)."""
+        return ReproduceCheck.start(self.client.python, self.client.environment(), result, volume_node, workdir_root=self.workdir_root)
 
     # ------------------------------------------------------------------ following
     def poll(self) -> list:
