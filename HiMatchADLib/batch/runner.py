@@ -19,7 +19,8 @@ outputs go beside the folder's mirror in both cases. ``series_filter`` keeps onl
 selects (the others are not cases). A series that cannot be analysed (a localizer, a DICOM SEG or
 SR, uneven slices...) is a row with status "skipped" and the reason, never a failure.
 ``summary.csv`` in the output folder has one row per case (columns :data:`SUMMARY_COLUMNS`) and is
-rewritten atomically after every case.
+rewritten atomically after every case; ``report.html`` beside it, the cohort page of the batch
+(:mod:`.report`), is written when the cases are done (``himatchad report`` writes it again).
 
 Optional outputs (``outputs={"dicom_seg", "dicom_heatmap"}``, :mod:`HiMatchADLib.outputs.registry`): ``<name>_seg.dcm`` (DICOM SEG of the labelmap) and
 ``<name>_heatmap_pm.dcm`` (parametric map) for DICOM cases; a non-DICOM case is processed and its row

@@ -80,7 +80,7 @@ def _without_seconds(rows: list) -> list:
 
 
 def _mtimes(folder: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "summary.csv"}
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name not in ("summary.csv", "report.html")}
 
 
 @pytest.fixture()
@@ -309,7 +309,7 @@ def test_output_and_normal_folders_inside_the_input_are_not_cases(det, normals_d
     for _ in range(2):  # the second time the output folder is full of images
         rows = run_batch(det, inp, out, exclude=[inp / "controls"])
         assert [r["case"] for r in rows] == ["a.nii.gz"]
-    assert sorted(p.name for p in out.iterdir()) == ["a_heatmap.nii.gz", "a_labelmap.nii.gz", "a_scores.json", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_heatmap.nii.gz", "a_labelmap.nii.gz", "a_scores.json", "report.html", "summary.csv"]
     # left by an interrupted write: images in the output folder that no scores JSON vouches for
     (out / "a_scores.json").unlink()
     rows = run_batch(det, inp, out, exclude=[inp / "controls"], log=lambda m: None)
