@@ -240,7 +240,7 @@ def batch_inputs(lesion_case, tmp_path):
 def test_run_batch_writes_the_report(fitted, batch_inputs, tmp_path):
     out = tmp_path / "out"
     logged = []
-    rows = run_batch(fitted("knn"), batch_inputs, out, log=logged.append)
+    rows = run_batch(fitted("knn"), batch_inputs, out, log=logged.append, outputs=("overview",))
     page = (out / REPORT_NAME).read_text(encoding="utf-8")
     data = page_data(page)
     assert [r["case"] for r in data["rows"]] == [r["case"] for r in rows] == ["case.nii.gz", "junk.nii.gz"]
@@ -250,6 +250,8 @@ def test_run_batch_writes_the_report(fitted, batch_inputs, tmp_path):
     scores = json.loads((out / rows[0]["scores"]).read_text())
     assert data["threshold"] == pytest.approx(scores["threshold_info"]["calibrated_threshold"])
     assert 'id="random-weights-banner"' in page  # the tiny test model is a random stand-in
+    assert ok["picture"] == "case_overview.png" and (out / ok["picture"]).is_file()
+    assert set(ok["links"]) == {"heatmap", "labelmap", "scores"} and all((out / v).is_file() for v in ok["links"].values())
     assert not any("report.html" in m for m in logged)
     run_batch(fitted("knn"), batch_inputs, tmp_path / "no-report", report=False, log=logged.append)
     assert not (tmp_path / "no-report" / REPORT_NAME).exists()
