@@ -106,6 +106,8 @@ def detector_spec(detector) -> dict:
         "bank": str(bank_root),
         "content": detector.bank.manifest["content"],
         "settings": result_settings(detector),
+        "feedback_dir": str(detector.feedback_folder) if getattr(detector, "feedback_folder", None) is not None else None,
+        "use_feedback": bool(getattr(detector, "use_feedback", True)),
         "library": library_fingerprint(),
         "cwd": os.getcwd(),
     }
@@ -158,6 +160,9 @@ class CaseWorker:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the driver reported the bank's warnings already
             det = HiMatchDetector(**spec["kwargs"]).fit(spec["normals"])
+        if spec.get("feedback_dir"):  # the driver's reader feedback (the same entries: compared below)
+            det.feedback_dir = Path(spec["feedback_dir"])
+        det.use_feedback = spec.get("use_feedback", True)
         if Path(det.bank.root).resolve() != bank_root or det.bank.manifest["content"] != spec["content"]:
             raise HiMatchADError(f"the worker on {host} loaded another normal bank ({det.bank.root}) than the driver ({bank_root})")
         changes = settings_changes(spec["settings"], {"settings": result_settings(det)})

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..core.digest import files_digest
+from ..detector.feedback import feedback_ids as detector_feedback_ids
 from ..outputs.files import is_complete, output_damage, output_paths
 from ..outputs.registry import check_outputs, get_writer
 from .cases import Case, PathLike, absolute_path
@@ -30,6 +31,8 @@ def result_settings(detector) -> dict:
     current = {k: v for k, v in dict(detector.settings()).items() if k not in VOLATILE_SETTINGS}
     normals = getattr(detector, "normals_dir", None)
     current.setdefault("normals", str(normals) if normals is not None else None)
+    # The reader feedback the next prediction uses (results made without any record none).
+    current["feedback"] = list(detector_feedback_ids(detector)) if hasattr(detector, "feedback_entries") else []
     min_size = getattr(detector, "min_component_size", None)
     if "min_component_size" not in current and min_size is not None:
         current["min_component_size"] = int(min_size)
@@ -63,7 +66,7 @@ def settings_changes(current: dict, scores: dict) -> list:
         stored["min_component_size"] = scores["min_component_size"]  # the value the labelmap was made with
     changes = []
     for key, now in current.items():
-        before = stored.get(key, _NOT_RECORDED)
+        before = stored.get(key, [] if key == "feedback" else _NOT_RECORDED)  # "feedback" is recorded when there was some
         same = _same_folder(before, now) if key == "normals" and before is not _NOT_RECORDED else before == now
         if not same:
             changes.append(f"{key} {_show(before)} -> {_show(now)}")

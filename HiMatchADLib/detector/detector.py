@@ -47,6 +47,7 @@ from ..methods.maps import (
 from ..outputs.files import save_result
 from ..outputs.registry import check_outputs
 from .calibration import CALIBRATION_FORMAT, calibrate, calibration_plan
+from . import feedback
 from .checks import check_query_against_bank
 from .overview import display_volume
 from .parameters import DETECTOR_PARAMETERS, check_detector_parameters
@@ -212,6 +213,10 @@ class HiMatchDetector:
         self._fitted_pattern: Optional[str] = None
         self.bank_file: Optional[Path] = None  # the bank file load_bank() read the bank from
         self.bank_file_digest: Optional[str] = None  # its manifest's SHA-256 ("sha256:<hex>"; it records every member's)
+        # Reader feedback ("mark as normal", :mod:`.feedback`): its folder (None: beside the bank) and whether it is used.
+        self.feedback_dir: Optional[Path] = None
+        self.use_feedback: bool = True
+        self._feedback = None  # (evidence, folder state, folder, entries) of the last read
 
     # ------------------------------------------------------------------ settings
     def set_progress(self, progress: Optional[ProgressCallback] = None, cancel_event=None) -> None:
@@ -405,6 +410,29 @@ class HiMatchDetector:
         unless ``keep_names``. Written under a temporary name, verified, then renamed; returns the path."""
         return sharing.export_bank(self, path, keep_names=keep_names)
 
+    # ------------------------------------------------------------------ reader feedback
+    def mark_normal(self, image, region=None, slices=None, note: str = "") -> dict:
+        """Mark a region of ``image`` as normal: ``region`` (a labelmap on its grid: array,
+        :class:`Image` or file) and/or ``slices`` (indices along the axis the detector slices).
+        Its tokens become normal evidence of every later prediction (see :mod:`.feedback`), kept in
+        :attr:`feedback_folder`, never in the bank; the threshold is not changed. Returns the
+        entry's record (``id``, time, case digest, region, model, note)."""
+        return feedback.mark_normal(self, image, region=region, slices=slices, note=note)
+
+    def feedback_entries(self) -> list:
+        """The feedback entries of :attr:`feedback_folder` (verified records, oldest first)."""
+        return feedback.list_feedback(self)
+
+    def remove_feedback(self, entry_id: str) -> dict:
+        """Remove a feedback entry (its id, or a unique start of it); returns its record. With
+        every entry removed the results are those of the bank alone, bit for bit."""
+        return feedback.remove_feedback(self, entry_id)
+
+    @property
+    def feedback_folder(self) -> Optional[Path]:
+        """Where the feedback is kept: :attr:`feedback_dir`, else beside the bank (None before one is loaded)."""
+        return feedback.feedback_folder(self)
+
     def _prepare_method(self) -> None:
         bank = self.bank
         cal_ids, cal_groups = calibration_plan(self)
@@ -549,6 +577,7 @@ class HiMatchDetector:
         img, prep = self._prepared(image, timings)
         bank_warnings = check_query_against_bank(self.bank.manifest["settings"], self.modality, img, prep, self.bank.manifest)
         t_start -= timings["read"] + timings["preprocess"] - (time.perf_counter() - t)  # total counts them once
+        evidence = feedback.active_feedback(self)  # reader feedback, read again when its folder changed
         scorer_t0 = dict(self.scorer.timings)
         heat = np.zeros(prep.native_shape, np.float32)
         n = prep.n_slices
@@ -566,6 +595,8 @@ class HiMatchDetector:
             timings["features"] += time.perf_counter() - t
             if queries:
                 scores = self.scorer.score(queries)
+                if evidence is not None:
+                    self.scorer.apply_feedback(queries, scores, evidence)
                 t = time.perf_counter()
                 for q, s in zip(queries, scores):
                     pix = self._pixel_map(s.patch, q, prep.plane, heat.shape[1:])
@@ -638,6 +669,7 @@ class HiMatchDetector:
                 "bank_modality": self.bank.manifest["settings"].get("modality"),
                 "bank_dims": self.bank.manifest["settings"].get("dims"),
                 "normals": str(self.normals_dir) if self.normals_dir else None,
+                **({"feedback": [e.id for e in evidence.entries]} if evidence is not None else {}),
             },
             warnings=warn + [f"normal image skipped: {s['path']}: {s['reason']}" for s in self.bank.skipped] + list(self.fit_warnings),
             threshold_info={

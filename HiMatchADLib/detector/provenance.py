@@ -24,8 +24,9 @@ the batch runner (both engines), the worker and the Slicer module all record the
   skipped), ``bank_file_digest`` (the digest of the bank file the bank was read from,
   :attr:`HiMatchDetector.bank_file_digest`, None when it was built from the normal folder) and
   ``bank_file`` (that file's path, else None);
-- ``feedback``: reserved, always a list (empty for now): entries of user feedback that changed
-  the result;
+- ``feedback``: the reader feedback entries the result was computed with (id, time, note, case
+  digest, region, model, digest of the arrays; :mod:`.feedback`), an empty list when none, and
+  ``feedback_folder``, where the detector keeps its feedback;
 - ``settings``: the result's settings as recorded by the run (a copy of the JSON's ``"settings"``);
 - ``input_digest``: the input's content (``bytes``, ``blake2b``), None for an array input.
 
@@ -42,6 +43,7 @@ from typing import Optional
 from ..core.digest import json_hash
 from ..core.version import __version__
 from ..features.models import model_info
+from .feedback import feedback_folder, feedback_summaries
 
 PROVENANCE_FORMAT = 1
 
@@ -144,7 +146,8 @@ def provenance(detector, result) -> dict:
             **({"bank_file_digest": detector.bank_file_digest} if getattr(detector, "bank_file_digest", None) else {}),
             "bank_file": str(detector.bank_file) if getattr(detector, "bank_file", None) else None,
         },
-        "feedback": [],
+        "feedback_folder": str(feedback_folder(detector)) if feedback_folder(detector) is not None else None,
+        "feedback": feedback_summaries(detector),  # the reader feedback entries the result was computed with
         "settings": dict(result.settings),
         "input_digest": dict(result.input_digest) if result.input_digest else None,
     }

@@ -77,6 +77,16 @@ class Scorer:
     def fit_warnings(self) -> list:
         return []
 
+    def apply_feedback(self, queries: list, scores: list, evidence) -> None:
+        """Lower the scores of ``queries`` where they match reader feedback (``evidence``, a
+        :class:`~HiMatchADLib.methods.feedback.FeedbackEvidence`), in place. By default the patch
+        score is the distance to the nearest normal vector, so a marked vector at the last stage
+        is one more: ``patch = min(patch, 1 - max cos to the evidence)``."""
+        for q, s in zip(queries, scores):
+            d = evidence.distance(len(q.tokens) - 1, q.tokens[-1])
+            if d is not None:
+                s.patch = np.minimum(s.patch, d).astype(np.float32)
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -90,7 +100,9 @@ class MethodSpec:
     map in place (e.g. a softplus). ``uses_knn_index``: the method searches normal tokens and takes
     ``knn_index``. ``smoothing_sigma``: the Gaussian smoothing of its pixel maps by default, in
     pixels of the image (the detector's ``sigma`` overrides it). ``uses_fusion``: the method fuses
-    stage maps and takes ``fusion``.
+    stage maps and takes ``fusion``. ``feedback``: what reader feedback adds to its normal evidence
+    (:data:`~HiMatchADLib.methods.feedback.FEEDBACK_KINDS`: the marked ``tokens``, per-slice
+    ``clusters`` at every stage, or mixture ``components``; applied by :meth:`Scorer.apply_feedback`).
     """
 
     name: str
@@ -103,6 +115,7 @@ class MethodSpec:
     uses_knn_index: bool = False
     smoothing_sigma: float = 4.0
     uses_fusion: bool = False
+    feedback: str = "tokens"
 
 
 _METHODS = Registry("method")

@@ -154,5 +154,6 @@ SPEC = register_method(
         key_settings=lambda detector: ["dpmm_components", "dpmm_max_tokens", "dpmm_covariance", "dpmm_concentration"],
         held_out_of_fit=True,
         smoothing_sigma=0.0,  # the reference interpolates its maps bilinearly and does not smooth them
+        feedback="components",
     )
 )

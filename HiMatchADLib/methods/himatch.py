@@ -135,6 +135,20 @@ class HiMatchScorer(Scorer):
         self.timings["fusion"] = self.timings.get("fusion", 0.0) + t_fuse
         return out
 
+    def apply_feedback(self, queries: list, scores: list, evidence) -> None:
+        """Marked slices as extra supports: each stage score is the distance to the closest support,
+        the marked slices' clusters included (:mod:`.feedback`); then fused again."""
+        for q, s in zip(queries, scores):
+            if s.stage is None:
+                continue
+            a = s.stage.copy()
+            for si in range(a.shape[0]):
+                d = evidence.distance(si, q.tokens[si])
+                if d is not None:
+                    np.minimum(a[si], d, out=a[si])
+            s.stage = a
+            s.patch = self.fuse(a, s.var).astype(np.float32)
+
     # ------------------------------------------------------------------ calibration protocol
     def calibration_scores(self, queries: list) -> list:
         """Held-out slices are scored unfused: the fusion needs the stage statistics they give."""
@@ -193,5 +207,6 @@ SPEC = register_method(
         key_settings=lambda detector: ["k", "position_window", "candidates", "alpha", "fusion"],
         pixel_transform=_softplus,
         uses_fusion=True,
+        feedback="clusters",
     )
 )

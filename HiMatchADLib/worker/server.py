@@ -12,7 +12,11 @@ Requests::
     {"id": "2", "cmd": "batch", "input_dir": FOLDER, "normals": FOLDER, "out_dir": FOLDER,
      "settings": {...}, "overwrite": false, "engine": "local", "engine_options": {},
      "series_filter": ["modality=MR,description~flair"], "dicom_seg": false, "dicom_heatmap": false}
-    (instead of "normals": "bank": FILE, a bank file made by ``himatchad bank export``; exactly one of the two)
+    (instead of "normals": "bank": FILE, a bank file made by ``himatchad bank export``; exactly one of the two;
+     "feedback_dir": FOLDER, the reader feedback folder (default: beside the bank); "use_feedback": false ignores it)
+    {"id": "4", "cmd": "mark_normal", "input": PATH, "region": LABELMAP (optional), "slices": [i, ...] (optional),
+     "note": "...", "normals": FOLDER | "bank": FILE, "settings": {...}, "feedback_dir": FOLDER (optional)}
+                                             (answer: "entry", the feedback entry's record, and "feedback_folder")
     {"id": "3", "cmd": "ping"}               (answer: pid, version, detectors, devices, hub_token)
     {"cmd": "shutdown"}                      (end of stdin does the same)
 
@@ -188,8 +192,8 @@ class Worker:
                 "devices": self.devices(), "hub_token": hub_token_status(),
             })
             return True
-        if cmd not in ("detect", "batch"):
-            self.emit({"id": rid, "event": "error", "message": f"unknown command {cmd!r}; expected detect, batch, ping or shutdown"})
+        if cmd not in ("detect", "batch", "mark_normal"):
+            self.emit({"id": rid, "event": "error", "message": f"unknown command {cmd!r}; expected detect, batch, mark_normal, ping or shutdown"})
             return True
         det = None
         try:
@@ -197,15 +201,20 @@ class Worker:
             # What the request asks that cannot be done fails before any model work, as on the command
             # line: unknown outputs or a missing writer package, bad series filters, an output
             # folder that is the input folder or inside the normal scans.
-            outputs = check_outputs(requested_outputs(req), load=True)
+            outputs = check_outputs(requested_outputs(req), load=True) if cmd != "mark_normal" else ()
             if cmd == "batch":
                 parse_series_filters(req.get("series_filter") or ())
-            check_output_folder(req.get("out_dir"), input=req.get("input"), input_dir=req.get("input_dir"), normals=req.get("normals"), name="out_dir")
+            if cmd != "mark_normal":
+                check_output_folder(req.get("out_dir"), input=req.get("input"), input_dir=req.get("input_dir"), normals=req.get("normals"), name="out_dir")
             _check_cache_folder(settings.get("cache_dir"))
             if (req.get("bank") is None) == (req.get("normals") is None):
-                raise HiMatchADError("a detect or batch request needs exactly one of 'normals' (a folder of normal scans) and 'bank' (a bank file)")
+                raise HiMatchADError(f"a {cmd} request needs exactly one of 'normals' (a folder of normal scans) and 'bank' (a bank file)")
             det, existed = self.detector(settings, req.get("bank"))
-            if cmd == "detect":
+            det.feedback_dir = Path(self._path(req, "feedback_dir")).expanduser() if req.get("feedback_dir") else None
+            det.use_feedback = bool(req.get("use_feedback", True))
+            if cmd == "mark_normal":
+                self._mark_normal(rid, req, det)
+            elif cmd == "detect":
                 self._detect(rid, req, det, existed, outputs)
             else:
                 self._batch(rid, req, det, existed, outputs)
@@ -277,7 +286,23 @@ class Worker:
             "threshold": _finite(res.threshold),
             "anomalous_voxels": int(res.anomalous_voxels),
             "warnings": list(res.warnings),
+            "feedback": list(res.settings.get("feedback", [])),  # the reader feedback entries it was computed with
             "timings": {"fit": round(fit_s, 3), "predict": round(predict_s, 3), "save": round(time.perf_counter() - t, 3)},
+        })
+
+    def _mark_normal(self, rid, req, det) -> None:
+        """A feedback entry: the region (a labelmap file on the input's grid) and/or slices of the input are normal."""
+        t0 = time.perf_counter()
+        inp = self._path(req, "input")
+        region = self._path(req, "region") if req.get("region") else None
+        slices = req.get("slices")
+        if slices is not None and (not isinstance(slices, list) or not all(isinstance(i, int) for i in slices)):
+            raise HiMatchADError("'slices' must be a list of slice indices")
+        self._fit(rid, req, det)
+        entry = det.mark_normal(inp, region=region, slices=slices, note=str(req.get("note") or ""))
+        self.emit({
+            "id": rid, "event": "done", "entry": entry, "feedback_folder": str(det.feedback_folder),
+            "seconds": round(time.perf_counter() - t0, 3),
         })
 
     def _batch(self, rid, req, det, existed, outputs: tuple) -> None:
