@@ -21,7 +21,8 @@ from ..evaluation.command import add_subparser as add_evaluate_subparser
 from ..evaluation.synth import add_subparser as add_synth_subparser
 from .checks import preflight, write_folders
 from .commands import cmd_bank, cmd_bank_export, cmd_batch, cmd_demo, cmd_detect, cmd_worker
-from .options import add_dicom_options, add_model_options, add_picture_options, positive_int_arg
+from .options import add_dicom_options, add_feedback_options, add_model_options, add_picture_options, positive_int_arg
+from .feedback import add_subparser as add_feedback_subparser
 from .reproduce import add_subparser as add_reproduce_subparser
 from .report import add_subparser as add_report_subparser
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", required=True, metavar="OUT")
     add_model_options(d)
     add_picture_options(d)
+    add_feedback_options(d)
     add_dicom_options(d)
     d.set_defaults(func=cmd_detect)
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C", help="CPUs per Ray actor (default 1)")
     add_model_options(bt)
     add_picture_options(bt)
+    add_feedback_options(bt)
     add_dicom_options(bt)
     bt.set_defaults(func=cmd_batch)
 
@@ -139,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.set_defaults(func=cmd_worker)
 
     add_reproduce_subparser(sub)
+    add_feedback_subparser(sub)
     add_report_subparser(sub)
     add_evaluate_subparser(sub)
     add_synth_subparser(sub)

@@ -92,6 +92,15 @@ def add_picture_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_feedback_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("reader feedback")
+    g.add_argument(
+        "--feedback", default=None, metavar="DIR",
+        help="the feedback folder ('himatchad feedback add'): regions marked normal (default: beside the normal bank)",
+    )
+    g.add_argument("--no-feedback", dest="use_feedback", action="store_false", help="ignore the reader feedback: the normal bank alone")
+
+
 def add_dicom_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOM")
     g.add_argument(

@@ -397,3 +397,44 @@ def check_reproduction(
         else:
             checks += _rerun_checks(path, detector, folder, bank_path, source)
     return checks
+
+
+def result_detector(
+    scores_path: Union[str, os.PathLike], *, model: Optional[str] = None, normals=None, bank_file=None, input=None,
+    cache_dir=None, progress=None,
+) -> tuple:
+    """``(detector, input)``: a detector with the settings and normal bank a result was made with
+    (fitted on its normal folder, or loaded from its bank file; ``normals``, ``bank_file``, ``model``
+    instead of those the JSON names) and the input it was computed on, checked to be the same
+    content (``input`` instead of the recorded path). For "mark as normal" on a result
+    (``himatchad feedback add``). Raises :class:`HiMatchADError` saying what is missing or changed."""
+    path = Path(scores_path).expanduser()
+    data = read_scores_json(path)
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    top = data["settings"]
+    recorded = prov.get("settings") if isinstance(prov.get("settings"), dict) else top
+    kw = _detector_keywords(top)
+    kw.update(progress=progress)
+    if model is not None:
+        kw["model"] = model
+    if cache_dir is not None:
+        kw["cache_dir"] = cache_dir
+    detector = HiMatchDetector(**kw)
+    check, folder, bank_path = _bank_check(prov, recorded, None if normals is None else str(normals), None if bank_file is None else str(bank_file))
+    if folder is None and bank_path is None:
+        raise HiMatchADError(f"the normal bank of {path.name} cannot be used here: {check.why}")
+    if check.status == DIFFERS:
+        raise HiMatchADError(f"the normal bank of {path.name} changed since the result was made ({check.why or 'another digest'}); run the detection again first")
+    inp, source = _input_check(data, prov, None if input is None else str(input))
+    if source is None:
+        raise HiMatchADError(f"the input of {path.name} cannot be used: {inp.why}")
+    if inp.status == DIFFERS:
+        raise HiMatchADError(f"the input of {path.name} changed since the result was made; run the detection again first")
+    if bank_path is not None:
+        detector.load_bank(bank_path)
+    else:
+        detector.fit(folder)
+    fb = prov.get("feedback_folder")
+    if fb and Path(fb) != detector.feedback_folder:
+        detector.feedback_dir = Path(fb)  # the folder the result's run used (a --feedback folder)
+    return detector, source
