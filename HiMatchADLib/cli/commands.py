@@ -49,6 +49,14 @@ def _detect_input(inp: Path, args):
 
 
 def detector_from_args(args, progress=None):
+    det = _detector_from_args(args, progress)
+    if getattr(args, "feedback", None):
+        det.feedback_dir = Path(args.feedback).expanduser()
+    det.use_feedback = getattr(args, "use_feedback", True)
+    return det
+
+
+def _detector_from_args(args, progress=None):
     return HiMatchDetector(
         model=args.model,
         method=getattr(args, "method", "himatch"),
@@ -205,7 +213,9 @@ def cmd_batch(args) -> int:
     )
     n = summary_counts(rows)
     skipped = f"{n[STATUS_SKIPPED]} skipped, " if n.get(STATUS_SKIPPED) else ""
-    print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {skipped}{n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}")
+    report = out / "report.html"
+    shown = f"; report: {report}" if report.is_file() else ""
+    print(f"{n[STATUS_OK]} processed, {n[STATUS_DONE]} already done, {skipped}{n[STATUS_FAILED]} failed; summary: {out / SUMMARY_NAME}{shown}")
     return 1 if n[STATUS_FAILED] else 0
 
 

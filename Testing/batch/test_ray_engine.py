@@ -191,7 +191,7 @@ def test_cli_ray_engine_equals_local_and_stops_its_own_cluster(inputs, local_out
     ])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    assert captured.out.strip() == f"4 processed, 0 already done, 0 failed; summary: {out / 'summary.csv'}"
+    assert captured.out.strip() == f"4 processed, 0 already done, 0 failed; summary: {out / 'summary.csv'}; report: {out / 'report.html'}"
     assert not ray.is_initialized()
     rows = _summary(out)
     _assert_same_rows(rows, _summary(local_out), skip=("seconds", "overview"))

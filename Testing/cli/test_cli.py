@@ -155,7 +155,7 @@ def test_batch_is_resumable_and_survives_a_bad_input(run, tmp_path, lesion_case)
     out = tmp_path / "out"
     code, stdout, err = run("batch", str(inp), "--out-dir", str(out))
     assert code == 1
-    assert stdout.strip() == f"2 processed, 0 already done, 1 failed; summary: {out / 'summary.csv'}"
+    assert stdout.strip() == f"2 processed, 0 already done, 1 failed; summary: {out / 'summary.csv'}; report: {out / 'report.html'}"
     assert "warning: c.nii.gz: cannot read" in err
     with (out / "summary.csv").open() as f:
         reader = csv.DictReader(f)

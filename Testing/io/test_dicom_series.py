@@ -495,7 +495,7 @@ def test_batch_command_counts_skipped_series(cli, study_tree, tmp_path):
     root = study_tree[0]
     code, out, err = cli("batch", str(root), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality=MR", "--series-filter", "modality=SEG")
     assert code == 0, err
-    assert out.strip() == f"2 processed, 0 already done, 2 skipped, 0 failed; summary: {tmp_path / 'o' / 'summary.csv'}"
+    assert out.strip() == f"2 processed, 0 already done, 2 skipped, 0 failed; summary: {tmp_path / 'o' / 'summary.csv'}; report: {tmp_path / 'o' / 'report.html'}"
     code, _, err = cli("batch", str(root), "--out-dir", str(tmp_path / "o"), "--series-filter", "modality")
     assert code == 2 and "is not a term" in one_error_line(err)
 
