@@ -14,7 +14,8 @@ by item, and :func:`reproducible` says what that means:
   those the result recorded), ``bank`` (the normal folder named in the JSON, or ``normals``: its
   content fingerprint, else the digest of its images' voxels; for a bank read from a bank file,
   that file, or ``bank_file``: its digest), ``input`` (the input named in the
-  JSON, or ``input``, read again): they decide;
+  JSON, or ``input``, read again), ``feedback`` (the reader feedback entries the result recorded
+  against those its feedback folder holds now): they decide;
 - with ``rerun``: ``heatmap`` and ``slice scores``, the detection run again here and compared with
   the recorded maps (largest absolute difference).
 
@@ -35,6 +36,7 @@ from ..core.digest import array_digest, files_digest, json_hash
 from ..core.errors import HiMatchADError
 from ..core.version import __version__
 from ..bank.bankfile import BankFile
+from ..bank.feedback import read_entries
 from ..bank.build import scan_normals
 from ..features.backbone import cached_snapshot, is_local_model, resolve_device, resolve_precision, weights_digest
 from ..io.dicom import find_series
@@ -58,8 +60,34 @@ RERUN_TOLERANCE = 1e-5
 #: normals and caches lie (the bank), what the bank resolved, the batch size.
 NOT_COMPARED = frozenset({
     "version", "method_revision", "device", "precision", "model", "batch_size", "cache_dir",
-    "normals", "bank_file", "modality_used", "bank_modality", "bank_dims",
+    "normals", "bank_file", "modality_used", "bank_modality", "bank_dims", "feedback",
 })
+
+
+def _feedback_check(prov: dict) -> tuple:
+    """``(check, folder or None)``: the reader feedback entries the result recorded against those
+    its feedback folder holds now (ids and the digests of their arrays)."""
+    recorded = prov.get("feedback")
+    folder = prov.get("feedback_folder")
+    if not isinstance(recorded, list):
+        return Check("feedback", CANNOT, why="not recorded (a result written before reader feedback)", decides=False), None
+    want = {e.get("id"): e.get("arrays_sha256") for e in recorded if isinstance(e, dict)}
+    if not folder:
+        return (Check("feedback", SAME, why="none") if not want else
+                Check("feedback", CANNOT, why="the result records no feedback folder")), None
+    try:
+        now = {e.id: e.meta["arrays"]["sha256"] for e in read_entries(folder)}
+    except HiMatchADError as exc:
+        return Check("feedback", CANNOT, why=str(exc)), None
+    if now == want:
+        return Check("feedback", SAME, why=f"{len(want)} entries" if want else "none"), Path(folder)
+    gone = sorted(set(want) - set(now))
+    new = sorted(set(now) - set(want))
+    changed = sorted(k for k in set(want) & set(now) if want[k] != now[k])
+    why = "; ".join(p for p in (
+        f"removed since: {', '.join(gone)}" if gone else "", f"added since: {', '.join(new)}" if new else "",
+        f"changed: {', '.join(changed)}" if changed else "") if p)
+    return Check("feedback", DIFFERS, sorted(want), sorted(now), f"{why} (in {folder})"), Path(folder)
 
 
 @dataclass
@@ -388,6 +416,10 @@ def check_reproduction(
     checks.append(bank)
     inp, source = _input_check(data, prov, str(input) if input is not None else None)
     checks.append(inp)
+    fb, fb_folder = _feedback_check(prov)
+    checks.append(fb)
+    if detector is not None and fb_folder is not None:
+        detector.feedback_dir = fb_folder  # a rerun uses the folder the result's run used
 
     if rerun:
         have_bank = folder is not None or bank_path is not None

@@ -112,3 +112,20 @@ def test_feedback_mistakes_are_one_error_line(run, tmp_path, cache_dir, capsys):
     write_image(read_image(case).array * 1.5, read_image(case).geometry, case)
     code, _, err = run("feedback", "add", scores, "--slices", "3-5", "--cache-dir", str(cache_dir))
     assert code == 2 and "changed since the result was made" in one_error_line(err)
+
+
+def test_reproduce_compares_the_feedback_a_result_used_and_reruns_with_it(run, tmp_path, cache_dir, capsys):
+    run, fb = run
+    case, art, _ = _case(tmp_path / "in" / "case.nii.gz", 1003)
+    assert run("detect", str(case), "--out-dir", str(tmp_path / "o0"))[0] == 0
+    region = tmp_path / "artefact.nii.gz"
+    write_image(art.astype(np.uint8), read_image(case).geometry, region)
+    assert run("feedback", "add", str(tmp_path / "o0" / "case_scores.json"), "--region", str(region), "--cache-dir", str(cache_dir))[0] == 0
+    assert run("detect", str(case), "--out-dir", str(tmp_path / "o1"))[0] == 0
+    scores = str(tmp_path / "o1" / "case_scores.json")
+    code, out, _ = run("reproduce", scores, "--rerun", "--cache-dir", str(cache_dir))
+    assert code == 0, out
+    assert "feedback: same" in out and "heatmap: same" in out
+    run("feedback", "remove", "--all", "--feedback", str(fb))
+    code, out, _ = run("reproduce", scores, "--cache-dir", str(cache_dir))
+    assert code == 1 and "feedback: differs" in out and "removed since" in out
