@@ -178,6 +178,7 @@ class HiMatchADParameterNode:
     bankFile - a normal bank file (``himatchad bank export``): it fixes the model and method settings.
     modality, model, method, k, device - detector settings (see HiMatchADLib.HiMatchDetector).
     resolution, targetFpr, batchSize - advanced detector settings.
+    useFeedback - whether detections use the reader feedback ("mark as normal") of the normal bank.
     heatmapOpacity - foreground opacity of the heatmap in slice views.
     threshold - current threshold of the anomaly segment (heatmap units).
     resultVolume, heatmapVolume, labelmapVolume, segmentation, scoreTable, scoreChart - outputs of the last run.
@@ -195,6 +196,7 @@ class HiMatchADParameterNode:
     resolution: Annotated[int, WithinRange(64, 2048)] = 448
     targetFpr: Annotated[float, WithinRange(0.0001, 0.5)] = 0.01
     batchSize: Annotated[int, WithinRange(1, 256)] = 8
+    useFeedback: bool = True
     heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
     threshold: float = 0.0
     resultVolume: vtkMRMLScalarVolumeNode
@@ -260,6 +262,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpButton.connect("clicked(bool)", self.onJumpToMostAnomalousSlice)
         self.ui.showPlotButton.connect("toggled(bool)", self.onShowPlot)
         self.ui.editSegmentationButton.connect("clicked(bool)", self.onEditSegmentation)
+        self.ui.markNormalButton.connect("clicked(bool)", self.onMarkNormal)
+        self.ui.undoMarkButton.connect("clicked(bool)", self.onUndoMarkNormal)
 
         self.ui.supportsTableWidget.setColumnCount(3)
         self.ui.supportsTableWidget.setHorizontalHeaderLabels([_("Normal scan"), _("Slice"), _("Similarity")])
@@ -569,7 +573,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self.ui.normalsPathLineEdit.addCurrentPathToHistory()
                 qt.QSettings().setValue(NORMALS_FOLDER_SETTING, pn.normalsFolder)
-            self.logic.startProcessing(pn.inputVolume, **self.logic.referenceFromParameterNode(pn), **self.logic.settingsFromParameterNode(pn))
+            self.logic.startProcessing(pn.inputVolume, **self.logic.referenceFromParameterNode(pn), **self.logic.runOptionsFromParameterNode(pn),
+                                       **self.logic.settingsFromParameterNode(pn))
 
     def _ensureDependencies(self) -> bool:
         """Install what is missing (asking first; progress in the status line); False if not ready."""
@@ -596,7 +601,7 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._pollTimer is None or self._pollTimer.isActive():
             return
         self._setRunning(True)
-        self.ui.statusLabel.text = _("Starting...") if job.kind == "detect" else _("Starting a batch...")
+        self.ui.statusLabel.text = {"detect": _("Starting..."), "mark_normal": _("Marking as normal...")}.get(job.kind, _("Starting a batch..."))
         self._pollTimer.start()
 
     def onCancelButton(self) -> None:
@@ -613,6 +618,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.format = _("Starting...")
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.advancedCollapsibleButton.enabled = not running
+        self.ui.markNormalButton.enabled = not running and self._currentNodes() is not None
+        self.ui.undoMarkButton.enabled = not running and bool(HiMatchADLogic.markUndoStack)
         self._checkCanApply()
 
     def onPollJob(self) -> None:
@@ -624,6 +631,10 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 text = HiMatchADLogic.progressText(message, done, total)
                 self.ui.progressBar.format = text
                 self.ui.statusLabel.text = text
+            elif kind == "done" and job.kind == "mark_normal":
+                self._endJob()
+                self.ui.statusLabel.text = self.logic.markNormalDone(job, payload)
+                self._updateResultWidgets()
             elif kind == "done" and job.kind == "batch":
                 self._endJob()
                 counts = ", ".join(f"{n} {status}" for status, n in sorted(payload.get("counts", {}).items()))
@@ -643,6 +654,8 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = _("Failed: {message}").format(message=message.splitlines()[0])
                 if isinstance(error, ModelAccessError):
                     self._showModelAccessError(error)
+                elif job.kind == "mark_normal":
+                    slicer.util.errorDisplay(_("The region could not be marked as normal:\n{message}").format(message=message))
                 else:
                     slicer.util.errorDisplay(_("Anomaly detection failed:\n{message}").format(message=message))
         if not self.logic.isRunning and self._pollTimer.isActive():
@@ -741,6 +754,11 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.editSegmentationButton.enabled = pn is not None and pn.segmentation is not None
         checking = self.logic.reproduceCheck is not None and self.logic.reproduceCheck.running
         self.ui.reproduceButton.enabled = hasResult and bool(nodes.result.provenance) and not checking
+        running = self.logic.isRunning
+        self._updateMarkTargets(nodes)
+        self.ui.markNormalButton.enabled = hasResult and not running and self.ui.markTargetComboBox.count > 0
+        self.ui.undoMarkButton.enabled = bool(HiMatchADLogic.markUndoStack) and not running
+        self.ui.feedbackLabel.text = self.logic.feedbackText(nodes) if hasResult else ""
         if hasResult:
             self.ui.volumeScoreLabel.text = self.logic.scoreText(nodes)
             self.ui.anomalousVolumeLabel.text = self.logic.anomalousSizeText(nodes)
@@ -750,6 +768,47 @@ class HiMatchADWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.anomalousVolumeLabel.text = ""
             self.ui.provenanceLabel.text = ""
             self.ui.reproduceLabel.text = ""
+
+    def _updateMarkTargets(self, nodes) -> None:
+        """The choices of what to mark: each segment of the result's segmentation, each slice view."""
+        combo = self.ui.markTargetComboBox
+        choices = []
+        segmentation = getattr(nodes, "segmentation", None) if nodes is not None else None
+        if segmentation is not None and segmentation.GetScene() is not None:
+            seg = segmentation.GetSegmentation()
+            for i in range(seg.GetNumberOfSegments()):
+                name = seg.GetNthSegment(i).GetName()
+                choices.append((_("Segment {name}").format(name=name), f"segment:{name}"))
+        for view in HiMatchADLogic.SLICE_VIEWS:
+            choices.append((_("Slice in the {view} view").format(view=view), f"slice:{view}"))
+        if [combo.itemData(i) for i in range(combo.count)] == [data for _label, data in choices]:
+            return
+        current = combo.currentData if combo.count else None
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for label, data in choices:
+            combo.addItem(label, data)
+        index = combo.findData(current) if current else -1
+        combo.setCurrentIndex(index if index >= 0 else 0)
+        combo.blockSignals(wasBlocked)
+
+    def onMarkNormal(self) -> None:
+        nodes = self._currentNodes()
+        if nodes is None or self.logic.isRunning:
+            return
+        target, _sep, name = str(self.ui.markTargetComboBox.currentData or "segment:").partition(":")
+        options = {"segmentName": name or None} if target == "segment" else {"sliceView": name}
+        pn = self._parameterNode
+        if self.logic.runner.request_of(nodes.result) is None and pn is not None:  # a result not computed here: the panel's bank
+            options.update(self.logic.referenceFromParameterNode(pn), **self.logic.settingsFromParameterNode(pn))
+        with slicer.util.tryWithErrorDisplay(_("The region could not be marked as normal."), waitCursor=True):
+            self.logic.startMarkNormal(nodes, target, note=self.ui.markNoteLineEdit.text, **options)
+            self.ui.markNoteLineEdit.text = ""
+
+    def onUndoMarkNormal(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The last mark could not be undone.")):
+            self.ui.statusLabel.text = self.logic.undoMarkNormal()
+        self._updateResultWidgets()
 
     def onCheckReproducibility(self) -> None:
         nodes = self._currentNodes()
@@ -919,6 +978,13 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
     #: Callables ``f(job)`` told of every job started through any logic object (the panel listens,
     #: to show the progress of runs it did not start).
     jobListeners = []
+
+    #: The "mark as normal" entries made in this Slicer session, last on top: ``{"folder", "id",
+    #: "entry"}`` (shared by every logic object, as the worker is). :meth:`undoMarkNormal` removes the top one.
+    markUndoStack = []
+
+    #: The slice views a slice can be marked in.
+    SLICE_VIEWS = ("Red", "Yellow", "Green")
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -1227,21 +1293,29 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ one volume
-    def startProcessing(self, volumeNode, normalsFolder=None, bank=None, **settings):
+    def startProcessing(self, volumeNode, normalsFolder=None, bank=None, useFeedback: bool = True, feedbackFolder=None, **settings):
         """Send ``volumeNode`` to the worker and return its job at once (follow it with :meth:`pollJob`).
 
         The volume is compared with the folder ``normalsFolder`` or with the bank file ``bank``
         (exactly one). The voxels are written to a temporary file here, on the main thread; the
         scene is not touched until :meth:`importResult`. The job keeps the node object itself: if
         the scene is closed or the volume removed or changed meanwhile, the result is dropped
-        instead of imported.
+        instead of imported. ``useFeedback=False``: the reader feedback ("mark as normal") of the
+        bank is not used; ``feedbackFolder``: where it is kept (default: beside the bank).
         """
         if volumeNode is None:
             raise ValueError("No input volume")
         if bank is None and (not normalsFolder or not os.path.isdir(os.fspath(normalsFolder))):
             raise ValueError(f"The folder of normal scans does not exist: {normalsFolder}")
         normals = os.fspath(normalsFolder) if normalsFolder else None
-        return self._jobStarted(self.runner.start_detection(volumeNode, normals, settings, bank=os.fspath(bank) if bank else None))
+        return self._jobStarted(self.runner.start_detection(
+            volumeNode, normals, settings, bank=os.fspath(bank) if bank else None,
+            feedback_dir=os.fspath(feedbackFolder) if feedbackFolder else None, use_feedback=bool(useFeedback)))
+
+    @staticmethod
+    def runOptionsFromParameterNode(pn) -> dict:
+        """:meth:`startProcessing`'s options from the panel besides reference and settings."""
+        return {"useFeedback": bool(pn.useFeedback)}
 
     def pollJob(self) -> list:
         """``(kind, job, payload)`` events since the last call; never blocks (see ``DetectionRunner.poll``)."""
@@ -1285,6 +1359,8 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         timeout: Optional[float] = None,
         ifEdited: str = "raise",
         bank=None,
+        useFeedback: bool = True,
+        feedbackFolder=None,
         **detectorOptions,
     ):
         """Detect anomalies in ``volumeNode`` against the normal scans in ``normalsFolder`` and wait.
@@ -1302,7 +1378,9 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
 
         Returns a ``HiMatchADLib.mrml.ResultNodes``: heatmap, labelmap, segmentation (segment
         "Anomaly"), score table and chart nodes, the ``DetectionResult`` (``.result``) and shortcuts
-        ``.volume_score``, ``.slice_scores``, ``.most_anomalous_slice``. Errors raise
+        ``.volume_score``, ``.slice_scores``, ``.most_anomalous_slice``. ``useFeedback=False``: the
+        regions marked as normal (:meth:`markNormal`) are not used; ``feedbackFolder``: where they
+        are kept (default: beside the normal bank). Errors raise
         ``HiMatchADLib.HiMatchADError`` with the worker's message. If the Anomaly segment of an earlier
         run was edited by hand, ``ifEdited`` decides (``"raise"``, ``"keep"`` or ``"overwrite"``).
         """
@@ -1315,7 +1393,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
                 messages.append(message)
             (progress or self._logProgress)(message, done, total)
 
-        job = self.startProcessing(volumeNode, normalsFolder, bank=bank, **settings)
+        job = self.startProcessing(volumeNode, normalsFolder, bank=bank, useFeedback=useFeedback, feedbackFolder=feedbackFolder, **settings)
         result = self.runner.wait(progress=report, cancel_event=cancelEvent, timeout=timeout, idle=slicer.app.processEvents)
         self.lastRunInfo = {
             "detectorReused": bool(job.reused),
@@ -1486,6 +1564,197 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         score = float(nodes.result.slice_scores[index])
         return mrml.supports_for_slice(nodes.result, index), index, (score if np.isfinite(score) else None)
 
+    # ------------------------------------------------------------------ mark as normal (reader feedback)
+    @staticmethod
+    def sliceNodeByName(scene, name: str = "Red"):
+        """The slice node of the view ``name`` ("Red", "Yellow", "Green") in ``scene``, or None."""
+        nodes = scene.GetNodesByClass("vtkMRMLSliceNode")
+        nodes.UnRegister(scene)  # as slicer.util.getNodesByClass does (the collection is a new reference)
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetLayoutName() == name:
+                return node
+        return None
+
+    #: Largest sine of the angle between a slice view's plane and the input's slice planes for the
+    #: view to show one input slice (0.06 degrees).
+    SLICE_PLANE_TOLERANCE = 1e-3
+
+    @staticmethod
+    def sliceIndexInView(nodes, sliceNode) -> int:
+        """The input slice (index along ``nodes.result.slice_axis``, an axis of the input array as the
+        worker reads it) that the slice view ``sliceNode`` shows through the input volume.
+
+        The view's plane must be one of the input's slice planes: parallel to them (within
+        :data:`SLICE_PLANE_TOLERANCE`), in world coordinates, the input volume's IJK-to-RAS and its
+        parent transform included, and inside the volume. Raises ``HiMatchADError`` (one message)
+        otherwise."""
+        import numpy as np
+        from HiMatchADLib import mrml
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        if sliceNode is None:
+            raise HiMatchADError("no slice view to take the slice from")
+        result, volume = nodes.result, nodes.input_volume
+        view = sliceNode.GetLayoutName() or sliceNode.GetName()
+        sliceToRas = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+        normal, center = sliceToRas[:3, 2], sliceToRas[:3, 3]
+        # The input's slice axis in world coordinates: from the centre of a slice to the next one.
+        axis = 2 - int(result.slice_axis)  # IJK axis of the numpy axis
+        ijkToRas = mrml.ijk_to_ras_matrix(volume)
+        centerIjk = (np.asarray(mrml.volume_size(volume), dtype=float) - 1.0) / 2.0
+        step = np.zeros(3)
+        step[axis] = 1.0
+        points = [ijkToRas @ np.append(centerIjk, 1.0), ijkToRas @ np.append(centerIjk + step, 1.0)]
+        points = [p[:3] for p in points]
+        transformNode = volume.GetParentTransformNode()
+        if transformNode is not None:
+            toWorld = vtk.vtkGeneralTransform()
+            transformNode.GetTransformToWorld(toWorld)
+            points = [np.asarray(toWorld.TransformPoint(p)) for p in points]
+        direction = points[1] - points[0]
+        sine = float(np.linalg.norm(np.cross(normal / np.linalg.norm(normal), direction / np.linalg.norm(direction))))
+        if sine > HiMatchADLogic.SLICE_PLANE_TOLERANCE:
+            raise HiMatchADError(
+                f"the {view} view does not show a slice of '{volume.GetName()}' along the axis the detector sliced it "
+                f"(its plane is {np.degrees(np.arcsin(min(sine, 1.0))):.1f} degrees off); rotate the view to the volume plane "
+                "or show the slice in another view, or mark a segment instead")
+        index = mrml.slice_index_at_ras(result, volume, center)
+        if index < 0:
+            raise HiMatchADError(f"the {view} view is outside '{volume.GetName()}': move it to the slice to mark")
+        return int(index)
+
+    def _markRequest(self, result, normalsFolder, bank, settings) -> dict:
+        """The reference and settings of a mark: those given, else those of the detection that
+        computed ``result`` (so the mark goes to that bank's feedback)."""
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        if normalsFolder or bank:
+            return {**({"bank": os.fspath(bank)} if bank else {"normals": os.fspath(normalsFolder)}), "settings": dict(settings)}
+        request = self.runner.request_of(result)
+        if request is None:
+            raise HiMatchADError(
+                "this result was not computed in this session, so its normal bank is not known: give the folder of "
+                "normal scans or the bank file it was computed with (and its settings)")
+        if settings:
+            request["settings"] = dict(settings)
+        return request
+
+    def startMarkNormal(self, nodes=None, target: str = "segment", segmentName: Optional[str] = None, sliceView: str = "Red",
+                        sliceNode=None, note: str = "", normalsFolder=None, bank=None, **settings):
+        """Mark a region of the last (or given) result's input as normal, in the worker; returns
+        its job at once (follow it with :meth:`pollJob`, then give its ``done`` event to
+        :meth:`markNormalDone`). :meth:`markNormal` does all of it and waits.
+
+        ``target="segment"``: the segment ``segmentName`` (default "Anomaly") of the result's
+        segmentation, as it is now (edits included), exported on the input volume's voxel grid;
+        ``target="slice"``: the input slice the slice view ``sliceView`` (or ``sliceNode``) shows
+        (:meth:`sliceIndexInView`). ``note`` is kept with the entry. The reference and settings are
+        those of the detection that computed the result, unless given. Nothing is sent when the
+        region cannot be marked (one ``HiMatchADError`` message)."""
+        from HiMatchADLib import mrml
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        nodes = nodes or self.lastNodes
+        if nodes is None:
+            raise HiMatchADError("there is no detection result to mark: run the detection first")
+        if self.isRunning:
+            raise HiMatchADError("a detection is running; wait for it to end before marking a region as normal")
+        volume = nodes.input_volume
+        if not mrml.node_in_scene(volume):
+            raise HiMatchADError("the input volume of the result is no longer in the scene; run the detection again")
+        mrml.check_result_matches(nodes.result, volume)
+        region = slices = None
+        if target == "segment":
+            name = segmentName or mrml.SEGMENT_NAME
+            segmentation = nodes.segmentation
+            if not mrml.node_in_scene(segmentation, volume.GetScene()):
+                raise HiMatchADError("the result's segmentation is no longer in the scene; run the detection again")
+            if not segmentation.GetSegmentation().GetSegmentIdBySegmentName(name):
+                raise HiMatchADError(f"there is no segment '{name}' in '{segmentation.GetName()}'")
+            region = mrml.segment_to_array(segmentation, volume, name)
+            if not region.any():
+                raise HiMatchADError(f"the segment '{name}' is empty: nothing to mark as normal")
+        elif target == "slice":
+            if sliceNode is None:
+                sliceNode = self.sliceNodeByName(volume.GetScene(), sliceView)
+                if sliceNode is None:
+                    raise HiMatchADError(f"there is no {sliceView} slice view")
+            slices = [self.sliceIndexInView(nodes, sliceNode)]
+        else:
+            raise HiMatchADError(f"mark a 'segment' or a 'slice', not {target!r}")
+        request = self._markRequest(nodes.result, normalsFolder, bank, settings)
+        job = self.runner.start_mark_normal(
+            volume, request.get("normals"), request["settings"], bank=request.get("bank"), region=region, slices=slices,
+            note=note, feedback_dir=request.get("feedback_dir"))
+        return self._jobStarted(job)
+
+    def markNormal(self, nodes=None, target: str = "segment", timeout: Optional[float] = None, progress=None, **options) -> str:
+        """:meth:`startMarkNormal` and wait for the worker's entry (Python console); returns what the
+        panel says (:meth:`markNormalDone`)."""
+        job = self.startMarkNormal(nodes, target, **options)
+        event = self.runner.wait(progress=progress or self._logProgress, timeout=timeout, idle=slicer.app.processEvents)
+        return self.markNormalDone(job, event)
+
+    @staticmethod
+    def _regionText(entry: dict) -> str:
+        region = entry.get("region") if isinstance(entry.get("region"), dict) else {}
+        slices = sorted(int(i) for i in region.get("slices") or [])
+        where = "" if not slices else (_("on slice {a}").format(a=slices[0]) if slices[0] == slices[-1]
+                                       else _("on slices {a}–{b}").format(a=slices[0], b=slices[-1]))
+        return f"{region.get('patches', '?')} " + _("patches") + (f" {where}" if where else "")
+
+    def markNormalDone(self, job, event: dict) -> str:
+        """The worker made the entry: keep it on the undo stack; returns what the panel says."""
+        entry = dict(event.get("entry") or {})
+        folder = event.get("feedback_folder")
+        HiMatchADLogic.markUndoStack.append({"folder": folder, "id": entry.get("id"), "entry": entry})
+        HiMatchADLogic.lastFeedbackFolder = folder
+        return _("Marked as normal: {region}; takes effect on the next run").format(region=self._regionText(entry))
+
+    #: The feedback folder of the last mark (or undo) of this session.
+    lastFeedbackFolder = None
+
+    def undoMarkNormal(self) -> str:
+        """Remove the last entry :meth:`markNormal` made in this session
+        (``HiMatchADLib.bank.feedback.remove_entry``: files only, no model); the next run is as
+        before that mark. Returns what the panel says."""
+        from HiMatchADLib.bank.feedback import remove_entry
+        from HiMatchADLib.core.errors import HiMatchADError
+
+        if not HiMatchADLogic.markUndoStack:
+            raise HiMatchADError("there is no mark as normal of this session to undo")
+        if self.isRunning:
+            raise HiMatchADError("a detection is running; wait for it to end before undoing a mark")
+        mark = HiMatchADLogic.markUndoStack.pop()
+        HiMatchADLogic.lastFeedbackFolder = mark["folder"]
+        remove_entry(mark["folder"], mark["id"])
+        return _("Removed the last mark ({region}); the next run is as before it").format(region=self._regionText(mark["entry"]))
+
+    @staticmethod
+    def feedbackFolderOf(nodes=None) -> Optional[str]:
+        """Where the reader feedback of the result's bank is kept: its provenance's
+        ``feedback_folder``, else that of the last mark of this session."""
+        prov = getattr(getattr(nodes, "result", None), "provenance", None) or {}
+        return prov.get("feedback_folder") or HiMatchADLogic.lastFeedbackFolder
+
+    @staticmethod
+    def feedbackText(nodes=None) -> str:
+        """How many feedback entries the result's bank has now, and how many the result used."""
+        from HiMatchADLib.bank.feedback import entry_files
+
+        folder = HiMatchADLogic.feedbackFolderOf(nodes)
+        if not folder:
+            return _("Reader feedback: not recorded for this result")
+        count = len(entry_files(folder))
+        text = _("Reader feedback of this normal bank: {n} entries").format(n=count) if count != 1 else _(
+            "Reader feedback of this normal bank: 1 entry")
+        result = getattr(nodes, "result", None)
+        if result is not None:
+            used = len((getattr(result, "settings", None) or {}).get("feedback", []) or [])
+            text += "; " + _("this result used {n}").format(n=used)
+        return text
+
     # ------------------------------------------------------------------ a folder
     def processFolder(
         self,
@@ -1507,11 +1776,13 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
         dicomSeg: bool = False,
         dicomHeatmap: bool = False,
         bank=None,
+        useFeedback: bool = True,
         **detectorOptions,
     ):
         """Detect anomalies in every image of ``inputFolder`` (sub-folders and DICOM series included).
 
-        ``bank``: a bank file instead of ``normalsFolder`` (pass None for it), as in :meth:`process`.
+        ``bank``: a bank file instead of ``normalsFolder`` (pass None for it), as in :meth:`process`;
+        ``useFeedback=False``: the reader feedback of the bank is not used.
 
         This is the library's batch runner (the same as ``himatchad batch``), run in the worker: for
         each case ``<name>_heatmap.nii.gz``, ``<name>_labelmap.nii.gz`` and ``<name>_scores.json`` go
@@ -1540,6 +1811,7 @@ class HiMatchADLogic(ScriptedLoadableModuleLogic):
             batch_options={
                 "series_filter": [seriesFilter] if isinstance(seriesFilter, str) else list(seriesFilter or []),
                 "outputs": [name for name, wanted in (("dicom_seg", dicomSeg), ("dicom_heatmap", dicomHeatmap)) if wanted],
+                **({} if useFeedback else {"use_feedback": False}),
             },
         )
         if background:

@@ -20,6 +20,14 @@ settings, so its request should carry only the free ones (:data:`BANK_FREE_SETTI
 as the worker is (same interpreter and environment) and is polled like it: nothing is computed in
 Slicer's process.
 
+"Mark as normal" (reader feedback, :mod:`HiMatchADLib.detector.feedback`): :meth:`DetectionRunner.start_mark_normal`
+writes the volume as a detection does and the region (a mask on the volume's voxel grid, e.g. an
+exported segment) as a labelmap on exactly the grid the volume is written with, and sends a
+``mark_normal`` request with the reference and settings of a detection; the worker makes the entry
+(the model runs there). :meth:`DetectionRunner.request_of` gives the reference and settings a
+result was computed with, so that a mark goes to the bank that made it. Removing an entry
+(:func:`HiMatchADLib.bank.feedback.remove_entry`) is pure numpy/json and is done in Slicer's process.
+
 Like :mod:`HiMatchADLib.mrml`, this module needs Slicer's MRML (the application or ``slicer-core``).
 """
 
@@ -80,6 +88,8 @@ class DetectionJob:
     event: dict = field(default_factory=dict)  # the worker's last "done" or "error" event, whole
     error: Optional[HiMatchADError] = None  # a failed job's exception (ModelAccessError with its fields)
     bank: Optional[str] = None  # the bank file used instead of a folder of normal scans
+    request: dict = field(default_factory=dict)  # reference, settings and feedback keys of the request (see request_of)
+    result: Any = None  # a finished detection's result
 
     @property
     def finished(self) -> bool:
@@ -165,6 +175,12 @@ def _input_array(image) -> np.ndarray:
     return image.array.astype(np.float32, copy=False)
 
 
+def _sent_geometry(geometry: Geometry) -> Geometry:
+    """The grid a volume is written on for the worker: its own, except a 2D image's (written without
+    its placement: a single oblique slice has no 2D direction matrix)."""
+    return Geometry(geometry.size, geometry.spacing, (0.0, 0.0, 0.0), np.eye(3), True) if geometry.is_2d else geometry
+
+
 def write_input(volume_node, folder) -> tuple:
     """Write the voxels of ``volume_node`` as the worker is sent them: ``(path, geometry)``, an
     uncompressed NRRD ``folder/<node name>.nrrd`` (the same voxels give the same bytes) and the
@@ -172,9 +188,28 @@ def write_input(volume_node, folder) -> tuple:
     2D direction matrix); a result is put back on ``geometry`` when it comes back."""
     image = image_from_volume_node(volume_node)
     geometry = image.geometry
-    sent = Geometry(geometry.size, geometry.spacing, (0.0, 0.0, 0.0), np.eye(3), True) if geometry.is_2d else geometry
-    path = write_image(_input_array(image), sent, Path(folder) / f"{safe_name(volume_node.GetName())}.nrrd", compress=False)
+    path = write_image(_input_array(image), _sent_geometry(geometry), Path(folder) / f"{safe_name(volume_node.GetName())}.nrrd", compress=False)
     return path, geometry
+
+
+def write_region(mask, geometry: Geometry, folder, name: str = "region") -> Path:
+    """Write ``mask`` (a ``(k, j, i)`` array on the voxel grid ``geometry`` of a volume written by
+    :func:`write_input`) as a uint8 labelmap NRRD on exactly the grid the volume was written with."""
+    mask = np.asarray(mask)
+    if mask.shape != tuple(geometry.shape):
+        raise HiMatchADError(f"the marked region is {mask.shape}, the volume's voxel grid is {tuple(geometry.shape)}")
+    return write_image((mask > 0).astype(np.uint8), _sent_geometry(geometry), Path(folder) / f"{safe_name(name)}.nrrd", compress=False)
+
+
+def feedback_keys(feedback_dir=None, use_feedback: bool = True) -> dict:
+    """The reader-feedback keys of a detect or batch request: ``feedback_dir`` when given,
+    ``"use_feedback": false`` when the feedback is not to be used (nothing otherwise)."""
+    out: dict = {}
+    if feedback_dir not in (None, ""):
+        out["feedback_dir"] = str(Path(feedback_dir).expanduser())
+    if not use_feedback:
+        out["use_feedback"] = False
+    return out
 
 
 class ReproduceCheck:
@@ -277,6 +312,7 @@ class DetectionRunner:
         self._client = client
         self.workdir_root = workdir_root
         self.job: Optional[DetectionJob] = None
+        self._finished: list = []  # finished detections, for request_of
 
     @property
     def client(self) -> WorkerClient:
@@ -292,33 +328,89 @@ class DetectionRunner:
         if self.busy:
             raise HiMatchADError("a detection is already running; wait for it or cancel it")
 
+    #: How many finished detections :meth:`request_of` remembers.
+    REMEMBERED = 16
+
+    def request_of(self, result) -> Optional[dict]:
+        """The reference, settings and feedback keys of the detection that computed ``result``
+        (``{"normals" | "bank": ..., "settings": {...}, "feedback_dir"?: ...}``), or None when it
+        was not computed by this runner (e.g. loaded from a file)."""
+        for job in reversed(self._finished):
+            if job.result is result:
+                return json.loads(json.dumps(job.request))
+        return None
+
     # ------------------------------------------------------------------ starting
-    def start_detection(self, volume_node, normals: Optional[str], settings: dict, bank: Optional[str] = None) -> DetectionJob:
+    def start_detection(self, volume_node, normals: Optional[str], settings: dict, bank: Optional[str] = None,
+                        feedback_dir=None, use_feedback: bool = True) -> DetectionJob:
         """Write the volume to a temporary file and send it to the worker (main thread, returns at once).
 
         The reference is ``normals`` (a folder of normal scans) or ``bank`` (a bank file, with
         ``normals=None``): exactly one. ``settings`` go to the worker as they are (with a bank
-        file, see :func:`bank_request_settings`)."""
+        file, see :func:`bank_request_settings`). ``feedback_dir``: the reader feedback folder
+        (default: beside the bank); ``use_feedback=False``: the feedback is not used."""
         self._check_idle()
         reference = check_reference(normals, bank)
+        scene = self._check_volume(volume_node)
+        extra = feedback_keys(feedback_dir, use_feedback)
+        workdir = Path(tempfile.mkdtemp(prefix="himatchad-job-", dir=self.workdir_root))
+        try:
+            path, geometry = write_input(volume_node, workdir / "input")
+            rid = self.client.send({
+                "cmd": "detect", "input": str(path), **reference, "out_dir": str(workdir / "out"),
+                "settings": dict(settings), "foreground": True, **extra,
+            })
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self.job = DetectionJob("detect", rid, workdir, dict(settings), reference.get("normals"), volume_node, scene, geometry,
+                                bank=reference.get("bank"), request={**reference, "settings": dict(settings), **extra})
+        return self.job
+
+    @staticmethod
+    def _check_volume(volume_node):
         problem = input_problem(volume_node)
         if problem:
             raise HiMatchADError(problem)
         scene = volume_node.GetScene()
         if scene is None:
             raise HiMatchADError(f"'{volume_node.GetName()}' is not in a scene")
+        return scene
+
+    def start_mark_normal(self, volume_node, normals: Optional[str], settings: dict, bank: Optional[str] = None,
+                          region=None, slices=None, note: str = "", feedback_dir=None) -> DetectionJob:
+        """Send a "mark as normal" of ``volume_node`` to the worker (main thread, returns at once):
+        ``region`` (a ``(k, j, i)`` mask on the node's voxel grid) and/or ``slices`` (indices along
+        the detector's slice axis) are normal. The volume is written as :meth:`start_detection`
+        writes it and the region as a labelmap on that same grid (:func:`write_region`); reference
+        and settings are those of a detection (:meth:`request_of`). The job's ``done`` payload is the
+        worker's event: ``entry`` (the entry's record) and ``feedback_folder``."""
+        self._check_idle()
+        reference = check_reference(normals, bank)
+        scene = self._check_volume(volume_node)
+        if region is None and slices is None:
+            raise HiMatchADError("say what is normal: a region of the volume or slices of it")
+        if region is not None and not np.any(region):
+            raise HiMatchADError("the marked region is empty: nothing to mark as normal")
+        if slices is not None:
+            slices = sorted({int(i) for i in slices})
+            if not slices:
+                raise HiMatchADError("no slice to mark as normal")
+        extra = feedback_keys(feedback_dir)
         workdir = Path(tempfile.mkdtemp(prefix="himatchad-job-", dir=self.workdir_root))
         try:
             path, geometry = write_input(volume_node, workdir / "input")
-            rid = self.client.send({
-                "cmd": "detect", "input": str(path), **reference, "out_dir": str(workdir / "out"),
-                "settings": dict(settings), "foreground": True,
-            })
+            request = {"cmd": "mark_normal", "input": str(path), **reference, "settings": dict(settings), "note": str(note or ""), **extra}
+            if region is not None:
+                request["region"] = str(write_region(region, geometry, workdir / "region", f"{volume_node.GetName()}_normal_region"))
+            if slices is not None:
+                request["slices"] = slices
+            rid = self.client.send(request)
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
-        self.job = DetectionJob("detect", rid, workdir, dict(settings), reference.get("normals"), volume_node, scene, geometry,
-                                bank=reference.get("bank"))
+        self.job = DetectionJob("mark_normal", rid, workdir, dict(settings), reference.get("normals"), volume_node, scene, geometry,
+                                bank=reference.get("bank"), request={**reference, "settings": dict(settings), **extra})
         return self.job
 
     def start_batch(self, input_dir: str, normals: Optional[str], out_dir: str, settings: dict, overwrite: bool = False,
@@ -335,7 +427,8 @@ class DetectionRunner:
             "cmd": "batch", "input_dir": str(input_dir), **reference, "out_dir": str(out_dir),
             "settings": dict(settings), "overwrite": bool(overwrite), "engine": engine, "engine_options": dict(engine_options or {}),
         })
-        self.job = DetectionJob("batch", rid, None, dict(settings), reference.get("normals"), bank=reference.get("bank"))
+        self.job = DetectionJob("batch", rid, None, dict(settings), reference.get("normals"), bank=reference.get("bank"),
+                                request={**reference, "settings": dict(settings)})
         return self.job
 
     def check_reproduction(self, result, volume_node=None) -> "ReproduceCheck":
@@ -351,7 +444,8 @@ class DetectionRunner:
 
         - ``("progress", job, (message, done, total))``
         - ``("done", job, DetectionResult)`` for a detection (safe to import into ``job.scene``), or
-          ``("done", job, event)`` for a batch (``event["summary"]`` is the CSV);
+          ``("done", job, event)`` for a batch (``event["summary"]`` is the CSV) or a mark as normal
+          (``event["entry"]``, ``event["feedback_folder"]``);
         - ``("dropped", job, reason)``: finished, but the volume left the scene or changed its grid;
         - ``("error", job, message)``: the worker reported an error or died; ``job.event`` is the
           whole error event and ``job.error`` the exception it stands for
@@ -370,8 +464,9 @@ class DetectionRunner:
                 out.append(("progress", job, job.progress))
             elif kind == "done":
                 job.event, job.seconds, job.reused = event, float(event.get("seconds", 0.0)), event.get("reused")
-                if job.kind == "batch":
+                if job.kind in ("batch", "mark_normal"):
                     job.state = DONE
+                    self._remove_workdir(job)
                     out.append(("done", job, event))
                     continue
                 try:
@@ -380,7 +475,8 @@ class DetectionRunner:
                     job.state, job.message = DISCARDED, str(exc)
                     out.append(("dropped", job, str(exc)))
                 else:
-                    job.state = DONE
+                    job.state, job.result = DONE, result
+                    self._finished = (self._finished + [job])[-self.REMEMBERED:]
                     out.append(("done", job, result))
                 finally:
                     self._remove_workdir(job)
