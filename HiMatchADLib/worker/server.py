@@ -54,6 +54,7 @@ from ..detector.detector import HiMatchDetector
 from ..features.backbone import available_devices
 from ..features.models import hub_token_status
 from ..io.discovery import check_output_folder
+from ..io.readers import read_image
 from ..io.series_filters import parse_series_filters
 from ..outputs.files import save_result
 from ..outputs.registry import check_outputs
@@ -294,7 +295,8 @@ class Worker:
         """A feedback entry: the region (a labelmap file on the input's grid) and/or slices of the input are normal."""
         t0 = time.perf_counter()
         inp = self._path(req, "input")
-        region = self._path(req, "region") if req.get("region") else None
+        # Read here: the file is a temporary one of the client's, its path is not worth recording in the entry.
+        region = read_image(self._path(req, "region")) if req.get("region") else None
         slices = req.get("slices")
         if slices is not None and (not isinstance(slices, list) or not all(isinstance(i, int) for i in slices)):
             raise HiMatchADError("'slices' must be a list of slice indices")

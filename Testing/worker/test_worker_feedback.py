@@ -48,6 +48,7 @@ def test_mark_normal_then_detect_uses_it_and_undo_restores_the_map(client, tiny_
     done = client.wait(rid, timeout=TIMEOUT)
     entry = done["entry"]
     assert done["feedback_folder"] == str(fb) and entry["region"]["slices"] == [3, 4, 5] and entry["note"] == "stripes"
+    assert "labelmap" not in entry["region"]  # the client's temporary file is not recorded
     assert [e.id for e in read_entries(fb)] == [entry["id"]]
     second, r1 = detect("b")
     assert second["feedback"] == [entry["id"]] and r1.provenance["feedback"][0]["id"] == entry["id"]
