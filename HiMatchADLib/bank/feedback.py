@@ -38,7 +38,7 @@ _ID = re.compile(r"^[0-9a-f]{12}$")
 class FeedbackEntry:
     """One "mark as normal": its record (``meta``) and its arrays (``cls`` (J, D), ``offsets``
     (J + 1,) into the token rows of every marked slice, ``tokens[s]`` (N, D) at stage position
-    ``s``)."""
+    ``s``, float16 as in the bank)."""
 
     meta: dict
     cls: np.ndarray
@@ -81,8 +81,8 @@ def write_entry(folder: Union[str, os.PathLike], meta: dict, cls: np.ndarray, of
     except OSError as exc:
         raise HiMatchADError(f"cannot create the feedback folder {folder}: {exc.strerror or exc}") from exc
     arrays = {"cls": np.ascontiguousarray(cls, np.float32), "offsets": np.asarray(offsets, np.int64)}
-    for s, t in enumerate(tokens):
-        arrays[f"tokens_{s}"] = np.ascontiguousarray(t, np.float32)
+    for s, t in enumerate(tokens):  # float16, as the bank stores its tokens and centroids
+        arrays[f"tokens_{s}"] = np.ascontiguousarray(t, np.float16)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     data = buf.getvalue()
