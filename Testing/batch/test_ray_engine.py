@@ -174,6 +174,26 @@ def test_a_worker_refuses_a_bank_or_library_it_cannot_reproduce(det, tmp_path):
     assert info["pid"] == os.getpid() and worker.detector.bank.root == det.bank.root
 
 
+def test_a_worker_uses_the_drivers_reader_feedback(det, tmp_path, monkeypatch):
+    from HiMatchADLib.batch.ray import CaseWorker, detector_spec
+
+    monkeypatch.setattr(det, "feedback_dir", tmp_path / "feedback")
+    monkeypatch.setattr(det, "_feedback", None)
+    img, _ = make_phantom((16, 64, 64), seed=5)
+    entry = det.mark_normal(img, slices=[7, 8])
+    spec = detector_spec(det)
+    assert spec["settings"]["feedback"] == [entry["id"]] and spec["feedback_dir"] == str(tmp_path / "feedback")
+    worker = CaseWorker()
+    worker.setup(spec)
+    assert worker.detector.feedback_folder == tmp_path / "feedback"
+    res_driver, res_worker = det.predict(img), worker.detector.predict(img)
+    assert res_worker.settings["feedback"] == [entry["id"]]
+    np.testing.assert_array_equal(res_worker.heatmap, res_driver.heatmap)
+    # A worker that would not see the same entries refuses, naming the setting.
+    with pytest.raises(HiMatchADError, match="feedback"):
+        CaseWorker().setup({**spec, "feedback_dir": str(tmp_path / "empty")})
+
+
 # --------------------------------------------------------------------- with Ray
 def _ray():
     return pytest.importorskip("ray")
