@@ -9,7 +9,7 @@ from typing import Optional
 from ..core.digest import files_digest
 from ..detector.feedback import feedback_ids as detector_feedback_ids
 from ..outputs.files import is_complete, output_damage, output_paths
-from ..outputs.registry import check_outputs, get_writer
+from ..outputs.registry import check_outputs, get_writer, outputs_for
 from .cases import Case, PathLike, absolute_path
 from .summary import STATUS_DONE, STATUS_SKIPPED, join_notes, summary_row
 
@@ -164,8 +164,7 @@ def check_earlier(
                 return None, f"recomputed: {change}"
             wanted, note = case_outputs(case, outputs)
             is_2d = bool((data.get("geometry") or {}).get("is_2d"))
-            missing = [k for k in wanted.get("outputs", ()) if k not in (data.get("outputs") or {})
-                       and not (is_2d and get_writer(k).needs == "volume")]
+            missing = [k for k in outputs_for(wanted.get("outputs", ()), is_2d) if k not in (data.get("outputs") or {})]
             remake = [k for k in missing if k in REMADE_FROM_OUTPUTS]
             missing = [get_writer(k).title for k in missing if k not in remake]
             if missing:

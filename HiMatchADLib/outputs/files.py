@@ -30,7 +30,7 @@ from ..core.result import DetectionResult, Support
 from ..io.readers import read_image
 from ..io.writers import write_image
 from .overlay import overlay_rgb
-from .registry import OUTPUT_WRITERS, check_outputs, get_writer
+from .registry import OUTPUT_WRITERS, get_writer, outputs_for
 
 
 def output_paths(
@@ -49,9 +49,8 @@ def output_paths(
         paths["overlay"] = out / f"{name}_overlay.png"
     if foreground:
         paths["foreground"] = out / f"{name}_foreground.nii.gz"
-    for key in check_outputs(outputs):
-        if not (is_2d and get_writer(key).needs == "volume"):  # a 2D input's picture is its overlay
-            paths[key] = out / f"{name}{get_writer(key).suffix}"
+    for key in outputs_for(outputs, is_2d):  # a 2D input's picture is its overlay
+        paths[key] = out / f"{name}{get_writer(key).suffix}"
     return paths
 
 
@@ -132,7 +131,7 @@ def save_result(
     earlier result of the same name that are not written again are removed (they would not match
     the new maps).
     """
-    outputs = tuple(k for k in check_outputs(outputs) if not (result.geometry.is_2d and get_writer(k).needs == "volume"))
+    outputs = outputs_for(outputs, result.geometry.is_2d)
     check_output_paths(out_dir, result.name, result.geometry.is_2d, foreground, outputs)
     writers = {}
     for key in outputs:

@@ -78,6 +78,12 @@ def check_outputs(outputs: Optional[Iterable[str]], load: bool = False) -> tuple
     return names
 
 
+def outputs_for(outputs: Optional[Iterable[str]], is_2d: bool) -> tuple:
+    """:func:`check_outputs` of ``outputs`` without those an input of this kind does not get: a
+    ``"volume"`` output (the overview picture) for a 2D input, whose picture is its overlay."""
+    return tuple(k for k in check_outputs(outputs) if not (is_2d and get_writer(k).needs == "volume"))
+
+
 register_writer(OutputWriter(
     "overview", "overview picture", "_overview.png", ".overview", "write_overview_output", needs="volume",
     install_hint="the overview picture needs matplotlib: pip install matplotlib",
