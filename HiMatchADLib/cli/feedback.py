@@ -92,10 +92,10 @@ def cmd_feedback_add(args) -> int:
     if args.region is None and args.slices is None:
         raise HiMatchADError("say what is normal: --region LABELMAP and/or --slices A-B")
     progress = None if getattr(args, "quiet", False) else tqdm_callback()
-    det, source = result_detector(args.scores, normals=args.normals, bank_file=args.bank, input=args.input, cache_dir=args.cache_dir, progress=progress)
+    det, source, data = result_detector(
+        args.scores, normals=args.normals, bank_file=args.bank, input=args.input, cache_dir=args.cache_dir, progress=progress)
     if args.feedback:
         det.feedback_dir = Path(args.feedback).expanduser()
-    data = read_scores_json(args.scores)
     case = {"name": data.get("name"), "input": data.get("input"), "input_digest": data.get("input_digest")}
     meta = mark_normal(det, source, region=args.region, slices=args.slices, note=args.note, case=case)
     print(f"added {_line(meta)}")

@@ -60,7 +60,8 @@ def _state(folder: Optional[Path]) -> tuple:
     if folder is None:
         return ()
     out = []
-    for p in entry_files(folder) + [j.with_suffix(".npz") for j in entry_files(folder)]:  # records and arrays
+    records = entry_files(folder)
+    for p in records + [j.with_suffix(".npz") for j in records]:  # records and arrays
         try:
             st = p.stat()
             out.append((p.name, st.st_mtime_ns, st.st_size))

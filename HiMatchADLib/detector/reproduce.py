@@ -345,6 +345,16 @@ def _rerun_checks(scores_path: Path, detector, normals: Optional[Path], bank_fil
     return checks
 
 
+def _read_result(path: Path) -> tuple:
+    """``(scores JSON, its provenance ({} for an older result), its settings, the settings its
+    provenance records (else the same))``."""
+    data = read_scores_json(path)
+    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
+    top = data["settings"]
+    recorded = prov.get("settings") if isinstance(prov.get("settings"), dict) else top
+    return data, prov, top, recorded
+
+
 def check_reproduction(
     scores_path: Union[str, os.PathLike],
     *,
@@ -363,10 +373,7 @@ def check_reproduction(
     of those the JSON names. ``rerun``: also run the detection again and compare the maps (needs the normal
     folder and the input). Raises :class:`HiMatchADError` for a JSON that cannot be read."""
     path = Path(scores_path).expanduser()
-    data = read_scores_json(path)
-    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
-    top = data["settings"]
-    recorded = prov.get("settings") if isinstance(prov.get("settings"), dict) else top
+    data, prov, top, recorded = _read_result(path)
     no_prov = "not recorded (a result written before provenance was recorded)"
     checks = [
         _compare("tool version", prov.get("version", recorded.get("version")), __version__, decides=False, missing="not recorded"),
@@ -435,16 +442,13 @@ def result_detector(
     scores_path: Union[str, os.PathLike], *, model: Optional[str] = None, normals=None, bank_file=None, input=None,
     cache_dir=None, progress=None,
 ) -> tuple:
-    """``(detector, input)``: a detector with the settings and normal bank a result was made with
+    """``(detector, input, scores JSON)``: a detector with the settings and normal bank a result was made with
     (fitted on its normal folder, or loaded from its bank file; ``normals``, ``bank_file``, ``model``
     instead of those the JSON names) and the input it was computed on, checked to be the same
     content (``input`` instead of the recorded path). For "mark as normal" on a result
     (``himatchad feedback add``). Raises :class:`HiMatchADError` saying what is missing or changed."""
     path = Path(scores_path).expanduser()
-    data = read_scores_json(path)
-    prov = data.get("provenance") if isinstance(data.get("provenance"), dict) else {}
-    top = data["settings"]
-    recorded = prov.get("settings") if isinstance(prov.get("settings"), dict) else top
+    data, prov, top, recorded = _read_result(path)
     kw = _detector_keywords(top)
     kw.update(progress=progress)
     if model is not None:
@@ -469,4 +473,4 @@ def result_detector(
     fb = prov.get("feedback_folder")
     if fb and Path(fb) != detector.feedback_folder:
         detector.feedback_dir = Path(fb)  # the folder the result's run used (a --feedback folder)
-    return detector, source
+    return detector, source, data
