@@ -389,20 +389,25 @@ def test_edits_are_detected(scene, slicer_modules):
     assert not mrml.segment_was_edited(nodes)
 
 
+def saved_and_loaded(scene, segmentation, path: str):
+    """``segmentation`` written to ``path`` (.seg.nrrd) and read back into a new node, as a scene
+    saved and loaded again would have it."""
+    writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    writer.SetFileName(path)
+    assert writer.WriteData(segmentation)
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
+    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    reader.SetFileName(path)
+    assert reader.ReadData(loaded)
+    return loaded
+
+
 def test_edit_record_survives_saving_the_segmentation(scene, tmp_path, slicer_modules):
     """Tags, and what the last import wrote, are saved with the segmentation (.seg.nrrd)."""
     node, _, _ = transformed_volume(scene)
     result = make_result(mrml.image_from_volume_node(node))
     nodes = mrml.result_to_nodes(result, node)
-    path = str(tmp_path / "anomaly.seg.nrrd")
-    writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    writer.SetFileName(path)
-    assert writer.WriteData(nodes.segmentation)
-
-    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(path)
-    assert reader.ReadData(loaded)
+    loaded = saved_and_loaded(scene, nodes.segmentation, str(tmp_path / "anomaly.seg.nrrd"))
     loaded.SetAndObserveTransformNodeID(node.GetTransformNodeID())
     segment_id = loaded.GetSegmentation().GetSegmentIdBySegmentName("Anomaly")
     segment = loaded.GetSegmentation().GetSegment(segment_id)

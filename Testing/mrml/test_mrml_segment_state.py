@@ -20,7 +20,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML withou
 vtk = pytest.importorskip("vtk")
 
 from test_mrml import SHAPE, add_volume, make_result, oblique_ijk_to_ras, slicer_scene, synthetic_array  # noqa: E402
-from test_mrml_export import merged_reference_labelmap, slicer_modules, tag, transformed_volume  # noqa: E402,F401  (slicer_modules: fixture)
+from test_mrml_export import merged_reference_labelmap, saved_and_loaded, slicer_modules, tag, transformed_volume  # noqa: E402,F401  (slicer_modules: fixture)
 from vtk.util import numpy_support  # noqa: E402
 
 from HiMatchADLib import mrml  # noqa: E402
@@ -102,14 +102,7 @@ def test_a_threshold_chosen_by_a_person_is_semiautomatic(scene, tmp_path):
     nodes.set_threshold(4.0)
 
     # The tag is saved with the segmentation, for an export after the scene is loaded again.
-    path = str(tmp_path / "anomaly.seg.nrrd")
-    writer = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    writer.SetFileName(path)
-    assert writer.WriteData(nodes.segmentation)
-    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "loaded")
-    reader = scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
-    reader.SetFileName(path)
-    assert reader.ReadData(loaded)
+    loaded = saved_and_loaded(scene, nodes.segmentation, str(tmp_path / "anomaly.seg.nrrd"))
     segment = loaded.GetSegmentation().GetSegment(loaded.GetSegmentation().GetSegmentIdBySegmentName("Anomaly"))
     assert tag(segment, ALGORITHM_TYPE) == "SEMIAUTOMATIC"
     assert mrml.segment_algorithm_type(loaded) == "SEMIAUTOMATIC"
